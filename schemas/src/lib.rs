@@ -1,0 +1,19 @@
+//! TrustQL's common cancer data model.
+//!
+//! The model lives in `schemas/cancer_schema.toml`, a file a trust's data controller can read:
+//! the Simulacrum v2.1.0 tables with lower-case column names, each column's type, disclosure
+//! class and code set, and the foreign keys by which every table reaches the patient. This crate
+//! loads it, turns it into Arrow schemas, and checks a site's Parquet files against it.
+
+mod check;
+mod error;
+mod model;
+
+pub use check::{Problem, SiteReport, TableReport, check_site};
+pub use error::SchemaError;
+pub use model::{
+    CodeSet, Column, ColumnType, DisclosureClass, Hop, SchemaInfo, Table, TrustSchema,
+};
+
+/// The text of the schema file shipped with this build.
+pub const CANCER_SCHEMA_TOML: &str = include_str!("../cancer_schema.toml");

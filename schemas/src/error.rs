@@ -20,4 +20,10 @@ pub enum SchemaError {
         /// The operating system's reason.
         reason: String,
     },
+    /// The output directory already holds data that would be overwritten.
+    #[error("{0} already holds files; choose an empty directory (or allow overwriting)")]
+    OutputNotEmpty(PathBuf),
+    /// Arrow or Parquet could not encode a file.
+    #[error("cannot write Parquet: {0}")]
+    Write(String),
 }

@@ -7,10 +7,12 @@
 
 mod check;
 mod error;
+mod layout;
 mod model;
 
 pub use check::{Problem, SiteReport, TableReport, check_site};
 pub use error::SchemaError;
+pub use layout::{MAX_TRUSTS, SiteWriter, table_path, trust_codes, trust_weights};
 pub use model::{
     CodeSet, Column, ColumnType, DisclosureClass, Hop, SchemaInfo, Table, TrustSchema,
 };

@@ -16,16 +16,12 @@ mod marginals;
 mod pathway;
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use arrow::array::RecordBatch;
-use parquet::arrow::ArrowWriter;
-use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use trustql_schemas::TrustSchema;
+use trustql_schemas::{MAX_TRUSTS, SiteWriter, TrustSchema, trust_codes, trust_weights};
 
 pub use error::SynthError;
 pub use marginals::{Categorical, Reference};
@@ -36,8 +32,6 @@ use pathway::{Distributions, Placement};
 
 /// Patients per chunk (one random stream and one record batch per table per trust).
 const CHUNK: u64 = 8_192;
-/// Most trusts a federation may have (trust codes are two-digit).
-pub const MAX_TRUSTS: usize = 99;
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -83,16 +77,6 @@ impl SynthSummary {
     }
 }
 
-/// The trust codes of an `n`-trust federation: `TQ01`, `TQ02`, …
-pub fn trust_codes(n: usize) -> Vec<String> {
-    (1..=n).map(|i| format!("TQ{i:02}")).collect()
-}
-
-/// Relative trust sizes: a Zipf-like skew, as real trusts' caseloads are.
-pub fn trust_weights(n: usize) -> Vec<f64> {
-    (0..n).map(|i| 1.0 / (i as f64 + 1.0).powf(0.8)).collect()
-}
-
 fn pick<R: Rng>(rng: &mut R, cumulative: &[f64]) -> usize {
     let total = cumulative.last().copied().unwrap_or(1.0);
     let x = rng.random::<f64>() * total;
@@ -133,8 +117,8 @@ pub fn generate(
     let mut sites = Vec::with_capacity(codes.len());
     for code in &codes {
         sites.push(SiteWriter::create(
+            schema,
             &out.join(code),
-            &schemas,
             config.overwrite,
         )?);
     }
@@ -259,76 +243,5 @@ impl Work<'_> {
             .iter_mut()
             .map(|tables| tables.iter_mut().map(TableBuffer::finish).collect())
             .collect()
-    }
-}
-
-/// One trust's open Parquet writers, written to temporary names until finished.
-struct SiteWriter {
-    dir: PathBuf,
-    writers: Vec<(String, ArrowWriter<File>, u64)>,
-}
-
-impl SiteWriter {
-    fn create(
-        dir: &Path,
-        schemas: &[arrow::datatypes::SchemaRef],
-        overwrite: bool,
-    ) -> Result<Self, SynthError> {
-        let io = |e: std::io::Error| SynthError::Io {
-            path: dir.to_path_buf(),
-            reason: e.to_string(),
-        };
-        if !overwrite && dir.exists() && std::fs::read_dir(dir).map_err(io)?.next().is_some() {
-            return Err(SynthError::OutputNotEmpty(dir.to_path_buf()));
-        }
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let properties = WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .build();
-        let mut writers = Vec::with_capacity(schemas.len());
-        for (name, schema) in TABLES.iter().zip(schemas) {
-            let path = dir.join(format!("{name}.parquet.partial"));
-            let file = File::create(&path).map_err(|e| SynthError::Io {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-            let writer = ArrowWriter::try_new(file, schema.clone(), Some(properties.clone()))
-                .map_err(|e| SynthError::Encode(e.to_string()))?;
-            writers.push((name.to_string(), writer, 0));
-        }
-        Ok(SiteWriter {
-            dir: dir.to_path_buf(),
-            writers,
-        })
-    }
-
-    fn write(&mut self, batches: &[RecordBatch]) -> Result<(), SynthError> {
-        for ((_, writer, rows), batch) in self.writers.iter_mut().zip(batches) {
-            if batch.num_rows() > 0 {
-                writer
-                    .write(batch)
-                    .map_err(|e| SynthError::Encode(e.to_string()))?;
-                *rows += batch.num_rows() as u64;
-            }
-        }
-        Ok(())
-    }
-
-    /// Closes every file and moves it to its final name.
-    fn finish(self) -> Result<BTreeMap<String, u64>, SynthError> {
-        let mut rows = BTreeMap::new();
-        for (name, writer, count) in self.writers {
-            writer
-                .close()
-                .map_err(|e| SynthError::Encode(e.to_string()))?;
-            let partial = self.dir.join(format!("{name}.parquet.partial"));
-            let done = self.dir.join(format!("{name}.parquet"));
-            std::fs::rename(&partial, &done).map_err(|e| SynthError::Io {
-                path: done.clone(),
-                reason: e.to_string(),
-            })?;
-            rows.insert(name, count);
-        }
-        Ok(rows)
     }
 }

@@ -9,8 +9,9 @@ use arrow::array::{AsArray, RecordBatch};
 use arrow::compute::concat_batches;
 use arrow::datatypes::{Date32Type, Int64Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use trustql_schemas::trust_codes;
 use trustql_schemas::{TrustSchema, check_site};
-use trustql_synth::{Reference, SynthConfig, SynthError, generate, trust_codes};
+use trustql_synth::{Reference, SynthConfig, SynthError, generate};
 
 const PATIENTS: u64 = 40_000;
 const SHARED: f64 = 0.12;
@@ -447,7 +448,9 @@ fn bad_requests_are_refused() {
     };
     assert!(matches!(
         generate(&schema, &config, &out),
-        Err(SynthError::OutputNotEmpty(_))
+        Err(SynthError::Output(
+            trustql_schemas::SchemaError::OutputNotEmpty(_)
+        ))
     ));
     assert_eq!(
         std::fs::read_to_string(out.join("TQ01/sim_av_patient.parquet")).expect("read"),

@@ -1,0 +1,71 @@
+//! `trustql`: the one command for TrustQL's users.
+
+mod data;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Federated SQL analytics over NHS cancer data, with disclosure control at every trust.
+#[derive(Parser)]
+#[command(name = "trustql", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate synthetic multi-trust cancer data (DIR/<TRUST>/<table>.parquet).
+    Synth(data::SynthArgs),
+    /// Load real data into the TrustQL layout.
+    Import {
+        #[command(subcommand)]
+        source: ImportSource,
+    },
+    /// Work with the common cancer schema.
+    Schema {
+        #[command(subcommand)]
+        action: SchemaAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImportSource {
+    /// The Simulacrum v2.1.0 CSV download, spread over N trusts.
+    Simulacrum(data::ImportArgs),
+}
+
+#[derive(Subcommand)]
+enum SchemaAction {
+    /// Validate a site's Parquet files (or every trust under a federation directory).
+    Check {
+        /// A site directory (<table>.parquet files) or a directory of trust directories.
+        dir: PathBuf,
+        /// Check against this schema file instead of the built-in one.
+        #[arg(long)]
+        schema: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Synth(args) => data::synth(&args),
+        Command::Import {
+            source: ImportSource::Simulacrum(args),
+        } => data::import(&args),
+        Command::Schema {
+            action: SchemaAction::Check { dir, schema },
+        } => data::check(&dir, schema.as_deref()),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

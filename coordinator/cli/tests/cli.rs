@@ -1,0 +1,123 @@
+//! The `trustql` binary's data commands, run as a user would run them.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn trustql(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trustql"))
+        .args(args)
+        .output()
+        .expect("run trustql")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn synth(out: &Path) -> Output {
+    trustql(&[
+        "synth",
+        "--trusts",
+        "2",
+        "--patients",
+        "2000",
+        "--seed",
+        "5",
+        "--out",
+        out.to_str().expect("utf-8 path"),
+    ])
+}
+
+#[test]
+fn synth_then_schema_check_passes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("fed");
+    let made = synth(&out);
+    assert!(made.status.success(), "{}", text(&made));
+    assert!(text(&made).contains("2000 patients over 2 trusts"));
+    assert!(out.join("TQ02/sim_sact_drug_detail.parquet").exists());
+
+    // The federation directory checks every trust; a trust directory checks one site.
+    let checked = trustql(&["schema", "check", out.to_str().expect("path")]);
+    assert!(checked.status.success(), "{}", text(&checked));
+    assert_eq!(text(&checked).matches("OK: every table").count(), 2);
+    let one = trustql(&["schema", "check", out.join("TQ01").to_str().expect("path")]);
+    assert!(one.status.success(), "{}", text(&one));
+    assert_eq!(text(&one).matches("OK: every table").count(), 1);
+}
+
+#[test]
+fn schema_check_fails_on_a_broken_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("fed");
+    assert!(synth(&out).status.success());
+    std::fs::write(out.join("TQ01/sim_av_tumour.parquet"), "not parquet").expect("write");
+    let checked = trustql(&["schema", "check", out.join("TQ01").to_str().expect("path")]);
+    assert!(!checked.status.success());
+    let output = text(&checked);
+    assert!(output.contains("not a readable Parquet file"), "{output}");
+    assert!(output.contains("FAILED"), "{output}");
+    assert!(!output.contains("panicked"), "{output}");
+}
+
+#[test]
+fn synth_refuses_to_overwrite_and_bad_numbers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("fed");
+    assert!(synth(&out).status.success());
+    let again = synth(&out);
+    assert!(!again.status.success());
+    assert!(
+        text(&again).contains("already holds files"),
+        "{}",
+        text(&again)
+    );
+
+    let zero = trustql(&[
+        "synth",
+        "--trusts",
+        "0",
+        "--out",
+        out.to_str().expect("path"),
+    ]);
+    assert!(!zero.status.success());
+    assert!(
+        text(&zero).contains("--trusts must be between 1 and 99"),
+        "{}",
+        text(&zero)
+    );
+}
+
+#[test]
+fn import_simulacrum_writes_the_layout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = dir.path().join("csv");
+    std::fs::create_dir(&csv).expect("mkdir");
+    std::fs::write(
+        csv.join("sim_av_patient.csv"),
+        "PATIENTID,GENDER,ETHNICITY,DEATHCAUSECODE_1A,DEATHCAUSECODE_1B,DEATHCAUSECODE_1C,\
+DEATHCAUSECODE_2,DEATHCAUSECODE_UNDERLYING,DEATHLOCATIONCODE,VITALSTATUS,VITALSTATUSDATE,LINKNUMBER\n\
+10000001,1,A,,,,,,,A,2022-07-05,900000001\n\
+10000002,2,Z,,,,,,,A,2022-07-05,900000002\n",
+    )
+    .expect("csv");
+    let out = dir.path().join("out");
+    let imported = trustql(&[
+        "import",
+        "simulacrum",
+        "--csv",
+        csv.to_str().expect("path"),
+        "--trusts",
+        "2",
+        "--out",
+        out.to_str().expect("path"),
+    ]);
+    assert!(imported.status.success(), "{}", text(&imported));
+    assert!(text(&imported).contains("no CSV for sim_av_tumour"));
+    let checked = trustql(&["schema", "check", out.to_str().expect("path")]);
+    assert!(checked.status.success(), "{}", text(&checked));
+}

@@ -1,0 +1,1 @@
+//! TrustQL's benchmarks live in `benches/`; run them with `cargo bench -p trustql-benches`.

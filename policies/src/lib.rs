@@ -1,0 +1,32 @@
+//! A trust's disclosure policy and everything that enforces it, as pure logic.
+//!
+//! - [`Policy`]: the TOML file a data controller writes, its lint and plain-words description;
+//!   [`approve`] / [`load_approved`] bind an approval to the file's exact content.
+//! - [`locked_session`] / [`plan_sql`]: a DataFusion session with only allow-listed functions
+//!   and no statements, for planning researcher SQL.
+//! - [`vet_plan`]: the rules a query must pass, checked on DataFusion's logical plans.
+//!
+//! Nothing here talks to the network; the node wraps it.
+
+mod approval;
+mod date;
+mod disclosure;
+mod error;
+mod policy;
+mod refusal;
+mod session;
+mod vet;
+
+pub use approval::{
+    Approval, ApprovedPolicy, approval_path, approve, content_hash, load_approved, load_checked,
+};
+pub use date::{parse_date, today};
+pub use disclosure::{ColumnRole, DisclosureReport, Protected, protect, round};
+pub use error::PolicyError;
+pub use policy::{
+    ClassRules, Classes, Disclosure, Dominance, Finding, Header, Policy, Project, QueryRules,
+    Rounding, SHIPPABLE_AGGREGATES,
+};
+pub use refusal::{Refusal, Rule};
+pub use session::{ALLOWED_SCALAR_FUNCTIONS, locked_session, plan_sql, sql_options};
+pub use vet::{Vetted, authorise, vet_plan, vet_sql, vet_text};

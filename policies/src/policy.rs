@@ -1,0 +1,422 @@
+//! The policy file a trust's data controller writes, and its lint.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+use trustql_schemas::{DisclosureClass, TrustSchema};
+
+use crate::date::parse_date;
+use crate::error::PolicyError;
+
+/// Aggregates whose partial state is a few numbers per group, so may cross the wire.
+pub const SHIPPABLE_AGGREGATES: [&str; 9] = [
+    "count",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "stddev",
+    "stddev_pop",
+    "var",
+    "var_pop",
+];
+
+/// A trust's disclosure policy.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Version and owner.
+    pub policy: Header,
+    /// How results are protected.
+    #[serde(default)]
+    pub disclosure: Disclosure,
+    /// What each disclosure class may do.
+    #[serde(default)]
+    pub classes: Classes,
+    /// Which aggregates may be used, and query size caps.
+    #[serde(default)]
+    pub query: QueryRules,
+    /// The approved projects.
+    #[serde(default, rename = "project")]
+    pub projects: Vec<Project>,
+}
+
+/// `[policy]`: which trust and which version.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Header {
+    /// Version label the controller gives this policy.
+    pub version: String,
+    /// The trust code it applies to.
+    pub trust: String,
+    /// Free text for the record.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// How counts are rounded before release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rounding {
+    /// Released as computed.
+    None,
+    /// To the nearest multiple of `rounding_base`.
+    Base,
+    /// OpenSAFELY's midpoint-6: `ceil(x/6)*6 - 3` for x > 0.
+    Midpoint6,
+}
+
+/// `[disclosure]`: statistical disclosure control.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Disclosure {
+    /// Fewest distinct patients a released group may have.
+    pub min_patients: u64,
+    /// Rounding of counts.
+    pub rounding: Rounding,
+    /// Base for `rounding = "base"`.
+    pub rounding_base: u64,
+    /// Dominance rule: withhold a sum when its `n` largest contributions exceed `k` percent.
+    pub dominance: Option<Dominance>,
+    /// Withhold a group that holds all the patients of its margin (a 100% cell).
+    pub withhold_whole_margin_cells: bool,
+}
+
+impl Default for Disclosure {
+    fn default() -> Self {
+        Disclosure {
+            min_patients: 10,
+            rounding: Rounding::None,
+            rounding_base: 5,
+            dominance: None,
+            withhold_whole_margin_cells: true,
+        }
+    }
+}
+
+/// The (n, k) dominance rule.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dominance {
+    /// Number of largest contributions.
+    pub n: u32,
+    /// Percentage of the total they may not exceed.
+    pub k: f64,
+}
+
+/// `[classes.*]`: what may be done with the columns of one disclosure class.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassRules {
+    /// May be a GROUP BY key (released as a group label).
+    pub group_by: bool,
+    /// May be used in WHERE / JOIN filters and CASE conditions.
+    pub filter: bool,
+    /// May be summed or averaged.
+    pub aggregate: bool,
+    /// May be the argument of MIN or MAX (releases an extreme value).
+    pub min_max: bool,
+}
+
+/// `[classes]`: rules per disclosure class. Direct identifiers have fixed rules.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Classes {
+    /// Dates, age, gender, ethnicity, area, deprivation.
+    pub quasi_identifier: ClassRules,
+    /// Clinical detail.
+    pub clinical: ClassRules,
+}
+
+impl Default for Classes {
+    fn default() -> Self {
+        Classes {
+            quasi_identifier: ClassRules {
+                group_by: true,
+                filter: true,
+                aggregate: true,
+                min_max: false,
+            },
+            clinical: ClassRules {
+                group_by: true,
+                filter: true,
+                aggregate: true,
+                min_max: true,
+            },
+        }
+    }
+}
+
+impl Classes {
+    /// The rules for a class; `None` for direct identifiers, whose rules are fixed.
+    pub fn rules(&self, class: DisclosureClass) -> Option<&ClassRules> {
+        match class {
+            DisclosureClass::DirectIdentifier => None,
+            DisclosureClass::QuasiIdentifier => Some(&self.quasi_identifier),
+            DisclosureClass::Clinical => Some(&self.clinical),
+        }
+    }
+}
+
+/// `[query]`: allowed aggregates and size caps.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryRules {
+    /// Aggregate functions a query may use (lower case).
+    pub aggregates: Vec<String>,
+    /// Longest SQL text accepted, in characters.
+    pub max_query_chars: usize,
+    /// Most values in one IN (...) list.
+    pub max_in_list: usize,
+    /// Most groups one answer may have before protection.
+    pub max_groups: usize,
+    /// Most joins in one query.
+    pub max_joins: usize,
+}
+
+impl Default for QueryRules {
+    fn default() -> Self {
+        QueryRules {
+            aggregates: SHIPPABLE_AGGREGATES.iter().map(|s| s.to_string()).collect(),
+            max_query_chars: 10_000,
+            max_in_list: 50,
+            max_groups: 5_000,
+            max_joins: 4,
+        }
+    }
+}
+
+/// `[[project]]`: a project approved at this trust.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Project {
+    /// Project id (sent by researchers in `x-trustql-project`).
+    pub id: String,
+    /// What it is for.
+    #[serde(default)]
+    pub title: String,
+    /// Researchers (by the name the coordinator authenticates) on the project.
+    pub researchers: Vec<String>,
+    /// Tables the project may read.
+    pub tables: Vec<String>,
+    /// Last day of approval (YYYY-MM-DD), inclusive.
+    pub expires: String,
+}
+
+impl Project {
+    /// Whether the approval is still in force on `today` (days since 1970-01-01).
+    pub fn in_force(&self, today: i32) -> bool {
+        parse_date(&self.expires).is_some_and(|last| today <= last)
+    }
+}
+
+/// One lint finding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    /// The node will not serve the policy.
+    Error(String),
+    /// Allowed, but the controller should know.
+    Warning(String),
+}
+
+impl Policy {
+    /// Parses policy text (unknown keys are an error).
+    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
+        toml::from_str(text).map_err(|e| PolicyError::Parse(e.to_string()))
+    }
+
+    /// The project with this id.
+    pub fn project(&self, id: &str) -> Option<&Project> {
+        self.projects.iter().find(|p| p.id == id)
+    }
+
+    /// Checks the policy against the schema; errors make the policy unusable.
+    pub fn lint(&self, schema: &TrustSchema) -> Vec<Finding> {
+        let mut findings = Vec::new();
+        let mut error = |m: String| findings.push(Finding::Error(m));
+        if self.policy.version.trim().is_empty() {
+            error("[policy] version is empty".into());
+        }
+        if self.policy.trust.trim().is_empty() {
+            error("[policy] trust is empty".into());
+        }
+        let d = &self.disclosure;
+        if d.min_patients == 0 {
+            error("[disclosure] min_patients must be at least 1".into());
+        }
+        if d.rounding == Rounding::Base && d.rounding_base < 2 {
+            error("[disclosure] rounding_base must be at least 2".into());
+        }
+        if let Some(dom) = d.dominance
+            && (dom.n == 0 || !(dom.k > 0.0 && dom.k <= 100.0))
+        {
+            error("[disclosure] dominance needs n >= 1 and 0 < k <= 100".into());
+        }
+        for name in &self.query.aggregates {
+            if !SHIPPABLE_AGGREGATES.contains(&name.as_str()) {
+                error(format!(
+                    "[query] aggregate `{name}` is not supported: only {} can be combined across \
+                     trusts without shipping row values",
+                    SHIPPABLE_AGGREGATES.join(", ")
+                ));
+            }
+        }
+        let q = &self.query;
+        if q.max_query_chars == 0 || q.max_groups == 0 {
+            error("[query] max_query_chars and max_groups must be positive".into());
+        }
+        let mut ids = HashSet::new();
+        for project in &self.projects {
+            if !ids.insert(project.id.as_str()) {
+                error(format!("project `{}` is listed twice", project.id));
+            }
+            if project.researchers.is_empty() {
+                error(format!("project `{}` has no researchers", project.id));
+            }
+            if project.tables.is_empty() {
+                error(format!("project `{}` has no tables", project.id));
+            }
+            for table in &project.tables {
+                if schema.table(table).is_err() {
+                    error(format!(
+                        "project `{}` names table `{table}`, which the schema does not have",
+                        project.id
+                    ));
+                }
+            }
+            if parse_date(&project.expires).is_none() {
+                error(format!(
+                    "project `{}` expiry `{}` is not a date (YYYY-MM-DD)",
+                    project.id, project.expires
+                ));
+            }
+        }
+        if d.min_patients < 5 {
+            findings.push(Finding::Warning(format!(
+                "min_patients = {} is below the usual NHS threshold of 5–10",
+                d.min_patients
+            )));
+        }
+        if d.rounding == Rounding::None {
+            findings.push(Finding::Warning(
+                "counts are not rounded: differencing two answers can reveal small numbers".into(),
+            ));
+        }
+        if self.classes.quasi_identifier.min_max {
+            findings.push(Finding::Warning(
+                "MIN/MAX of quasi-identifiers releases exact extreme dates and ages".into(),
+            ));
+        }
+        if self.projects.is_empty() {
+            findings.push(Finding::Warning(
+                "no project is approved: every query will be refused".into(),
+            ));
+        }
+        findings
+    }
+
+    /// The effective rules in plain words, for the controller.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        let d = &self.disclosure;
+        let _ = writeln!(
+            out,
+            "Policy {} for trust {}{}",
+            self.policy.version,
+            self.policy.trust,
+            if self.policy.description.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", self.policy.description)
+            }
+        );
+        let _ = writeln!(out, "Disclosure control:");
+        let _ = writeln!(
+            out,
+            "  - a group is released only if it has at least {} distinct patients",
+            d.min_patients
+        );
+        let _ = writeln!(
+            out,
+            "  - counts are {}",
+            match d.rounding {
+                Rounding::None => "released unrounded".to_string(),
+                Rounding::Base => format!("rounded to the nearest multiple of {}", d.rounding_base),
+                Rounding::Midpoint6 => "rounded by midpoint-6 (ceil(x/6)*6 - 3)".to_string(),
+            }
+        );
+        match d.dominance {
+            Some(dom) => {
+                let _ = writeln!(
+                    out,
+                    "  - a sum is withheld when its {} largest contributions make up more than {}% of it",
+                    dom.n, dom.k
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  - no dominance rule");
+            }
+        }
+        if d.withhold_whole_margin_cells {
+            let _ = writeln!(
+                out,
+                "  - a group holding every patient of its row or column (a 100% cell) is withheld"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  - a withheld group also withholds the totals and subtotals it belongs to, so it \
+             cannot be recovered by subtraction"
+        );
+        let _ = writeln!(out, "Columns:");
+        let _ = writeln!(
+            out,
+            "  - direct identifiers (ids, link numbers) are never released, grouped on, filtered \
+             or transformed; they may only join tables on the patient key and be counted distinct"
+        );
+        for (name, rules) in [
+            ("quasi-identifiers", &self.classes.quasi_identifier),
+            ("clinical columns", &self.classes.clinical),
+        ] {
+            let yes_no = |b: bool| if b { "may" } else { "may not" };
+            let _ = writeln!(
+                out,
+                "  - {name} {} be grouped on, {} be filtered on, {} be summed or averaged, {} be \
+                 given to MIN/MAX",
+                yes_no(rules.group_by),
+                yes_no(rules.filter),
+                yes_no(rules.aggregate),
+                yes_no(rules.min_max)
+            );
+        }
+        let q = &self.query;
+        let _ = writeln!(out, "Queries:");
+        let _ = writeln!(out, "  - aggregates allowed: {}", q.aggregates.join(", "));
+        let _ = writeln!(
+            out,
+            "  - at most {} characters, {} values per IN list, {} joins, {} groups",
+            q.max_query_chars, q.max_in_list, q.max_joins, q.max_groups
+        );
+        let _ = writeln!(out, "Projects:");
+        if self.projects.is_empty() {
+            let _ = writeln!(out, "  (none)");
+        }
+        for p in &self.projects {
+            let _ = writeln!(
+                out,
+                "  - {}{}: researchers {}; tables {}; approved until {}",
+                p.id,
+                if p.title.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", p.title)
+                },
+                p.researchers.join(", "),
+                p.tables.join(", "),
+                p.expires
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,175 @@
+//! A DataFusion session locked down for researcher SQL.
+//!
+//! Built without DataFusion's default features: only allow-listed scalar and aggregate
+//! functions, no table functions, no URL tables, no file formats or table factories, and no
+//! information_schema. Statements are refused through `SQLOptions`.
+
+use std::sync::Arc;
+
+use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::Statement as SQLStatement;
+
+use crate::policy::SHIPPABLE_AGGREGATES;
+use crate::refusal::{Refusal, Rule};
+
+/// Scalar functions a query may call: none fails on ordinary data or reads anything but its
+/// arguments.
+pub const ALLOWED_SCALAR_FUNCTIONS: [&str; 30] = [
+    "abs",
+    "btrim",
+    "ceil",
+    "char_length",
+    "character_length",
+    "coalesce",
+    "date_bin",
+    "date_part",
+    "date_trunc",
+    "datepart",
+    "datetrunc",
+    "floor",
+    "greatest",
+    "least",
+    "left",
+    "length",
+    "lower",
+    "ltrim",
+    "nullif",
+    "nvl",
+    "right",
+    "round",
+    "rtrim",
+    "sign",
+    "signum",
+    "substr",
+    "substring",
+    "trim",
+    "trunc",
+    "upper",
+];
+
+/// SQL options that refuse DDL, DML and statements (SET, transactions…).
+pub fn sql_options() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
+/// A session with only the allow-listed functions.
+pub fn locked_session(config: SessionConfig, runtime: Arc<RuntimeEnv>) -> SessionContext {
+    let scalar = datafusion::functions::all_default_functions()
+        .into_iter()
+        .filter(|f| {
+            ALLOWED_SCALAR_FUNCTIONS.contains(&f.name())
+                || f.aliases()
+                    .iter()
+                    .any(|a| ALLOWED_SCALAR_FUNCTIONS.contains(&a.as_str()))
+        })
+        .collect::<Vec<_>>();
+    // Every shippable aggregate is registered; the policy narrows what a query may use.
+    let aggregates = datafusion::functions_aggregate::all_default_aggregate_functions()
+        .into_iter()
+        .filter(|f| {
+            let name = f.name().to_lowercase();
+            SHIPPABLE_AGGREGATES.contains(&name.as_str())
+                || f.aliases()
+                    .iter()
+                    .any(|a| SHIPPABLE_AGGREGATES.contains(&a.as_str()))
+        })
+        .collect::<Vec<_>>();
+    let config = config.with_information_schema(false);
+    let state = SessionStateBuilder::new()
+        .with_config(config)
+        .with_runtime_env(runtime)
+        .with_scalar_functions(scalar)
+        .with_aggregate_functions(aggregates)
+        .with_expr_planners(vec![
+            Arc::new(datafusion::functions::core::planner::CoreFunctionPlanner::default())
+                as Arc<dyn datafusion::logical_expr::planner::ExprPlanner>,
+            Arc::new(datafusion::functions::datetime::planner::DatetimeFunctionPlanner),
+            Arc::new(datafusion::functions::unicode::planner::UnicodeFunctionPlanner),
+            Arc::new(datafusion::functions_aggregate::planner::AggregateFunctionPlanner),
+        ])
+        .build();
+    SessionContext::new_with_state(state)
+}
+
+/// Plans researcher SQL: refuses statements; planning errors (which never see data) are
+/// reported as invalid SQL, unknown functions as the function rule.
+pub async fn plan_sql(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan, Refusal> {
+    let state = ctx.state();
+    let dialect = state.config().options().sql_parser.dialect;
+    let statement = state
+        .sql_to_statement(sql, &dialect)
+        .map_err(|e| planning_refusal(&e.to_string()))?;
+    // Refuse statements before planning: some (COPY) would otherwise fail later with a
+    // less helpful message.
+    match &statement {
+        DFStatement::Statement(s) if matches!(**s, SQLStatement::Query(_)) => {}
+        DFStatement::Explain(_) => return Err(explain_refusal()),
+        DFStatement::Statement(s) if matches!(**s, SQLStatement::Explain { .. }) => {
+            return Err(explain_refusal());
+        }
+        _ => return Err(statement_refusal()),
+    }
+    let plan = state
+        .statement_to_plan(statement)
+        .await
+        .map_err(|e| planning_refusal(&e.to_string()))?;
+    sql_options()
+        .verify_plan(&plan)
+        .map_err(|_| statement_refusal())?;
+    Ok(plan)
+}
+
+/// The refusal for DDL, DML, COPY, SET and other statements.
+pub fn statement_refusal() -> Refusal {
+    Refusal::new(
+        Rule::Statement,
+        "only SELECT queries are accepted: DDL, DML, COPY, SET, DESCRIBE and other statements \
+         are refused",
+    )
+}
+
+/// The refusal for EXPLAIN.
+pub fn explain_refusal() -> Refusal {
+    Refusal::new(
+        Rule::Statement,
+        "EXPLAIN is not available: plans can reveal table statistics",
+    )
+}
+
+fn planning_refusal(message: &str) -> Refusal {
+    let first_line = message.lines().next().unwrap_or_default();
+    if let Some(rest) = first_line.split("Invalid function '").nth(1) {
+        let name: String = rest.chars().take_while(|c| *c != '\'').collect();
+        return Refusal::new(
+            Rule::Function,
+            format!("function `{name}` is not on the allow-list"),
+        );
+    }
+    if first_line.contains("table function") || first_line.contains("table_function") {
+        return Refusal::new(Rule::Function, "table functions are not available");
+    }
+    if first_line.contains("Unsupported") || first_line.contains("not supported") {
+        return Refusal::new(
+            Rule::Unsupported,
+            "the query uses SQL that TrustQL does not support",
+        );
+    }
+    // Planning errors come from the SQL text and the schema, never from data; still keep them
+    // short and free of the planner's internals.
+    let cleaned = first_line
+        .trim_start_matches("Error during planning: ")
+        .trim_start_matches("Schema error: ")
+        .trim_start_matches("SQL error: ");
+    let cleaned: String = cleaned.chars().take(300).collect();
+    Refusal::new(
+        Rule::Invalid,
+        format!("the SQL could not be planned: {cleaned}"),
+    )
+}

@@ -1,0 +1,914 @@
+//! Vetting a planned query against the schema's disclosure classes and a trust's policy.
+//!
+//! The node plans the researcher's SQL with DataFusion and hands the plans here. Vetting walks
+//! the unoptimised logical plan, tracking for every column which schema column it comes from
+//! (its lineage), so a renamed or re-projected identifier is still an identifier; joins and
+//! their count are checked on the optimised plan, where equalities have become join keys.
+
+use std::collections::HashSet;
+
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, DFSchema, ScalarValue};
+use datafusion::logical_expr::expr::{AggregateFunction, Alias};
+use datafusion::logical_expr::utils::split_conjunction;
+use datafusion::logical_expr::{
+    BinaryExpr, Expr, ExprSchemable, GroupingSet, JoinType, LogicalPlan, Operator,
+};
+use trustql_schemas::{DisclosureClass, TrustSchema};
+
+use crate::policy::{ClassRules, Policy, Project};
+use crate::refusal::{Refusal, Rule};
+use crate::session::{ALLOWED_SCALAR_FUNCTIONS, explain_refusal, statement_refusal};
+
+/// What vetting learned about an accepted query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vetted {
+    /// Schema tables the query reads.
+    pub tables: Vec<String>,
+    /// Number of group-by expressions of the aggregate.
+    pub group_exprs: usize,
+    /// Whether the aggregate uses ROLLUP, CUBE or GROUPING SETS.
+    pub grouping_sets: bool,
+}
+
+/// Where a column's values come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Origin {
+    /// The most sensitive class among its sources.
+    class: DisclosureClass,
+    /// For an untransformed direct identifier: the key it joins on (`table.column` of the
+    /// primary key it is or refers to); `None` if it is no key.
+    key: Option<String>,
+    /// `table.column` of (one of) its sources, for messages.
+    source: String,
+    /// Whether it is an untransformed schema column.
+    bare: bool,
+}
+
+type Lineage = Vec<Option<Origin>>;
+
+/// Checks that `researcher` may run queries for `project` at this trust today.
+pub fn authorise<'a>(
+    policy: &'a Policy,
+    project: &str,
+    researcher: &str,
+    today: i32,
+) -> Result<&'a Project, Refusal> {
+    let Some(p) = policy.project(project) else {
+        return Err(Refusal::new(
+            Rule::Project,
+            format!(
+                "project `{project}` is not approved at trust {}",
+                policy.policy.trust
+            ),
+        ));
+    };
+    if !p.researchers.iter().any(|r| r == researcher) {
+        return Err(Refusal::new(
+            Rule::Project,
+            format!(
+                "researcher `{researcher}` is not on project `{project}` at trust {}",
+                policy.policy.trust
+            ),
+        ));
+    }
+    if !p.in_force(today) {
+        return Err(Refusal::new(
+            Rule::Project,
+            format!(
+                "project `{project}`'s approval at trust {} ended on {}",
+                policy.policy.trust, p.expires
+            ),
+        ));
+    }
+    Ok(p)
+}
+
+/// Checks the SQL text before it is parsed (length).
+pub fn vet_text(sql: &str, policy: &Policy) -> Result<(), Refusal> {
+    let chars = sql.chars().count();
+    if chars > policy.query.max_query_chars {
+        return Err(Refusal::new(
+            Rule::QueryLength,
+            format!(
+                "the query is {chars} characters long; this trust accepts at most {}",
+                policy.query.max_query_chars
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Vets a planned query. `plan` is the unoptimised plan, `optimized` the same after DataFusion's
+/// logical optimiser.
+pub fn vet_plan(
+    schema: &TrustSchema,
+    policy: &Policy,
+    project: &Project,
+    plan: &LogicalPlan,
+    optimized: &LogicalPlan,
+) -> Result<Vetted, Refusal> {
+    let vetter = Vetter {
+        schema,
+        policy,
+        project,
+    };
+    vetter.check_node_kinds(plan)?;
+    vetter.check_expressions(plan)?;
+    // The optimised plan carries the casts type coercion added (`text_column = 3`).
+    vetter.check_expressions(optimized)?;
+    let aggregate = find_aggregate(plan)?;
+    let LogicalPlan::Aggregate(agg) = aggregate else {
+        return Err(not_aggregate());
+    };
+    let mut tables = Vec::new();
+    let lineage = vetter.lineage(&agg.input, &mut tables, false)?;
+    vetter.check_aggregate(agg, &lineage)?;
+    vetter.check_joins(optimized)?;
+    // The optimised plan's joins and pushed-down filters, below its innermost aggregate.
+    let mut innermost = None;
+    optimized
+        .apply(|node| {
+            if let LogicalPlan::Aggregate(a) = node {
+                innermost = Some(a.input.clone());
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })
+        .map_err(|_| Refusal::new(Rule::Unsupported, "the plan could not be inspected"))?;
+    if let Some(input) = innermost {
+        vetter.lineage(&input, &mut Vec::new(), true)?;
+    }
+    tables.sort();
+    tables.dedup();
+    let grouping_sets = agg
+        .group_expr
+        .iter()
+        .any(|e| matches!(e, Expr::GroupingSet(_)));
+    Ok(Vetted {
+        tables,
+        group_exprs: agg.group_expr.len(),
+        grouping_sets,
+    })
+}
+
+/// Plans, optimises and vets researcher SQL in a locked session; returns both plans.
+pub async fn vet_sql(
+    ctx: &datafusion::prelude::SessionContext,
+    schema: &TrustSchema,
+    policy: &Policy,
+    project: &Project,
+    sql: &str,
+) -> Result<(LogicalPlan, LogicalPlan, Vetted), Refusal> {
+    vet_text(sql, policy)?;
+    let plan = crate::session::plan_sql(ctx, sql).await?;
+    // Planning statements and EXPLAIN is harmless; optimising them is not needed to refuse them.
+    let vetter = Vetter {
+        schema,
+        policy,
+        project,
+    };
+    vetter.check_node_kinds(&plan)?;
+    let optimized = ctx.state().optimize(&plan).map_err(|e| {
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or_default();
+        Refusal::new(
+            Rule::Invalid,
+            format!(
+                "the SQL could not be planned: {}",
+                first.chars().take(300).collect::<String>()
+            ),
+        )
+    })?;
+    let vetted = vet_plan(schema, policy, project, &plan, &optimized)?;
+    Ok((plan, optimized, vetted))
+}
+
+fn not_aggregate() -> Refusal {
+    Refusal::new(
+        Rule::NotAggregate,
+        "only aggregate queries are answered (for example COUNT(*) … GROUP BY …); row-level \
+         results never leave a trust",
+    )
+}
+
+/// Descends from the root through the nodes that run after aggregation (at the coordinator)
+/// to the one aggregate.
+fn find_aggregate(plan: &LogicalPlan) -> Result<&LogicalPlan, Refusal> {
+    let mut node = plan;
+    loop {
+        match node {
+            LogicalPlan::Aggregate(_) => return Ok(node),
+            LogicalPlan::Projection(p) => node = &p.input,
+            LogicalPlan::Filter(f) => node = &f.input,
+            LogicalPlan::Sort(s) => node = &s.input,
+            LogicalPlan::Limit(l) => node = &l.input,
+            LogicalPlan::SubqueryAlias(a) => node = &a.input,
+            LogicalPlan::Distinct(_) | LogicalPlan::Window(_) => {
+                return Err(Refusal::new(
+                    Rule::Nested,
+                    "DISTINCT and window functions over aggregated results are not supported",
+                ));
+            }
+            _ => return Err(not_aggregate()),
+        }
+    }
+}
+
+struct Vetter<'a> {
+    schema: &'a TrustSchema,
+    policy: &'a Policy,
+    project: &'a Project,
+}
+
+impl Vetter<'_> {
+    /// Refuses statements, EXPLAIN, recursion and other node kinds anywhere in the plan.
+    fn check_node_kinds(&self, plan: &LogicalPlan) -> Result<(), Refusal> {
+        let mut refusal = None;
+        let mut aggregates = 0;
+        plan.apply_with_subqueries(|node| {
+            let found = match node {
+                LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) => Some(explain_refusal()),
+                LogicalPlan::Statement(_)
+                | LogicalPlan::Ddl(_)
+                | LogicalPlan::Dml(_)
+                | LogicalPlan::Copy(_)
+                | LogicalPlan::DescribeTable(_) => Some(statement_refusal()),
+                LogicalPlan::RecursiveQuery(_) => Some(Refusal::new(
+                    Rule::Recursion,
+                    "recursive queries are not accepted",
+                )),
+                LogicalPlan::Window(_) => Some(Refusal::new(
+                    Rule::Function,
+                    "window functions are not accepted: they compute values per row",
+                )),
+                LogicalPlan::Extension(_) | LogicalPlan::Unnest(_) => Some(Refusal::new(
+                    Rule::Unsupported,
+                    "the query uses a construct TrustQL does not support",
+                )),
+                LogicalPlan::Subquery(_) => Some(Refusal::new(
+                    Rule::Subquery,
+                    "subqueries in conditions or select lists are not supported; use a join on \
+                     the patient key instead",
+                )),
+                LogicalPlan::Aggregate(_) | LogicalPlan::Distinct(_) => {
+                    aggregates += 1;
+                    (aggregates > 1).then(|| {
+                        Refusal::new(
+                            Rule::Nested,
+                            "only one level of aggregation is supported (no aggregates or \
+                             DISTINCT inside derived tables)",
+                        )
+                    })
+                }
+                _ => None,
+            };
+            if let Some(r) = found {
+                refusal = Some(r);
+                return Ok(TreeNodeRecursion::Stop);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })
+        .map_err(|_| Refusal::new(Rule::Unsupported, "the plan could not be inspected"))?;
+        refusal.map_or(Ok(()), Err)
+    }
+
+    /// Function allow-lists, subqueries, IN-list sizes and error oracles, in every expression.
+    fn check_expressions(&self, plan: &LogicalPlan) -> Result<(), Refusal> {
+        let mut refusal: Option<Refusal> = None;
+        plan.apply(|node| {
+            // Join conditions read both sides; everything else reads its input.
+            let schema = match node {
+                LogicalPlan::Join(join) => join.schema.clone(),
+                _ => node
+                    .inputs()
+                    .first()
+                    .map(|i| i.schema().clone())
+                    .unwrap_or_else(|| node.schema().clone()),
+            };
+            node.apply_expressions(|expr| {
+                expr.apply(|e| {
+                    if let Some(r) = self.check_expr(e, &schema) {
+                        refusal = Some(r);
+                        return Ok(TreeNodeRecursion::Stop);
+                    }
+                    Ok(TreeNodeRecursion::Continue)
+                })
+            })
+            .map(|r| {
+                if refusal.is_some() {
+                    TreeNodeRecursion::Stop
+                } else {
+                    r
+                }
+            })
+        })
+        .map_err(|_| Refusal::new(Rule::Unsupported, "the plan could not be inspected"))?;
+        refusal.map_or(Ok(()), Err)
+    }
+
+    fn check_expr(&self, e: &Expr, schema: &DFSchema) -> Option<Refusal> {
+        match e {
+            Expr::ScalarFunction(f) => {
+                let name = f.func.name();
+                if !ALLOWED_SCALAR_FUNCTIONS.contains(&name) {
+                    return Some(Refusal::new(
+                        Rule::Function,
+                        format!("function `{name}` is not on the allow-list"),
+                    ));
+                }
+                // Arguments that make a function fail on some values must be constants.
+                let literal_positions: &[usize] = match name {
+                    "substr" | "substring" => &[1, 2],
+                    "left" | "right" | "round" | "trunc" => &[1],
+                    "date_part" | "date_trunc" | "datepart" | "datetrunc" | "date_bin" => &[0],
+                    _ => &[],
+                };
+                for &i in literal_positions {
+                    if f.args.get(i).is_some_and(|a| !is_literal(a)) {
+                        return Some(Refusal::new(
+                            Rule::ErrorOracle,
+                            format!(
+                                "argument {} of `{name}` must be a constant: a value taken from \
+                                 the data could make the query fail on some rows",
+                                i + 1
+                            ),
+                        ));
+                    }
+                }
+                None
+            }
+            Expr::AggregateFunction(AggregateFunction { func, params }) => {
+                let name = func.name().to_lowercase();
+                let allowed = self.policy.query.aggregates.contains(&name)
+                    || func
+                        .aliases()
+                        .iter()
+                        .any(|alias| self.policy.query.aggregates.contains(alias));
+                if !allowed {
+                    return Some(Refusal::new(
+                        Rule::Aggregate,
+                        format!(
+                            "aggregate `{name}` is not allowed here; allowed: {}",
+                            self.policy.query.aggregates.join(", ")
+                        ),
+                    ));
+                }
+                if params.distinct && name != "count" {
+                    return Some(Refusal::new(
+                        Rule::Aggregate,
+                        format!(
+                            "`{name}(DISTINCT …)` would need the distinct values to leave the \
+                             trust; only COUNT(DISTINCT …) is supported"
+                        ),
+                    ));
+                }
+                if !params.order_by.is_empty() {
+                    return Some(Refusal::new(
+                        Rule::Aggregate,
+                        "ORDER BY inside an aggregate is not supported",
+                    ));
+                }
+                None
+            }
+            Expr::WindowFunction(_) => Some(Refusal::new(
+                Rule::Function,
+                "window functions are not accepted: they compute values per row",
+            )),
+            Expr::ScalarSubquery(_)
+            | Expr::InSubquery(_)
+            | Expr::Exists(_)
+            | Expr::SetComparison(_)
+            | Expr::OuterReferenceColumn(..) => Some(Refusal::new(
+                Rule::Subquery,
+                "subqueries in conditions or select lists are not supported; use a join on the \
+                 patient key instead",
+            )),
+            Expr::InList(list) if list.list.len() > self.policy.query.max_in_list => {
+                Some(Refusal::new(
+                    Rule::InList,
+                    format!(
+                        "an IN list has {} values; this trust accepts at most {}",
+                        list.list.len(),
+                        self.policy.query.max_in_list
+                    ),
+                ))
+            }
+            Expr::BinaryExpr(BinaryExpr {
+                op: Operator::Divide | Operator::Modulo,
+                right,
+                ..
+            }) if !is_nonzero_literal(right) => Some(Refusal::new(
+                Rule::ErrorOracle,
+                "division or modulo by anything but a non-zero constant could fail on some rows \
+                 and so reveal them; divide aggregated results instead (e.g. SUM(a) / COUNT(*))",
+            )),
+            Expr::Cast(cast) if !is_literal(&cast.expr) => {
+                let from = cast.expr.get_type(schema).ok()?;
+                let to = cast.field.data_type();
+                let text = matches!(
+                    from,
+                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+                );
+                let non_text = !matches!(
+                    to,
+                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+                );
+                (text && non_text).then(|| {
+                    Refusal::new(
+                        Rule::ErrorOracle,
+                        "converting text to another type (an explicit CAST, or comparing a text \
+                         column with a number) fails on some values and so reveals them; use \
+                         TRY_CAST or compare with a quoted value",
+                    )
+                })
+            }
+            Expr::Placeholder(_) | Expr::ScalarVariable(..) => Some(Refusal::new(
+                Rule::Unsupported,
+                "parameters and variables are not supported",
+            )),
+            Expr::Unnest(_)
+            | Expr::HigherOrderFunction(_)
+            | Expr::Lambda(_)
+            | Expr::LambdaVariable(_) => Some(Refusal::new(
+                Rule::Unsupported,
+                "the query uses a construct TrustQL does not support",
+            )),
+            _ => None,
+        }
+    }
+
+    /// Lineage of every output column of `plan` (the input of the aggregate), checking each
+    /// node on the way.
+    fn lineage(
+        &self,
+        plan: &LogicalPlan,
+        tables: &mut Vec<String>,
+        optimized: bool,
+    ) -> Result<Lineage, Refusal> {
+        match plan {
+            LogicalPlan::TableScan(scan) => {
+                let name = scan.table_name.table().to_string();
+                let Ok(table) = self.schema.table(&name) else {
+                    return Err(Refusal::new(
+                        Rule::Table,
+                        format!("`{name}` is not a table of the shared schema"),
+                    ));
+                };
+                if !self.project.tables.contains(&name) {
+                    return Err(Refusal::new(
+                        Rule::Table,
+                        format!(
+                            "project `{}` is not approved to read `{name}` at this trust",
+                            self.project.id
+                        ),
+                    ));
+                }
+                tables.push(name.clone());
+                let lineage: Lineage = scan
+                    .projected_schema
+                    .fields()
+                    .iter()
+                    .map(|field| {
+                        let Some(column) = table.column(field.name()) else {
+                            return Ok(None);
+                        };
+                        let key = (column.class == DisclosureClass::DirectIdentifier)
+                            .then(|| self.key_domain(&name, &column.name))
+                            .flatten();
+                        Ok(Some(Origin {
+                            class: column.class,
+                            key,
+                            source: format!("{name}.{}", column.name),
+                            bare: true,
+                        }))
+                    })
+                    .collect::<Result<_, Refusal>>()?;
+                if !scan.filters.is_empty() {
+                    // Filters pushed into the scan read the full table schema.
+                    let full = DFSchema::try_from_qualified_schema(
+                        scan.table_name.clone(),
+                        &scan.source.schema(),
+                    )
+                    .map_err(|_| {
+                        Refusal::new(Rule::Unsupported, "the scan could not be inspected")
+                    })?;
+                    let full_lineage: Lineage = full
+                        .fields()
+                        .iter()
+                        .map(|f| {
+                            table.column(f.name()).map(|c| Origin {
+                                class: c.class,
+                                key: (c.class == DisclosureClass::DirectIdentifier)
+                                    .then(|| self.key_domain(&name, &c.name))
+                                    .flatten(),
+                                source: format!("{name}.{}", c.name),
+                                bare: true,
+                            })
+                        })
+                        .collect();
+                    for filter in &scan.filters {
+                        for conjunct in split_conjunction(filter) {
+                            self.check_condition(conjunct, &full, &full_lineage)?;
+                        }
+                    }
+                }
+                Ok(lineage)
+            }
+            LogicalPlan::SubqueryAlias(alias) => self.lineage(&alias.input, tables, optimized),
+            LogicalPlan::Filter(filter) => {
+                let lineage = self.lineage(&filter.input, tables, optimized)?;
+                for conjunct in split_conjunction(&filter.predicate) {
+                    self.check_condition(conjunct, filter.input.schema(), &lineage)?;
+                }
+                Ok(lineage)
+            }
+            LogicalPlan::Sort(sort) => {
+                let lineage = self.lineage(&sort.input, tables, optimized)?;
+                for s in &sort.expr {
+                    self.refuse_identifiers(&s.expr, sort.input.schema(), &lineage, "sorted on")?;
+                }
+                Ok(lineage)
+            }
+            LogicalPlan::Limit(limit) => self.lineage(&limit.input, tables, optimized),
+            LogicalPlan::Repartition(r) => self.lineage(&r.input, tables, optimized),
+            LogicalPlan::Projection(projection) => {
+                let input = self.lineage(&projection.input, tables, optimized)?;
+                let schema = projection.input.schema();
+                projection
+                    .expr
+                    .iter()
+                    .map(|expr| self.derive(expr, schema, &input))
+                    .collect()
+            }
+            LogicalPlan::Join(join) => {
+                if join.join_type == JoinType::LeftMark || join.join_type == JoinType::RightMark {
+                    return Err(Refusal::new(
+                        Rule::Subquery,
+                        "subqueries in conditions are not supported",
+                    ));
+                }
+                let left = self.lineage(&join.left, tables, optimized)?;
+                let right = self.lineage(&join.right, tables, optimized)?;
+                let mut both = left.clone();
+                both.extend(right.iter().cloned());
+                let combined = join.left.schema().join(join.right.schema()).map_err(|_| {
+                    Refusal::new(Rule::Unsupported, "the join could not be inspected")
+                })?;
+                let mut keyed = false;
+                for (l, r) in &join.on {
+                    let equality = Expr::BinaryExpr(BinaryExpr::new(
+                        Box::new(l.clone()),
+                        Operator::Eq,
+                        Box::new(r.clone()),
+                    ));
+                    keyed |= self.check_condition(&equality, &combined, &both)?;
+                }
+                if let Some(filter) = &join.filter {
+                    for conjunct in split_conjunction(filter) {
+                        keyed |= self.check_condition(conjunct, &combined, &both)?;
+                    }
+                }
+                // As written, `FROM a, b WHERE a.k = b.k` is a bare join under a filter; once
+                // optimised, every join must carry a key equality.
+                let bare_cross = join.on.is_empty() && join.filter.is_none();
+                if optimized && bare_cross {
+                    return Err(Refusal::new(
+                        Rule::CrossJoin,
+                        "every join needs a key equality (a join without one pairs every row \
+                         with every row); join on the patient key",
+                    ));
+                }
+                if !keyed && (optimized || !bare_cross) {
+                    return Err(Refusal::new(
+                        Rule::Join,
+                        "tables may only be joined on the patient key (or a declared key on the \
+                         way to it, such as merged_regimen_id)",
+                    ));
+                }
+                Ok(match join.join_type {
+                    JoinType::LeftSemi | JoinType::LeftAnti => left,
+                    JoinType::RightSemi | JoinType::RightAnti => right,
+                    _ => both,
+                })
+            }
+            LogicalPlan::Union(union) => {
+                let mut merged: Option<Lineage> = None;
+                for input in &union.inputs {
+                    let lineage = self.lineage(input, tables, optimized)?;
+                    merged = Some(match merged {
+                        None => lineage,
+                        Some(prev) => prev
+                            .into_iter()
+                            .zip(lineage)
+                            .map(|(a, b)| merge_origins([a, b].into_iter().flatten()))
+                            .collect(),
+                    });
+                }
+                Ok(merged.unwrap_or_default())
+            }
+            LogicalPlan::Values(v) => Ok(vec![None; v.schema.fields().len()]),
+            LogicalPlan::EmptyRelation(e) => Ok(vec![None; e.schema.fields().len()]),
+            _ => Err(Refusal::new(
+                Rule::Unsupported,
+                "the query uses a construct TrustQL does not support below its aggregation",
+            )),
+        }
+    }
+
+    /// The lineage of one projected expression.
+    fn derive(
+        &self,
+        expr: &Expr,
+        schema: &DFSchema,
+        input: &Lineage,
+    ) -> Result<Option<Origin>, Refusal> {
+        if let Some(column) = bare_column(expr) {
+            return Ok(resolve(column, schema, input));
+        }
+        let origins = self.origins(expr, schema, input);
+        if let Some(id) = origins
+            .iter()
+            .find(|o| o.class == DisclosureClass::DirectIdentifier)
+        {
+            return Err(identifier_refusal(&id.source, "transformed"));
+        }
+        Ok(merge_origins(origins.into_iter()).map(|mut o| {
+            o.bare = false;
+            o
+        }))
+    }
+
+    /// The origins of every column an expression reads.
+    fn origins(&self, expr: &Expr, schema: &DFSchema, input: &Lineage) -> Vec<Origin> {
+        expr.column_refs()
+            .into_iter()
+            .filter_map(|c| resolve(c, schema, input))
+            .collect()
+    }
+
+    /// Refuses an expression that reads any direct identifier.
+    fn refuse_identifiers(
+        &self,
+        expr: &Expr,
+        schema: &DFSchema,
+        input: &Lineage,
+        verb: &str,
+    ) -> Result<(), Refusal> {
+        match self
+            .origins(expr, schema, input)
+            .into_iter()
+            .find(|o| o.class == DisclosureClass::DirectIdentifier)
+        {
+            Some(id) => Err(identifier_refusal(&id.source, verb)),
+            None => Ok(()),
+        }
+    }
+
+    /// One conjunct of a WHERE or join condition; true when it is a key equality (a join).
+    fn check_condition(
+        &self,
+        conjunct: &Expr,
+        schema: &DFSchema,
+        input: &Lineage,
+    ) -> Result<bool, Refusal> {
+        // A key equality is a join, the one thing identifiers may do.
+        if let Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::Eq,
+            right,
+        }) = conjunct
+        {
+            let side = |e: &Expr| bare_column(e).and_then(|c| resolve(c, schema, input));
+            if let (Some(l), Some(r)) = (side(left), side(right))
+                && (l.class == DisclosureClass::DirectIdentifier
+                    || r.class == DisclosureClass::DirectIdentifier)
+            {
+                return match (&l.key, &r.key) {
+                    (Some(a), Some(b)) if a == b && l.bare && r.bare => Ok(true),
+                    _ => Err(Refusal::new(
+                        Rule::Join,
+                        format!(
+                            "`{}` and `{}` may not be matched: tables may only be joined on the \
+                             patient key (or a declared key on the way to it, such as \
+                             merged_regimen_id)",
+                            l.source, r.source
+                        ),
+                    )),
+                };
+            }
+        }
+        self.refuse_identifiers(conjunct, schema, input, "compared or filtered on")?;
+        for origin in self.origins(conjunct, schema, input) {
+            self.class_rule(&origin, |r| r.filter, "filtered on")?;
+        }
+        Ok(false)
+    }
+
+    fn class_rule(
+        &self,
+        origin: &Origin,
+        pick: fn(&ClassRules) -> bool,
+        verb: &str,
+    ) -> Result<(), Refusal> {
+        match self.policy.classes.rules(origin.class) {
+            Some(rules) if pick(rules) => Ok(()),
+            Some(_) => Err(Refusal::new(
+                Rule::ColumnClass,
+                format!(
+                    "`{}` is a {} and this trust's policy says it may not be {verb}",
+                    origin.source,
+                    class_words(origin.class)
+                ),
+            )),
+            None => Err(identifier_refusal(&origin.source, verb)),
+        }
+    }
+
+    /// The aggregate node itself: group keys and aggregate arguments.
+    fn check_aggregate(
+        &self,
+        agg: &datafusion::logical_expr::Aggregate,
+        input: &Lineage,
+    ) -> Result<(), Refusal> {
+        let schema = agg.input.schema();
+        let mut keys: Vec<&Expr> = Vec::new();
+        for expr in &agg.group_expr {
+            match expr {
+                Expr::GroupingSet(GroupingSet::Rollup(exprs) | GroupingSet::Cube(exprs)) => {
+                    keys.extend(exprs.iter());
+                }
+                Expr::GroupingSet(GroupingSet::GroupingSets(sets)) => {
+                    keys.extend(sets.iter().flatten());
+                }
+                other => keys.push(other),
+            }
+        }
+        for key in keys {
+            self.refuse_identifiers(key, schema, input, "grouped on")?;
+            for origin in self.origins(key, schema, input) {
+                self.class_rule(&origin, |r| r.group_by, "grouped on")?;
+            }
+        }
+        for expr in &agg.aggr_expr {
+            let inner = match expr {
+                Expr::Alias(Alias { expr, .. }) => expr.as_ref(),
+                other => other,
+            };
+            let Expr::AggregateFunction(AggregateFunction { func, params }) = inner else {
+                return Err(Refusal::new(
+                    Rule::Aggregate,
+                    "only plain aggregate functions are supported in the aggregation",
+                ));
+            };
+            let name = func.name().to_lowercase();
+            if let Some(filter) = &params.filter {
+                for conjunct in split_conjunction(filter) {
+                    if self.check_condition(conjunct, schema, input)? {
+                        return Err(identifier_refusal("a key", "compared in a FILTER clause"));
+                    }
+                }
+            }
+            for arg in &params.args {
+                let origins = self.origins(arg, schema, input);
+                if name == "count" {
+                    // Counting identifiers is how patients are counted; transforming them is not.
+                    if bare_column(arg).is_none()
+                        && let Some(id) = origins
+                            .iter()
+                            .find(|o| o.class == DisclosureClass::DirectIdentifier)
+                    {
+                        return Err(identifier_refusal(&id.source, "transformed"));
+                    }
+                    continue;
+                }
+                for origin in &origins {
+                    if origin.class == DisclosureClass::DirectIdentifier {
+                        return Err(identifier_refusal(
+                            &origin.source,
+                            &format!("given to {}", name.to_uppercase()),
+                        ));
+                    }
+                    if name == "min" || name == "max" {
+                        self.class_rule(origin, |r| r.min_max, "given to MIN or MAX")?;
+                    } else {
+                        self.class_rule(origin, |r| r.aggregate, "summed or averaged")?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The number of joins, on the optimised plan.
+    fn check_joins(&self, optimized: &LogicalPlan) -> Result<(), Refusal> {
+        let mut joins = 0usize;
+        optimized
+            .apply(|node| {
+                if matches!(node, LogicalPlan::Join(_)) {
+                    joins += 1;
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+            .map_err(|_| Refusal::new(Rule::Unsupported, "the plan could not be inspected"))?;
+        if joins > self.policy.query.max_joins {
+            return Err(Refusal::new(
+                Rule::TooManyJoins,
+                format!(
+                    "the query joins {joins} times; this trust accepts at most {}",
+                    self.policy.query.max_joins
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The key an identifier column joins on: its own table's primary key, or what it refers to.
+    fn key_domain(&self, table: &str, column: &str) -> Option<String> {
+        let t = self.schema.table(table).ok()?;
+        let c = t.column(column)?;
+        if let Some(reference) = &c.references {
+            return Some(reference.clone());
+        }
+        (t.primary_key.as_deref() == Some(column)).then(|| format!("{table}.{column}"))
+    }
+}
+
+fn identifier_refusal(source: &str, verb: &str) -> Refusal {
+    Refusal::new(
+        Rule::Identifier,
+        format!(
+            "`{source}` is a direct identifier and may not be {verb}; identifiers may only join \
+             tables on the patient key or be counted (COUNT(DISTINCT …))"
+        ),
+    )
+}
+
+fn class_words(class: DisclosureClass) -> &'static str {
+    match class {
+        DisclosureClass::DirectIdentifier => "direct identifier",
+        DisclosureClass::QuasiIdentifier => "quasi-identifier",
+        DisclosureClass::Clinical => "clinical column",
+    }
+}
+
+/// The column an expression is, possibly under an alias.
+fn bare_column(expr: &Expr) -> Option<&Column> {
+    match expr {
+        Expr::Column(c) => Some(c),
+        Expr::Alias(Alias { expr, .. }) => bare_column(expr),
+        _ => None,
+    }
+}
+
+fn resolve(column: &Column, schema: &DFSchema, input: &Lineage) -> Option<Origin> {
+    let index = schema.index_of_column(column).ok()?;
+    input.get(index).cloned().flatten()
+}
+
+/// The most sensitive of several origins (an identifier keeps its key only if all agree).
+fn merge_origins(origins: impl Iterator<Item = Origin>) -> Option<Origin> {
+    let all: Vec<Origin> = origins.collect();
+    let first = all.first()?.clone();
+    let class = all.iter().map(|o| o.class).min()?;
+    let source = all
+        .iter()
+        .find(|o| o.class == class)
+        .map_or(first.source.clone(), |o| o.source.clone());
+    let keys: HashSet<&Option<String>> = all.iter().map(|o| &o.key).collect();
+    let key = if keys.len() == 1 {
+        first.key.clone()
+    } else {
+        None
+    };
+    Some(Origin {
+        class,
+        key,
+        source,
+        bare: all.iter().all(|o| o.bare),
+    })
+}
+
+fn is_literal(expr: &Expr) -> bool {
+    match expr {
+        Expr::Literal(..) => true,
+        Expr::Alias(Alias { expr, .. }) | Expr::Negative(expr) => is_literal(expr),
+        Expr::Cast(c) => is_literal(&c.expr),
+        Expr::TryCast(c) => is_literal(&c.expr),
+        _ => false,
+    }
+}
+
+fn is_nonzero_literal(expr: &Expr) -> bool {
+    match expr {
+        Expr::Literal(value, _) => !value.is_null() && !is_zero(value),
+        Expr::Alias(Alias { expr, .. }) | Expr::Negative(expr) => is_nonzero_literal(expr),
+        Expr::Cast(c) => is_nonzero_literal(&c.expr),
+        Expr::TryCast(c) => is_nonzero_literal(&c.expr),
+        _ => false,
+    }
+}
+
+fn is_zero(value: &ScalarValue) -> bool {
+    ScalarValue::new_zero(&value.data_type()).is_ok_and(|zero| zero == *value)
+}

@@ -1,0 +1,256 @@
+//! Disclosure control on partial answers: one test per rule.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch, StringArray, UInt8Array,
+};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+use trustql_policies::{ColumnRole, Disclosure, Dominance, Rounding, Rule, protect};
+
+fn batch(columns: Vec<(&str, ArrayRef)>) -> RecordBatch {
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|(n, a)| Field::new(*n, a.data_type().clone(), true))
+        .collect();
+    RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        columns.into_iter().map(|(_, a)| a).collect(),
+    )
+    .expect("batch")
+}
+
+fn strings(v: &[Option<&str>]) -> ArrayRef {
+    Arc::new(StringArray::from(v.to_vec()))
+}
+
+fn ints(v: &[i64]) -> ArrayRef {
+    Arc::new(Int64Array::from(v.to_vec()))
+}
+
+fn keys(b: &RecordBatch, column: usize) -> Vec<Option<String>> {
+    b.column(column)
+        .as_string::<i32>()
+        .iter()
+        .map(|v| v.map(str::to_string))
+        .collect()
+}
+
+fn no_rounding() -> Disclosure {
+    Disclosure {
+        rounding: Rounding::None,
+        withhold_whole_margin_cells: false,
+        ..Disclosure::default()
+    }
+}
+
+#[test]
+fn groups_below_the_minimum_are_withheld() {
+    let b = batch(vec![
+        ("site", strings(&[Some("C50"), Some("C34"), Some("C69")])),
+        ("patients", ints(&[120, 10, 9])),
+        ("count", ints(&[130, 11, 9])),
+    ]);
+    let roles = [ColumnRole::Key, ColumnRole::Patients, ColumnRole::Count];
+    let out = protect(&b, &roles, &no_rounding(), 100).expect("protect");
+    assert_eq!(
+        keys(&out.batch, 0),
+        vec![Some("C50".into()), Some("C34".into())]
+    );
+    assert_eq!(out.report.released, 2);
+    assert_eq!(out.report.small, 1);
+    assert_eq!(out.report.withheld(), 1);
+}
+
+#[test]
+fn counts_and_patient_counts_are_rounded() {
+    let b = batch(vec![
+        ("site", strings(&[Some("C50"), Some("C34")])),
+        ("patients", ints(&[123, 17])),
+        ("count", ints(&[131, 18])),
+        (
+            "sum_age",
+            Arc::new(Float64Array::from(vec![8123.0, 1200.5])),
+        ),
+    ]);
+    let roles = [
+        ColumnRole::Key,
+        ColumnRole::Patients,
+        ColumnRole::Count,
+        ColumnRole::Sum { top: None },
+    ];
+    let rules = Disclosure {
+        rounding: Rounding::Base,
+        rounding_base: 5,
+        withhold_whole_margin_cells: false,
+        ..Disclosure::default()
+    };
+    let out = protect(&b, &roles, &rules, 100).expect("protect");
+    let counts: Vec<i64> = out
+        .batch
+        .column(2)
+        .as_primitive::<Int64Type>()
+        .values()
+        .to_vec();
+    let patients: Vec<i64> = out
+        .batch
+        .column(1)
+        .as_primitive::<Int64Type>()
+        .values()
+        .to_vec();
+    assert_eq!(counts, vec![130, 20]);
+    assert_eq!(patients, vec![125, 15]);
+    // Sums are not counts: released as computed.
+    assert_eq!(out.batch.column(3).data_type(), &DataType::Float64);
+
+    let m6 = Disclosure {
+        rounding: Rounding::Midpoint6,
+        withhold_whole_margin_cells: false,
+        ..Disclosure::default()
+    };
+    let out = protect(&b, &roles, &m6, 100).expect("protect");
+    let counts: Vec<i64> = out
+        .batch
+        .column(2)
+        .as_primitive::<Int64Type>()
+        .values()
+        .to_vec();
+    // ceil(131/6)*6 - 3 = 129; ceil(18/6)*6 - 3 = 15.
+    assert_eq!(counts, vec![129, 15]);
+}
+
+#[test]
+fn dominated_sums_are_withheld_and_the_helper_column_dropped() {
+    let b = batch(vec![
+        ("drug", strings(&[Some("A"), Some("B")])),
+        ("patients", ints(&[50, 50])),
+        ("dose", Arc::new(Float64Array::from(vec![1000.0, 1000.0]))),
+        ("dose_top", Arc::new(Float64Array::from(vec![950.0, 300.0]))),
+    ]);
+    let roles = [
+        ColumnRole::Key,
+        ColumnRole::Patients,
+        ColumnRole::Sum { top: Some(3) },
+        ColumnRole::Top,
+    ];
+    let rules = Disclosure {
+        dominance: Some(Dominance { n: 2, k: 90.0 }),
+        ..no_rounding()
+    };
+    let out = protect(&b, &roles, &rules, 100).expect("protect");
+    assert_eq!(keys(&out.batch, 0), vec![Some("B".into())]);
+    assert_eq!(out.report.dominated, 1);
+    assert_eq!(
+        out.batch.num_columns(),
+        3,
+        "the largest-contribution column never leaves"
+    );
+
+    // A dominance rule without the contributions it needs is an error, not a silent release.
+    let roles = [
+        ColumnRole::Key,
+        ColumnRole::Patients,
+        ColumnRole::Sum { top: None },
+        ColumnRole::Other,
+    ];
+    assert!(protect(&b, &roles, &rules, 100).is_err());
+}
+
+#[test]
+fn a_group_holding_its_whole_margin_is_withheld() {
+    // Site C34: every patient dead (its row has one cell) -> 100% of its row.
+    // (C50, A): every alive patient has site C50 (its column has one cell) -> 100% of its column.
+    let b = batch(vec![
+        ("site", strings(&[Some("C34"), Some("C50"), Some("C50")])),
+        ("vital", strings(&[Some("D"), Some("A"), Some("D")])),
+        ("patients", ints(&[40, 300, 25])),
+    ]);
+    let roles = [ColumnRole::Key, ColumnRole::Key, ColumnRole::Patients];
+    let rules = Disclosure {
+        withhold_whole_margin_cells: true,
+        ..no_rounding()
+    };
+    let out = protect(&b, &roles, &rules, 100).expect("protect");
+    assert_eq!(out.report.whole_margin, 2);
+    assert_eq!(keys(&out.batch, 0), vec![Some("C50".into())]);
+    assert_eq!(keys(&out.batch, 1), vec![Some("D".into())]);
+
+    // A single-key answer with one group is the whole trust's patients.
+    let one = batch(vec![
+        ("vital", strings(&[Some("D")])),
+        ("patients", ints(&[40])),
+    ]);
+    let out =
+        protect(&one, &[ColumnRole::Key, ColumnRole::Patients], &rules, 100).expect("protect");
+    assert_eq!(out.report.whole_margin, 1);
+    assert_eq!(out.batch.num_rows(), 0);
+}
+
+#[test]
+fn rollup_margins_of_a_withheld_cell_are_withheld() {
+    // ROLLUP(site, stage): (C50,1)=30 (C50,2)=5 (C50)=35 (C34,1)=20 (C34,2)=25 (C34)=45 ()=80.
+    // Releasing (C50) and (C50,1) would give (C50,2) = 35 - 30 by subtraction.
+    let b = batch(vec![
+        (
+            "site",
+            strings(&[
+                Some("C50"),
+                Some("C50"),
+                Some("C50"),
+                Some("C34"),
+                Some("C34"),
+                Some("C34"),
+                None,
+            ]),
+        ),
+        (
+            "stage",
+            strings(&[Some("1"), Some("2"), None, Some("1"), Some("2"), None, None]),
+        ),
+        (
+            "__grouping_id",
+            Arc::new(UInt8Array::from(vec![0u8, 0, 1, 0, 0, 1, 3])),
+        ),
+        ("patients", ints(&[30, 5, 35, 20, 25, 45, 80])),
+    ]);
+    let roles = [
+        ColumnRole::Key,
+        ColumnRole::Key,
+        ColumnRole::GroupingId,
+        ColumnRole::Patients,
+    ];
+    let out = protect(&b, &roles, &no_rounding(), 100).expect("protect");
+    assert_eq!(out.report.small, 1);
+    assert_eq!(
+        out.report.margin_of_withheld, 2,
+        "(C50) and the grand total"
+    );
+    let site = keys(&out.batch, 0);
+    let stage = keys(&out.batch, 1);
+    let released: Vec<(Option<String>, Option<String>)> = site.into_iter().zip(stage).collect();
+    assert_eq!(
+        released,
+        vec![
+            (Some("C50".into()), Some("1".into())),
+            (Some("C34".into()), Some("1".into())),
+            (Some("C34".into()), Some("2".into())),
+            (Some("C34".into()), None),
+        ]
+    );
+}
+
+#[test]
+fn too_many_groups_is_a_refusal() {
+    let b = batch(vec![
+        ("site", strings(&[Some("a"), Some("b"), Some("c")])),
+        ("patients", ints(&[50, 50, 50])),
+    ]);
+    let err = protect(
+        &b,
+        &[ColumnRole::Key, ColumnRole::Patients],
+        &no_rounding(),
+        2,
+    )
+    .expect_err("cap");
+    assert_eq!(err.rule, Rule::TooManyGroups);
+}

@@ -1,0 +1,181 @@
+//! The policy file: parsing, lint, description and approval.
+
+use std::path::{Path, PathBuf};
+
+use trustql_policies::{
+    Finding, Policy, PolicyError, Rounding, approval_path, approve, content_hash, load_approved,
+};
+use trustql_schemas::TrustSchema;
+
+fn schema() -> TrustSchema {
+    TrustSchema::cancer().expect("schema")
+}
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name)
+}
+
+const MINIMAL: &str = r#"
+[policy]
+version = "1"
+trust = "TQ01"
+
+[[project]]
+id = "p"
+researchers = ["r"]
+tables = ["sim_av_tumour"]
+expires = "2030-01-01"
+"#;
+
+fn errors(policy: &Policy) -> Vec<String> {
+    policy
+        .lint(&schema())
+        .into_iter()
+        .filter_map(|f| match f {
+            Finding::Error(m) => Some(m),
+            Finding::Warning(_) => None,
+        })
+        .collect()
+}
+
+#[test]
+fn examples_lint_clean() {
+    for name in ["standard.toml", "midpoint6.toml", "strict.toml"] {
+        let text = std::fs::read_to_string(example(name)).expect("example");
+        let policy = Policy::from_toml(&text).expect(name);
+        assert!(errors(&policy).is_empty(), "{name}: {:?}", errors(&policy));
+    }
+}
+
+#[test]
+fn defaults_are_the_safe_ones() {
+    let policy = Policy::from_toml(MINIMAL).expect("minimal");
+    assert_eq!(policy.disclosure.min_patients, 10);
+    assert_eq!(policy.disclosure.rounding, Rounding::None);
+    assert!(policy.disclosure.withhold_whole_margin_cells);
+    assert!(!policy.classes.quasi_identifier.min_max);
+    assert!(!policy.query.aggregates.contains(&"array_agg".to_string()));
+    // No rounding is allowed but earns a warning.
+    assert!(
+        policy
+            .lint(&schema())
+            .iter()
+            .any(|f| matches!(f, Finding::Warning(m) if m.contains("not rounded")))
+    );
+}
+
+#[test]
+fn unknown_keys_are_an_error() {
+    let text = MINIMAL.replace(
+        "trust = \"TQ01\"",
+        "trust = \"TQ01\"\nallow_everything = true",
+    );
+    assert!(matches!(
+        Policy::from_toml(&text),
+        Err(PolicyError::Parse(_))
+    ));
+    let text = format!("{MINIMAL}\n[disclosure]\nmin_cell = 5\n");
+    assert!(matches!(
+        Policy::from_toml(&text),
+        Err(PolicyError::Parse(_))
+    ));
+}
+
+#[test]
+fn lint_finds_each_kind_of_mistake() {
+    let base = Policy::from_toml(MINIMAL).expect("minimal");
+    let has = |p: &Policy, needle: &str| errors(p).iter().any(|e| e.contains(needle));
+
+    let mut p = base.clone();
+    p.disclosure.min_patients = 0;
+    assert!(has(&p, "min_patients"));
+
+    let mut p = base.clone();
+    p.disclosure.rounding = Rounding::Base;
+    p.disclosure.rounding_base = 1;
+    assert!(has(&p, "rounding_base"));
+
+    let mut p = base.clone();
+    p.disclosure.dominance = Some(trustql_policies::Dominance { n: 0, k: 120.0 });
+    assert!(has(&p, "dominance"));
+
+    let mut p = base.clone();
+    p.query.aggregates.push("array_agg".into());
+    assert!(has(&p, "array_agg"));
+
+    let mut p = base.clone();
+    p.projects[0].tables.push("sim_av_gene".into());
+    assert!(has(&p, "sim_av_gene"));
+
+    let mut p = base.clone();
+    p.projects[0].expires = "31/12/2030".into();
+    assert!(has(&p, "not a date"));
+
+    let mut p = base.clone();
+    p.projects[0].researchers.clear();
+    assert!(has(&p, "no researchers"));
+
+    let mut p = base.clone();
+    p.projects.push(p.projects[0].clone());
+    assert!(has(&p, "listed twice"));
+}
+
+#[test]
+fn description_is_in_plain_words() {
+    let text = std::fs::read_to_string(example("strict.toml")).expect("example");
+    let words = Policy::from_toml(&text).expect("strict").describe();
+    assert!(words.contains("at least 20 distinct patients"), "{words}");
+    assert!(words.contains("nearest multiple of 10"), "{words}");
+    assert!(
+        words.contains("2 largest contributions make up more than 85% "),
+        "{words}"
+    );
+    assert!(
+        words.contains("quasi-identifiers may be grouped on"),
+        "{words}"
+    );
+    assert!(words.contains("may not be summed or averaged"), "{words}");
+    assert!(words.contains("survival-2026"), "{words}");
+}
+
+#[test]
+fn approval_binds_the_content() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, MINIMAL).expect("write");
+    let schema = schema();
+
+    assert!(matches!(
+        load_approved(&path, &schema),
+        Err(PolicyError::NotApproved(_))
+    ));
+
+    let approval = approve(&path, "Jane Smith", &schema).expect("approve");
+    assert_eq!(approval.approved_by, "Jane Smith");
+    assert_eq!(approval.sha256, content_hash(MINIMAL.as_bytes()));
+    assert!(approval_path(&path).exists());
+    let loaded = load_approved(&path, &schema).expect("approved policy loads");
+    assert_eq!(loaded.hash, approval.sha256);
+    assert_eq!(loaded.policy.policy.version, "1");
+
+    // Any edit after approval, even a comment, stops the node from serving it.
+    std::fs::write(&path, format!("{MINIMAL}# edited\n")).expect("edit");
+    assert!(matches!(
+        load_approved(&path, &schema),
+        Err(PolicyError::ChangedSinceApproval { .. })
+    ));
+}
+
+#[test]
+fn a_policy_with_errors_cannot_be_approved() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, MINIMAL.replace("sim_av_tumour", "no_such_table")).expect("write");
+    let err = approve(&path, "Jane Smith", &schema()).expect_err("lint errors");
+    assert!(matches!(err, PolicyError::Invalid(_)), "{err}");
+    assert!(!approval_path(&path).exists());
+    let err = approve(&path, "  ", &schema()).expect_err("no approver");
+    assert!(matches!(err, PolicyError::Invalid(_)));
+}

@@ -1,6 +1,7 @@
 //! `trustql`: the one command for TrustQL's users.
 
 mod data;
+mod policy;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,28 @@ enum Command {
     Schema {
         #[command(subcommand)]
         action: SchemaAction,
+    },
+    /// Check or approve a trust's disclosure policy.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyAction {
+    /// Lint a policy file and print its effective rules in plain words.
+    Check {
+        /// The policy file (TOML).
+        file: PathBuf,
+    },
+    /// Record your approval of the policy's current content (who, when, its hash).
+    Approve {
+        /// The policy file (TOML).
+        file: PathBuf,
+        /// The approving data controller's name.
+        #[arg(long)]
+        by: String,
     },
 }
 
@@ -59,6 +82,12 @@ fn main() -> ExitCode {
         Command::Schema {
             action: SchemaAction::Check { dir, schema },
         } => data::check(&dir, schema.as_deref()),
+        Command::Policy {
+            action: PolicyAction::Check { file },
+        } => policy::check(&file),
+        Command::Policy {
+            action: PolicyAction::Approve { file, by },
+        } => policy::approve_file(&file, &by),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -121,3 +121,43 @@ DEATHCAUSECODE_2,DEATHCAUSECODE_UNDERLYING,DEATHLOCATIONCODE,VITALSTATUS,VITALST
     let checked = trustql(&["schema", "check", out.to_str().expect("path")]);
     assert!(checked.status.success(), "{}", text(&checked));
 }
+
+#[test]
+fn policy_check_and_approve() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.toml");
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../policies/examples/standard.toml"
+    );
+    std::fs::copy(example, &policy).expect("copy example");
+    let path = policy.to_str().expect("path");
+
+    let checked = trustql(&["policy", "check", path]);
+    assert!(checked.status.success(), "{}", text(&checked));
+    let out = text(&checked);
+    assert!(out.contains("at least 10 distinct patients"), "{out}");
+    assert!(out.contains("Not servable yet"), "{out}");
+
+    let approved = trustql(&["policy", "approve", path, "--by", "Jane Smith"]);
+    assert!(approved.status.success(), "{}", text(&approved));
+    let checked = trustql(&["policy", "check", path]);
+    assert!(
+        text(&checked).contains("Approved by Jane Smith"),
+        "{}",
+        text(&checked)
+    );
+
+    std::fs::write(
+        &policy,
+        "[policy]\nversion = \"x\"\ntrust = \"TQ01\"\nbogus = 1\n",
+    )
+    .expect("w");
+    let broken = trustql(&["policy", "check", path]);
+    assert!(!broken.status.success());
+    assert!(
+        text(&broken).contains("policy file is not valid"),
+        "{}",
+        text(&broken)
+    );
+}

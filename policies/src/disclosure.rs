@@ -11,7 +11,7 @@ use std::collections::HashSet;
 
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, UInt64Array};
 use arrow::compute::{cast, filter_record_batch};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::datatypes::{DataType, Schema};
 use arrow::row::{RowConverter, SortField};
 
 use crate::policy::{Disclosure, Rounding};
@@ -213,12 +213,11 @@ pub fn protect(
                     .into_iter()
                     .map(|v| v.map(|x| round(x, rules)))
                     .collect();
-                fields.push(Field::new(
-                    field.name(),
-                    DataType::Int64,
-                    field.is_nullable(),
-                ));
-                columns.push(std::sync::Arc::new(rounded));
+                // Back to the accumulator's own type, so DataFusion can merge the state.
+                let rounded = cast(&rounded, field.data_type())
+                    .map_err(|_| internal("could not restore a count's type"))?;
+                fields.push(field);
+                columns.push(rounded);
             }
             _ => {
                 fields.push(field);

@@ -20,7 +20,7 @@ mod vet;
 pub use approval::{
     Approval, ApprovedPolicy, approval_path, approve, content_hash, load_approved, load_checked,
 };
-pub use date::{parse_date, today};
+pub use date::{now_rfc3339, parse_date, today};
 pub use disclosure::{ColumnRole, DisclosureReport, Protected, protect, round};
 pub use error::PolicyError;
 pub use policy::{
@@ -29,4 +29,4 @@ pub use policy::{
 };
 pub use refusal::{Refusal, Rule};
 pub use session::{ALLOWED_SCALAR_FUNCTIONS, locked_session, plan_sql, sql_options};
-pub use vet::{Vetted, authorise, vet_plan, vet_sql, vet_text};
+pub use vet::{Vetted, aggregate_of, authorise, vet_plan, vet_sql, vet_text};

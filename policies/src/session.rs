@@ -9,6 +9,8 @@ use std::sync::Arc;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::optimizer::Optimizer;
+use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement as SQLStatement;
@@ -82,7 +84,34 @@ pub fn locked_session(config: SessionConfig, runtime: Arc<RuntimeEnv>) -> Sessio
         })
         .collect::<Vec<_>>();
     let config = config.with_information_schema(false);
+    // Rules that would break two-phase aggregation across the network: fusing Partial and
+    // Final, answering COUNT(*) from statistics, rewriting COUNT(DISTINCT) into a nested
+    // aggregation whose first phase has one row per distinct value, and merging aggregates.
+    let optimizer_rules = Optimizer::new()
+        .rules
+        .into_iter()
+        // Sharing one accumulator between identical aggregates would reshape the states a
+        // node ships and the coordinator merges; keep one state per written aggregate.
+        .filter(|r| {
+            !matches!(
+                r.name(),
+                "single_distinct_aggregation_to_group_by" | "common_sub_expression_eliminate"
+            )
+        })
+        .collect();
+    let physical_rules = PhysicalOptimizer::new()
+        .rules
+        .into_iter()
+        .filter(|r| {
+            !matches!(
+                r.name(),
+                "CombinePartialFinalAggregate" | "aggregate_statistics"
+            )
+        })
+        .collect();
     let state = SessionStateBuilder::new()
+        .with_optimizer_rules(optimizer_rules)
+        .with_physical_optimizer_rules(physical_rules)
         .with_config(config)
         .with_runtime_env(runtime)
         .with_scalar_functions(scalar)

@@ -30,6 +30,8 @@ pub struct Vetted {
     pub group_exprs: usize,
     /// Whether the aggregate uses ROLLUP, CUBE or GROUPING SETS.
     pub grouping_sets: bool,
+    /// A column of the aggregate's input holding the patient key, if any.
+    pub patient_key: Option<Column>,
 }
 
 /// Where a column's values come from.
@@ -145,10 +147,12 @@ pub fn vet_plan(
         .group_expr
         .iter()
         .any(|e| matches!(e, Expr::GroupingSet(_)));
+    let patient_key = vetter.patient_key(&agg.input, &lineage);
     Ok(Vetted {
         tables,
         group_exprs: agg.group_expr.len(),
         grouping_sets,
+        patient_key,
     })
 }
 
@@ -190,6 +194,14 @@ fn not_aggregate() -> Refusal {
         "only aggregate queries are answered (for example COUNT(*) … GROUP BY …); row-level \
          results never leave a trust",
     )
+}
+
+/// The aggregation of a vetted plan (the node runs only its partial half).
+pub fn aggregate_of(plan: &LogicalPlan) -> Option<&datafusion::logical_expr::Aggregate> {
+    match find_aggregate(plan) {
+        Ok(LogicalPlan::Aggregate(agg)) => Some(agg),
+        _ => None,
+    }
 }
 
 /// Descends from the root through the nodes that run after aggregation (at the coordinator)
@@ -821,6 +833,18 @@ impl Vetter<'_> {
             ));
         }
         Ok(())
+    }
+
+    /// An untransformed patient-key column among the aggregate's input columns.
+    fn patient_key(&self, input: &LogicalPlan, lineage: &Lineage) -> Option<Column> {
+        let patient = self.schema.table(&self.schema.info().patient_table).ok()?;
+        let domain = format!("{}.{}", patient.name, patient.primary_key.as_deref()?);
+        let index = lineage.iter().position(|o| {
+            o.as_ref()
+                .is_some_and(|o| o.bare && o.key.as_deref() == Some(domain.as_str()))
+        })?;
+        let (qualifier, field) = input.schema().qualified_field(index);
+        Some(Column::from((qualifier, field)))
     }
 
     /// The key an identifier column joins on: its own table's primary key, or what it refers to.

@@ -1,0 +1,107 @@
+//! One audit record and its hash.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use trustql_wire::Withheld;
+
+/// The `prev` of the first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// What the node did with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Answered (some groups may have been withheld).
+    Answered,
+    /// Refused by a rule of the policy.
+    Refused,
+    /// Accepted but not completed (time or memory limit, busy, engine failure).
+    Failed,
+    /// A note from the node itself (start, recovery of a cut-off record).
+    Node,
+}
+
+/// What the node records about one request; the log adds sequence and chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// When (RFC 3339, UTC).
+    pub time: String,
+    /// The request's id.
+    pub request_id: String,
+    /// The researcher the coordinator authenticated.
+    pub researcher: String,
+    /// The project.
+    pub project: String,
+    /// The SQL as received.
+    pub sql: String,
+    /// SHA-256 of the optimised logical plan, when the query planned.
+    pub plan_fingerprint: Option<String>,
+    /// The decision.
+    pub decision: Decision,
+    /// Why (the refusal or failure message), when not answered.
+    pub reason: Option<String>,
+    /// Groups released.
+    pub released: usize,
+    /// Groups withheld, by reason.
+    pub withheld: Withheld,
+    /// SHA-256 of the policy the request was evaluated under.
+    pub policy_hash: String,
+}
+
+/// One line of the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// 1-based position in the log.
+    pub seq: u64,
+    /// Hash of the record before ([`GENESIS`] for the first).
+    pub prev: String,
+    /// The entry.
+    #[serde(flatten)]
+    pub entry: AuditEntry,
+    /// SHA-256 of this record without this field.
+    pub hash: String,
+}
+
+/// The hashed part of a record, serialised in a fixed field order.
+#[derive(Serialize)]
+struct Hashed<'a> {
+    seq: u64,
+    prev: &'a str,
+    #[serde(flatten)]
+    entry: &'a AuditEntry,
+}
+
+impl AuditRecord {
+    /// Seals an entry into the chain after `prev`.
+    pub fn seal(seq: u64, prev: &str, entry: AuditEntry) -> Self {
+        let mut record = AuditRecord {
+            seq,
+            prev: prev.to_string(),
+            entry,
+            hash: String::new(),
+        };
+        record.hash = record.expected_hash();
+        record
+    }
+
+    /// The hash this record's content should carry.
+    pub fn expected_hash(&self) -> String {
+        let hashed = Hashed {
+            seq: self.seq,
+            prev: &self.prev,
+            entry: &self.entry,
+        };
+        let bytes = serde_json::to_vec(&hashed).unwrap_or_default();
+        Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// The record as one line, newline included.
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).unwrap_or_default();
+        line.push(b'\n');
+        line
+    }
+}

@@ -1,0 +1,411 @@
+//! The node's query engine: DataFusion over the trust's Parquet, answering with protected
+//! partial aggregation states.
+//!
+//! Each request is authorised against the project, vetted, planned with an extra
+//! `COUNT(DISTINCT <patient key>)`, and run as the *partial* half of DataFusion's two-phase
+//! aggregation, reduced to exactly one row per group (`PartialReduce` over a coalesce, so
+//! skip-partial aggregation can never emit a row per record). States that hold values
+//! (COUNT(DISTINCT) sets) are finished here into counts; disclosure control then runs on the
+//! per-group states before anything leaves.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::compute::{cast, concat_batches};
+use arrow::datatypes::{DataType, Field, Schema};
+use datafusion::common::DataFusionError;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::functions_aggregate::expr_fn::count_distinct;
+use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use trustql_policies::{
+    ApprovedPolicy, ColumnRole, Refusal, Rule, aggregate_of, authorise, locked_session, protect,
+    vet_sql,
+};
+use trustql_schemas::{TrustSchema, check_site, table_path};
+use trustql_wire::{
+    ANSWER_META_KEY, AnswerColumn, AnswerMeta, ColumnKind, PATIENTS_COLUMN, SiteRequest, Withheld,
+};
+
+use crate::config::Limits;
+use crate::error::NodeError;
+
+/// A protected answer, ready to stream, and what the audit log needs to know about it.
+#[derive(Debug, Clone)]
+pub struct SiteAnswer {
+    /// The released groups (schema metadata carries [`AnswerMeta`]).
+    pub batch: RecordBatch,
+    /// The answer's metadata.
+    pub meta: AnswerMeta,
+    /// SHA-256 of the optimised logical plan.
+    pub plan_fingerprint: String,
+}
+
+/// The engine of one trust.
+pub struct SiteEngine {
+    trust: String,
+    schema: TrustSchema,
+    policy: ApprovedPolicy,
+    ctx: SessionContext,
+    timeout: Duration,
+    permits: Arc<Semaphore>,
+}
+
+impl SiteEngine {
+    /// Checks the site's data against the schema and opens it; refuses bad data.
+    pub async fn open(
+        trust: &str,
+        schema: TrustSchema,
+        policy: ApprovedPolicy,
+        data_dir: &std::path::Path,
+        limits: &Limits,
+    ) -> Result<Self, NodeError> {
+        let report = check_site(&schema, data_dir).map_err(|e| NodeError::Io {
+            path: data_dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        if !report.is_ok() {
+            return Err(NodeError::BadData {
+                dir: data_dir.to_path_buf(),
+                problems: report.problem_count(),
+                report: report.to_string(),
+            });
+        }
+        if policy.policy.policy.trust != trust {
+            return Err(NodeError::Config(format!(
+                "the policy is for trust {}, but this node serves {trust}",
+                policy.policy.policy.trust
+            )));
+        }
+        // No spilling: the memory limit is a limit, and no intermediate data lands on disk.
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(FairSpillPool::new(limits.memory_mb.max(16) << 20)))
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            )
+            .build_arc()
+            .map_err(|e| NodeError::Config(format!("cannot set up the query runtime: {e}")))?;
+        let mut config = SessionConfig::new().with_target_partitions(2);
+        // Never let a partial aggregate fall back to one state row per input row.
+        config
+            .options_mut()
+            .execution
+            .skip_partial_aggregation_probe_ratio_threshold = 1.0;
+        let ctx = locked_session(config, runtime);
+        for table in schema.tables() {
+            let path = table_path(data_dir, &table.name);
+            let path = path.to_str().ok_or_else(|| {
+                NodeError::Config(format!("{} is not a UTF-8 path", path.display()))
+            })?;
+            ctx.register_parquet(table.name.as_str(), path, ParquetReadOptions::default())
+                .await
+                .map_err(|e| NodeError::Io {
+                    path: data_dir.to_path_buf(),
+                    reason: format!("cannot open {}: {e}", table.name),
+                })?;
+        }
+        Ok(SiteEngine {
+            trust: trust.to_string(),
+            schema,
+            policy,
+            ctx,
+            timeout: Duration::from_millis(limits.query_timeout_ms),
+            permits: Arc::new(Semaphore::new(limits.max_concurrent_queries)),
+        })
+    }
+
+    /// The trust code.
+    pub fn trust(&self) -> &str {
+        &self.trust
+    }
+
+    /// The policy being served.
+    pub fn policy(&self) -> &ApprovedPolicy {
+        &self.policy
+    }
+
+    /// Answers one site request, or says why not.
+    pub async fn answer(&self, request: &SiteRequest, today: i32) -> Result<SiteAnswer, NodeError> {
+        let _permit = self
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| NodeError::Busy)?;
+        let policy = &self.policy.policy;
+        let project = authorise(policy, &request.project, &request.researcher, today)?;
+        let (plan, optimized, vetted) =
+            vet_sql(&self.ctx, &self.schema, policy, project, &request.sql).await?;
+        let Some(aggregate) = aggregate_of(&plan) else {
+            return Err(Refusal::new(Rule::NotAggregate, "no aggregation found").into());
+        };
+        let Some(patient_key) = vetted.patient_key.clone() else {
+            return Err(Refusal::new(
+                Rule::Unsupported,
+                "the query must read a table holding the patient key (sim_av_patient, \
+                 sim_av_tumour, sim_sact_regimen or an RTDS table) so patients can be counted; \
+                 join sim_sact_regimen for cycles, drugs and outcomes",
+            )
+            .into());
+        };
+
+        let mut aggr_expr = aggregate.aggr_expr.clone();
+        aggr_expr.push(count_distinct(Expr::Column(patient_key)).alias(PATIENTS_COLUMN));
+        let partial_plan = Aggregate::try_new(
+            aggregate.input.clone(),
+            aggregate.group_expr.clone(),
+            aggr_expr,
+        )
+        .map(LogicalPlan::Aggregate)
+        .map_err(|_| NodeError::Execution)?;
+
+        let physical = self
+            .ctx
+            .state()
+            .create_physical_plan(&partial_plan)
+            .await
+            .map_err(|_| NodeError::Execution)?;
+        let reduce = partial_reduce(&physical)?;
+        let (batch, columns, roles) = self.run(reduce).await?;
+
+        if self.policy.policy.disclosure.dominance.is_some()
+            && roles.iter().any(|r| matches!(r, ColumnRole::Sum { .. }))
+        {
+            return Err(Refusal::new(
+                Rule::Unsupported,
+                "this trust applies a dominance rule to sums, which TrustQL cannot evaluate yet; \
+                 ask for counts",
+            )
+            .into());
+        }
+        let protected = protect(
+            &batch,
+            &roles,
+            &self.policy.policy.disclosure,
+            self.policy.policy.query.max_groups,
+        )?;
+        let meta = AnswerMeta {
+            trust: self.trust.clone(),
+            request_id: request.request_id.clone(),
+            policy_version: self.policy.policy.policy.version.clone(),
+            policy_hash: self.policy.hash.clone(),
+            released: protected.report.released,
+            withheld: Withheld {
+                small: protected.report.small,
+                dominated: protected.report.dominated,
+                whole_margin: protected.report.whole_margin,
+                margin_of_withheld: protected.report.margin_of_withheld,
+            },
+            columns,
+        };
+        let schema = protected
+            .batch
+            .schema()
+            .as_ref()
+            .clone()
+            .with_metadata([(ANSWER_META_KEY.to_string(), meta.to_json())].into());
+        let batch = protected
+            .batch
+            .with_schema(Arc::new(schema))
+            .map_err(|_| NodeError::Execution)?;
+        Ok(SiteAnswer {
+            batch,
+            meta,
+            plan_fingerprint: fingerprint(&optimized),
+        })
+    }
+
+    /// Runs the reduced partial aggregate; finishes distinct sets into counts.
+    async fn run(
+        &self,
+        plan: Arc<AggregateExec>,
+    ) -> Result<(RecordBatch, Vec<AnswerColumn>, Vec<ColumnRole>), NodeError> {
+        let task = self.ctx.task_ctx();
+        let schema = plan.schema();
+        let layout = layout(&plan)?;
+        let executed: Arc<dyn ExecutionPlan> = plan;
+        let batches = tokio::time::timeout(
+            self.timeout,
+            datafusion::physical_plan::collect(executed, task),
+        )
+        .await
+        .map_err(|_| NodeError::Timeout(self.timeout.as_millis() as u64))?
+        .map_err(|e| engine_error(&e))?;
+        let batch = concat_batches(&schema, &batches).map_err(|_| NodeError::Execution)?;
+
+        let mut fields = Vec::with_capacity(batch.num_columns());
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
+        let mut columns = Vec::new();
+        let mut roles = Vec::new();
+        for (index, slot) in layout.into_iter().enumerate() {
+            let field = schema.field(index);
+            let array = batch.column(index);
+            let name = field.name().clone();
+            let (kind, role, array, name, aggregate) = match slot {
+                Slot::Key => (ColumnKind::Key, ColumnRole::Key, array.clone(), name, None),
+                Slot::GroupingId => (
+                    ColumnKind::GroupingId,
+                    ColumnRole::GroupingId,
+                    array.clone(),
+                    name,
+                    None,
+                ),
+                Slot::Distinct { patients: true, .. } => (
+                    ColumnKind::Patients,
+                    ColumnRole::Patients,
+                    distinct_counts(array)?,
+                    PATIENTS_COLUMN.to_string(),
+                    None,
+                ),
+                Slot::Distinct { aggregate, .. } => (
+                    ColumnKind::DistinctCount,
+                    ColumnRole::Count,
+                    distinct_counts(array)?,
+                    name,
+                    Some(aggregate),
+                ),
+                Slot::State(role, aggregate) => (
+                    ColumnKind::State,
+                    role,
+                    array.clone(),
+                    name,
+                    Some(aggregate),
+                ),
+            };
+            fields.push(Field::new(&name, array.data_type().clone(), true));
+            arrays.push(array);
+            columns.push(AnswerColumn {
+                name,
+                kind,
+                aggregate,
+            });
+            roles.push(role);
+        }
+        let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+            .map_err(|_| NodeError::Execution)?;
+        Ok((batch, columns, roles))
+    }
+}
+
+/// What each output column of the reduced partial aggregate is.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Key,
+    GroupingId,
+    Distinct { patients: bool, aggregate: usize },
+    State(ColumnRole, usize),
+}
+
+fn layout(plan: &AggregateExec) -> Result<Vec<Slot>, NodeError> {
+    let mut slots = vec![Slot::Key; plan.group_expr().expr().len()];
+    if plan.group_expr().has_grouping_set() {
+        slots.push(Slot::GroupingId);
+    }
+    for (i, expr) in plan.aggr_expr().iter().enumerate() {
+        let name = expr.fun().name().to_lowercase();
+        let states = expr.state_fields().map_err(|_| NodeError::Execution)?;
+        if expr.is_distinct() {
+            if name != "count" || states.len() != 1 {
+                return Err(NodeError::Execution);
+            }
+            slots.push(Slot::Distinct {
+                patients: expr.name() == PATIENTS_COLUMN,
+                aggregate: i,
+            });
+            continue;
+        }
+        for state in states {
+            let suffix = state
+                .name()
+                .rsplit_once('[')
+                .map(|(_, s)| s.trim_end_matches(']'))
+                .unwrap_or_default();
+            let role = match (name.as_str(), suffix) {
+                (_, "count") => ColumnRole::Count,
+                ("sum" | "avg", "sum") => ColumnRole::Sum { top: None },
+                _ => ColumnRole::Other,
+            };
+            slots.push(Slot::State(role, i));
+        }
+    }
+    if slots.len() != plan.schema().fields().len() {
+        return Err(NodeError::Execution);
+    }
+    Ok(slots)
+}
+
+/// Lengths of the distinct-value lists: the values themselves never leave.
+fn distinct_counts(array: &ArrayRef) -> Result<ArrayRef, NodeError> {
+    let lengths = match array.data_type() {
+        DataType::List(_) => arrow::compute::kernels::length::length(array),
+        DataType::LargeList(_) => arrow::compute::kernels::length::length(array),
+        _ => return Err(NodeError::Execution),
+    }
+    .map_err(|_| NodeError::Execution)?;
+    let lengths = cast(&lengths, &DataType::Int64).map_err(|_| NodeError::Execution)?;
+    let values: arrow::array::Int64Array = lengths
+        .as_primitive::<arrow::datatypes::Int64Type>()
+        .iter()
+        .map(|v| Some(v.unwrap_or(0)))
+        .collect();
+    Ok(Arc::new(values))
+}
+
+/// Finds the one Partial aggregate and reduces its output to one row per group.
+fn partial_reduce(plan: &Arc<dyn ExecutionPlan>) -> Result<Arc<AggregateExec>, NodeError> {
+    let mut partials = Vec::new();
+    let mut aggregates = 0;
+    let mut stack = vec![plan.clone()];
+    while let Some(node) = stack.pop() {
+        if let Some(agg) = node.downcast_ref::<AggregateExec>() {
+            aggregates += 1;
+            if *agg.mode() == AggregateMode::Partial {
+                partials.push(node.clone());
+            }
+        }
+        stack.extend(node.children().into_iter().cloned());
+    }
+    // One logical aggregate plans as exactly Partial + Final; anything else is refused.
+    let (Some(partial), 1, 2) = (partials.first(), partials.len(), aggregates) else {
+        return Err(Refusal::new(
+            Rule::Unsupported,
+            "the query did not plan as a single two-phase aggregation",
+        )
+        .into());
+    };
+    let Some(agg) = partial.downcast_ref::<AggregateExec>() else {
+        return Err(NodeError::Execution);
+    };
+    let reduce = AggregateExec::try_new(
+        AggregateMode::PartialReduce,
+        Arc::new(agg.group_expr().as_final()),
+        agg.aggr_expr().to_vec(),
+        vec![None; agg.aggr_expr().len()],
+        Arc::new(CoalescePartitionsExec::new(partial.clone())),
+        agg.input_schema(),
+    )
+    .map_err(|_| NodeError::Execution)?;
+    Ok(Arc::new(reduce))
+}
+
+fn engine_error(e: &DataFusionError) -> NodeError {
+    match e.find_root() {
+        DataFusionError::ResourcesExhausted(_) => NodeError::Memory,
+        _ => NodeError::Execution,
+    }
+}
+
+/// SHA-256 of a plan's text, to recognise the same query in the audit log.
+pub fn fingerprint(plan: &LogicalPlan) -> String {
+    Sha256::digest(plan.display_indent().to_string().as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -1,0 +1,84 @@
+use std::path::PathBuf;
+
+use trustql_policies::Refusal;
+
+/// Errors of a TrustQL node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The node configuration file is missing, malformed or inconsistent.
+    #[error("node configuration: {0}")]
+    Config(String),
+    /// The site's data does not match the schema; the node will not start.
+    #[error("the site data in {dir} does not match the schema ({problems} problem(s)):\n{report}")]
+    BadData {
+        /// The data directory.
+        dir: PathBuf,
+        /// Number of problems.
+        problems: usize,
+        /// The full check report.
+        report: String,
+    },
+    /// The policy is not servable (invalid, unapproved or changed since approval).
+    #[error(transparent)]
+    Policy(#[from] trustql_policies::PolicyError),
+    /// TLS material is missing or unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The request is not a TrustQL site request.
+    #[error("bad site request: {0}")]
+    BadRequest(String),
+    /// The query was refused by a rule.
+    #[error("{0}")]
+    Refused(Refusal),
+    /// The query ran past the node's time limit.
+    #[error("the query took longer than this trust's limit of {0} ms")]
+    Timeout(u64),
+    /// The query needed more memory than this trust allows.
+    #[error("the query needed more memory than this trust allows")]
+    Memory,
+    /// The node is running as many queries as it allows.
+    #[error("this trust is busy with other queries; try again shortly")]
+    Busy,
+    /// The query failed while running (details are in the node's log, never in the answer).
+    #[error("the query could not be completed at this trust")]
+    Execution,
+    /// The audit log could not be written; no answer is released without its record.
+    #[error("the audit log could not be written: {0}")]
+    Audit(String),
+    /// A file could not be read or written.
+    #[error("cannot access {path}: {reason}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The reason.
+        reason: String,
+    },
+}
+
+impl From<Refusal> for NodeError {
+    fn from(r: Refusal) -> Self {
+        NodeError::Refused(r)
+    }
+}
+
+impl From<trustql_audit::AuditError> for NodeError {
+    fn from(e: trustql_audit::AuditError) -> Self {
+        NodeError::Audit(e.to_string())
+    }
+}
+
+impl NodeError {
+    /// The tonic status a client sees: explicit codes, bounded messages, no engine text.
+    pub fn to_status(&self) -> tonic::Status {
+        use tonic::Status;
+        match self {
+            NodeError::Refused(r) => Status::permission_denied(r.to_string()),
+            NodeError::BadRequest(_) => Status::invalid_argument(self.to_string()),
+            NodeError::Timeout(_) => Status::deadline_exceeded(self.to_string()),
+            NodeError::Memory | NodeError::Busy => Status::resource_exhausted(self.to_string()),
+            NodeError::Execution => Status::internal(self.to_string()),
+            NodeError::Audit(_) => Status::unavailable("the trust cannot record queries right now"),
+            _ => Status::internal("the trust could not answer"),
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! A trust's TrustQL node.
+//!
+//! Serves the trust's Parquet through DataFusion behind Arrow Flight, vets every query against
+//! the trust's approved policy, answers with protected partial aggregation states, and records
+//! every request in a hash-chained audit log. It trusts nothing the coordinator checked.
+
+mod config;
+mod engine;
+mod error;
+mod server;
+mod service;
+
+pub use config::{Limits, NodeConfig, TlsConfig};
+pub use engine::{SiteAnswer, SiteEngine, fingerprint};
+pub use error::NodeError;
+pub use server::{RunningNode, start};
+pub use service::{MAX_REQUEST_BYTES, NodeService};

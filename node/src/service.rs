@@ -1,0 +1,191 @@
+//! The node's Arrow Flight service: one `DoGet` per site request, audited before it answers.
+
+use std::sync::Arc;
+
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
+};
+use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use trustql_audit::{AuditEntry, AuditLog, Decision};
+use trustql_policies::{now_rfc3339, today};
+use trustql_wire::{SiteRequest, Withheld};
+
+use crate::engine::{SiteAnswer, SiteEngine};
+use crate::error::NodeError;
+
+/// Largest site request the node decodes (the SQL is capped far below this by policy).
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+/// The Flight service a trust exposes to its coordinator.
+pub struct NodeService {
+    engine: Arc<SiteEngine>,
+    audit: Arc<AuditLog>,
+}
+
+impl NodeService {
+    /// A service answering from `engine` and recording to `audit`.
+    pub fn new(engine: Arc<SiteEngine>, audit: Arc<AuditLog>) -> Self {
+        NodeService { engine, audit }
+    }
+
+    /// Answers one ticket: decode, answer, record; nothing is sent before the record is on disk.
+    async fn serve(&self, ticket: &[u8]) -> Result<SiteAnswer, Status> {
+        let (request, outcome) = match SiteRequest::from_ticket(ticket) {
+            Ok(request) => {
+                let outcome = self.engine.answer(&request, today()).await;
+                (request, outcome)
+            }
+            Err(reason) => (
+                SiteRequest {
+                    request_id: String::new(),
+                    researcher: String::new(),
+                    project: String::new(),
+                    sql: String::new(),
+                },
+                Err(NodeError::BadRequest(reason)),
+            ),
+        };
+        let entry = self.entry(&request, &outcome);
+        let audit = self.audit.clone();
+        let recorded = tokio::task::spawn_blocking(move || audit.append(entry))
+            .await
+            .map_err(|e| NodeError::Audit(e.to_string()))
+            .and_then(|r| r.map_err(NodeError::from));
+        recorded.map_err(|e| e.to_status())?;
+        outcome.map_err(|e| e.to_status())
+    }
+
+    fn entry(&self, request: &SiteRequest, outcome: &Result<SiteAnswer, NodeError>) -> AuditEntry {
+        let (decision, reason, released, withheld, plan_fingerprint) = match outcome {
+            Ok(answer) => (
+                Decision::Answered,
+                None,
+                answer.meta.released,
+                answer.meta.withheld.clone(),
+                Some(answer.plan_fingerprint.clone()),
+            ),
+            Err(e) => (
+                match e {
+                    NodeError::Refused(_) | NodeError::BadRequest(_) => Decision::Refused,
+                    _ => Decision::Failed,
+                },
+                Some(e.to_string()),
+                0,
+                Withheld::default(),
+                None,
+            ),
+        };
+        AuditEntry {
+            time: now_rfc3339(),
+            request_id: request.request_id.clone(),
+            researcher: request.researcher.clone(),
+            project: request.project.clone(),
+            sql: request.sql.clone(),
+            plan_fingerprint,
+            decision,
+            reason,
+            released,
+            withheld,
+            policy_hash: self.engine.policy().hash.clone(),
+        }
+    }
+}
+
+type Boxed<T> = BoxStream<'static, Result<T, Status>>;
+
+fn unsupported<T>(what: &str) -> Result<T, Status> {
+    Err(Status::unimplemented(format!(
+        "a TrustQL node only answers DoGet site requests, not {what}"
+    )))
+}
+
+#[tonic::async_trait]
+impl FlightService for NodeService {
+    type HandshakeStream = Boxed<HandshakeResponse>;
+    type ListFlightsStream = Boxed<FlightInfo>;
+    type DoGetStream = Boxed<FlightData>;
+    type DoPutStream = Boxed<PutResult>;
+    type DoExchangeStream = Boxed<FlightData>;
+    type DoActionStream = Boxed<arrow_flight::Result>;
+    type ListActionsStream = Boxed<ActionType>;
+
+    async fn do_get(
+        &self,
+        request: Request<Ticket>,
+    ) -> Result<Response<Self::DoGetStream>, Status> {
+        let answer = self.serve(&request.into_inner().ticket).await?;
+        let schema = answer.batch.schema();
+        let stream = FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .build(stream::once(async move { Ok(answer.batch) }))
+            .map_err(|_| Status::internal("the answer could not be encoded"));
+        Ok(Response::new(stream.boxed()))
+    }
+
+    async fn handshake(
+        &self,
+        _request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        unsupported("Handshake (nodes authenticate by mutual TLS)")
+    }
+
+    async fn list_flights(
+        &self,
+        _request: Request<Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        unsupported("ListFlights")
+    }
+
+    async fn get_flight_info(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        unsupported("GetFlightInfo")
+    }
+
+    async fn poll_flight_info(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<PollInfo>, Status> {
+        unsupported("PollFlightInfo")
+    }
+
+    async fn get_schema(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<SchemaResult>, Status> {
+        unsupported("GetSchema")
+    }
+
+    async fn do_put(
+        &self,
+        _request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoPutStream>, Status> {
+        unsupported("DoPut")
+    }
+
+    async fn do_exchange(
+        &self,
+        _request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        unsupported("DoExchange")
+    }
+
+    async fn do_action(
+        &self,
+        _request: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
+        unsupported("DoAction")
+    }
+
+    async fn list_actions(
+        &self,
+        _request: Request<Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
+        unsupported("ListActions")
+    }
+}

@@ -1,0 +1,362 @@
+//! The node's engine over real Parquet: partial states that DataFusion's final aggregation
+//! finishes into the single-process answer, and nothing row-level in what it releases.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::compute::{cast, concat_batches};
+use arrow::datatypes::{DataType, Float64Type, Int64Type};
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use trustql_node::{Limits, NodeError, SiteEngine};
+use trustql_policies::Rule;
+use trustql_schemas::table_path;
+use trustql_wire::{ColumnKind, PATIENTS_COLUMN, SiteRequest};
+
+fn request(sql: &str) -> SiteRequest {
+    SiteRequest {
+        request_id: "r1".into(),
+        researcher: "alice".into(),
+        project: "p1".into(),
+        sql: sql.into(),
+    }
+}
+
+const TODAY: i32 = 20_415; // 2025-11-23
+
+async fn engine(dir: &std::path::Path, patients: u64, disclosure: &str) -> SiteEngine {
+    let fed = common::synth(dir, patients);
+    let (_, policy) = common::policy(dir, disclosure);
+    SiteEngine::open(
+        "TQ01",
+        common::schema(),
+        policy,
+        &fed.join("TQ01"),
+        &Limits::default(),
+    )
+    .await
+    .expect("engine opens")
+}
+
+/// A plain DataFusion session over the same files.
+async fn plain(dir: &std::path::Path) -> SessionContext {
+    let ctx = SessionContext::new();
+    for table in common::schema().tables() {
+        let path = table_path(&dir.join("fed/TQ01"), &table.name);
+        ctx.register_parquet(
+            table.name.as_str(),
+            path.to_str().expect("path"),
+            ParquetReadOptions::default(),
+        )
+        .await
+        .expect("register");
+    }
+    ctx
+}
+
+/// Finishes the node's states with DataFusion's own Final aggregation of the same query.
+async fn finish(ctx: &SessionContext, sql: &str, states: RecordBatch) -> RecordBatch {
+    let state = datafusion::execution::SessionStateBuilder::new_from_existing(ctx.state())
+        .with_physical_optimizer_rules(
+            datafusion::physical_optimizer::optimizer::PhysicalOptimizer::new()
+                .rules
+                .into_iter()
+                .filter(|r| r.name() != "CombinePartialFinalAggregate")
+                .collect(),
+        )
+        .build();
+    let plan = state.create_logical_plan(sql).await.expect("plan");
+    let physical = state.create_physical_plan(&plan).await.expect("physical");
+    let mut node: Arc<dyn ExecutionPlan> = physical;
+    let final_agg = loop {
+        if let Some(agg) = node.downcast_ref::<AggregateExec>()
+            && matches!(
+                agg.mode(),
+                AggregateMode::Final | AggregateMode::FinalPartitioned
+            )
+        {
+            break agg.clone();
+        }
+        node = node.children()[0].clone();
+    };
+    let received = states
+        .project(&(0..states.num_columns() - 1).collect::<Vec<_>>())
+        .expect("drop patients");
+    let source =
+        MemorySourceConfig::try_new_exec(&[vec![received.clone()]], received.schema(), None)
+            .expect("memory source");
+    let merged = AggregateExec::try_new(
+        AggregateMode::Final,
+        Arc::new(final_agg.group_expr().clone()),
+        final_agg.aggr_expr().to_vec(),
+        vec![None; final_agg.aggr_expr().len()],
+        source,
+        final_agg.input_schema(),
+    )
+    .expect("final");
+    let batches = datafusion::physical_plan::collect(Arc::new(merged), state.task_ctx())
+        .await
+        .expect("collect");
+    concat_batches(&batches[0].schema(), &batches).expect("concat")
+}
+
+fn rows_as_text(batch: &RecordBatch) -> Vec<String> {
+    // Each column rendered once (floats to 6 places, so merge order cannot matter).
+    let columns: Vec<Vec<String>> = batch
+        .columns()
+        .iter()
+        .map(|col| match col.data_type() {
+            DataType::Float64 => col
+                .as_primitive::<Float64Type>()
+                .iter()
+                .map(|v| v.map_or("null".into(), |v| format!("{v:.6}")))
+                .collect(),
+            _ => {
+                let text = cast(col, &DataType::Utf8).expect("cast");
+                text.as_string::<i32>()
+                    .iter()
+                    .map(|v| v.unwrap_or("null").to_string())
+                    .collect()
+            }
+        })
+        .collect();
+    let mut rows: Vec<String> = (0..batch.num_rows())
+        .map(|r| {
+            columns
+                .iter()
+                .map(|c| c[r].as_str())
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+#[tokio::test]
+async fn partial_states_finished_by_datafusion_equal_the_single_process_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path(), 4_000, common::UNPROTECTED).await;
+    let ctx = plain(dir.path()).await;
+    for sql in [
+        "SELECT site_icd10_o2_3char, COUNT(*), SUM(age), AVG(age), VAR(age), STDDEV(age), MIN(chrl_tot_27_03), MAX(chrl_tot_27_03) FROM sim_av_tumour GROUP BY site_icd10_o2_3char",
+        "SELECT p.gender, t.stage_best, COUNT(*), AVG(t.age) FROM sim_av_patient p JOIN sim_av_tumour t ON p.patientid = t.patientid GROUP BY p.gender, t.stage_best",
+        "SELECT intent_of_treatment, COUNT(*), AVG(weight_at_start_of_regimen) FROM sim_sact_regimen GROUP BY 1",
+        "SELECT COUNT(*), AVG(age) FROM sim_av_tumour WHERE age >= 50",
+    ] {
+        let answer = engine
+            .answer(&request(sql), TODAY)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let finished = finish(&ctx, sql, answer.batch.clone()).await;
+        let direct = ctx
+            .sql(sql)
+            .await
+            .expect("sql")
+            .collect()
+            .await
+            .expect("collect");
+        let direct = concat_batches(&direct[0].schema(), &direct).expect("concat");
+        assert_eq!(rows_as_text(&finished), rows_as_text(&direct), "{sql}");
+        assert_eq!(answer.meta.withheld.small, 0);
+        assert_eq!(answer.meta.released, direct.num_rows());
+    }
+}
+
+#[tokio::test]
+async fn released_answers_hold_no_identifiers_and_no_value_lists() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path(), 3_000, common::UNPROTECTED).await;
+    let ctx = plain(dir.path()).await;
+    let ids: HashSet<i64> = {
+        let batches = ctx
+            .sql("SELECT patientid FROM sim_av_tumour UNION ALL SELECT linknumber FROM sim_av_patient")
+            .await
+            .expect("sql")
+            .collect()
+            .await
+            .expect("collect");
+        batches
+            .iter()
+            .flat_map(|b| {
+                b.column(0)
+                    .as_primitive::<Int64Type>()
+                    .iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let answer = engine
+        .answer(&request("SELECT stage_best, COUNT(DISTINCT patientid), COUNT(patientid) FROM sim_av_tumour GROUP BY stage_best"), TODAY)
+        .await
+        .expect("answer");
+    let batch = &answer.batch;
+    for (i, field) in batch.schema().fields().iter().enumerate() {
+        assert!(
+            !matches!(
+                field.data_type(),
+                DataType::List(_) | DataType::LargeList(_)
+            ),
+            "list column {}",
+            field.name()
+        );
+        if let Some(ints) = batch.column(i).as_primitive_opt::<Int64Type>() {
+            for v in ints.iter().flatten() {
+                assert!(!ids.contains(&v), "an identifier value left the node");
+            }
+        }
+    }
+    let kinds: Vec<ColumnKind> = answer.meta.columns.iter().map(|c| c.kind).collect();
+    assert!(kinds.contains(&ColumnKind::DistinctCount));
+    assert_eq!(kinds.last(), Some(&ColumnKind::Patients));
+    assert_eq!(
+        batch.schema().field(batch.num_columns() - 1).name(),
+        PATIENTS_COLUMN
+    );
+}
+
+#[tokio::test]
+async fn nearly_distinct_groups_still_give_one_row_per_group() {
+    // Enough rows for DataFusion's skip-partial probe (100,000) with groups nearly all distinct:
+    // a partial aggregate that skipped would emit one state row per record.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disclosure = format!("{}\n\n[query]\nmax_groups = 1000000", common::UNPROTECTED);
+    let engine = engine(dir.path(), 110_000, &disclosure).await;
+    let ctx = plain(dir.path()).await;
+    let sql = "SELECT diagnosisdatebest, age, site_icd10_o2, gender, COUNT(*) FROM sim_av_tumour GROUP BY 1, 2, 3, 4";
+    let scalar = |batches: Vec<RecordBatch>| {
+        batches[0].column(0).as_primitive::<Int64Type>().value(0) as usize
+    };
+    let groups = scalar(
+        ctx.sql(&format!("SELECT COUNT(*) FROM ({sql}) g"))
+            .await
+            .expect("sql")
+            .collect()
+            .await
+            .expect("c"),
+    );
+    let rows = scalar(
+        ctx.sql("SELECT COUNT(*) FROM sim_av_tumour")
+            .await
+            .expect("sql")
+            .collect()
+            .await
+            .expect("c"),
+    );
+    assert!(
+        rows > 100_000 && groups as f64 / rows as f64 > 0.8,
+        "{groups} groups over {rows} rows"
+    );
+
+    let answer = engine.answer(&request(sql), TODAY).await.expect("answer");
+    assert_eq!(
+        answer.batch.num_rows(),
+        groups,
+        "one row per group, not per record"
+    );
+    let keys = answer.batch.project(&[0, 1, 2, 3]).expect("keys");
+    let distinct: HashSet<String> = rows_as_text(&keys).into_iter().collect();
+    assert_eq!(distinct.len(), groups, "no group appears twice");
+}
+
+#[tokio::test]
+async fn the_group_cap_refuses_huge_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disclosure = format!("{}\n\n[query]\nmax_groups = 50", common::UNPROTECTED);
+    let engine = engine(dir.path(), 2_000, &disclosure).await;
+    match engine
+        .answer(
+            &request("SELECT diagnosisdatebest, COUNT(*) FROM sim_av_tumour GROUP BY 1"),
+            TODAY,
+        )
+        .await
+    {
+        Err(NodeError::Refused(r)) => assert_eq!(r.rule, Rule::TooManyGroups),
+        other => panic!("expected the group cap, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn refusals_and_bad_set_ups_are_clear() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path(), 500, "min_patients = 10").await;
+    let mut req = request("SELECT COUNT(*) FROM sim_av_tumour");
+    req.project = "unknown".into();
+    match engine.answer(&req, TODAY).await {
+        Err(NodeError::Refused(r)) => assert_eq!(r.rule, Rule::Project),
+        other => panic!("{other:?}"),
+    }
+    match engine
+        .answer(&request("SELECT patientid FROM sim_av_tumour"), TODAY)
+        .await
+    {
+        Err(NodeError::Refused(r)) => assert_eq!(r.rule, Rule::NotAggregate),
+        other => panic!("{other:?}"),
+    }
+
+    // Bad data: the node will not start.
+    let broken = dir.path().join("fed/TQ01/sim_av_tumour.parquet");
+    std::fs::write(&broken, "not parquet").expect("corrupt");
+    let (_, policy) = common::policy(dir.path(), "min_patients = 10");
+    let err = SiteEngine::open(
+        "TQ01",
+        common::schema(),
+        policy.clone(),
+        &dir.path().join("fed/TQ01"),
+        &Limits::default(),
+    )
+    .await
+    .err()
+    .expect("bad data refused");
+    assert!(matches!(err, NodeError::BadData { .. }), "{err}");
+    assert!(err.to_string().contains("sim_av_tumour"), "{err}");
+
+    // A policy for another trust is refused.
+    let err = SiteEngine::open(
+        "TQ02",
+        common::schema(),
+        policy,
+        &dir.path().join("fed/TQ01"),
+        &Limits::default(),
+    )
+    .await
+    .err()
+    .expect("wrong trust");
+    assert!(
+        matches!(err, NodeError::BadData { .. } | NodeError::Config(_)),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn small_groups_are_withheld_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(
+        dir.path(),
+        2_000,
+        "min_patients = 10\nrounding = \"base\"\nrounding_base = 5",
+    )
+    .await;
+    let answer = engine
+        .answer(
+            &request("SELECT site_icd10_o2_3char, COUNT(*) FROM sim_av_tumour GROUP BY 1"),
+            TODAY,
+        )
+        .await
+        .expect("answer");
+    assert!(answer.meta.withheld.small > 0, "rare sites are withheld");
+    assert!(answer.meta.released > 0);
+    let counts = answer.batch.column(1).as_primitive::<Int64Type>();
+    assert!(
+        counts.iter().flatten().all(|c| c % 5 == 0),
+        "counts rounded to 5"
+    );
+    let patients = answer.batch.column(2).as_primitive::<Int64Type>();
+    assert!(patients.iter().flatten().all(|p| p >= 10));
+}

@@ -44,3 +44,87 @@ pub fn policy(dir: &Path, disclosure: &str) -> (PathBuf, ApprovedPolicy) {
 /// No protection: every group, exact counts (for correctness checks only).
 pub const UNPROTECTED: &str =
     "min_patients = 1\nrounding = \"none\"\nwithhold_whole_margin_cells = false";
+
+/// Certificates for a node, its coordinator, and an impostor signed by another CA.
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    pub ca_pem: String,
+    pub node: trustql_devcerts::CertFiles,
+    pub coordinator: trustql_devcerts::Issued,
+    pub impostor: trustql_devcerts::Issued,
+}
+
+pub fn pki(dir: &Path) -> Pki {
+    let dir = dir.join("pki");
+    let ca = trustql_devcerts::DevCa::new("TrustQL test CA").expect("ca");
+    let rogue = trustql_devcerts::DevCa::new("Rogue CA").expect("rogue ca");
+    let node = ca
+        .issue("TQ01 node", &["localhost", "127.0.0.1"])
+        .expect("node cert")
+        .write(&dir, "node")
+        .expect("write node cert");
+    Pki {
+        ca: ca.write_cert(&dir, "ca.pem").expect("write ca"),
+        ca_pem: ca.cert_pem(),
+        node,
+        coordinator: ca
+            .issue("coordinator", &["localhost"])
+            .expect("coordinator cert"),
+        impostor: rogue
+            .issue("coordinator", &["localhost"])
+            .expect("impostor cert"),
+        dir,
+    }
+}
+
+/// A node configuration for TQ01 over `fed`, listening on 127.0.0.1:0.
+pub fn node_config(
+    dir: &Path,
+    fed: &Path,
+    policy: &Path,
+    pki: &Pki,
+    limits: trustql_node::Limits,
+) -> trustql_node::NodeConfig {
+    trustql_node::NodeConfig {
+        trust: "TQ01".into(),
+        data_dir: fed.join("TQ01"),
+        policy: policy.to_path_buf(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        audit_dir: dir.join("audit"),
+        state_dir: dir.join("state"),
+        tls: trustql_node::TlsConfig {
+            cert: pki.node.cert.clone(),
+            key: pki.node.key.clone(),
+            client_ca: pki.ca.clone(),
+        },
+        limits,
+    }
+}
+
+/// A Flight client over TLS to `addr`, trusting `ca_pem`, presenting `identity` if any.
+pub async fn client(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    identity: Option<&trustql_devcerts::Issued>,
+) -> Result<
+    arrow_flight::flight_service_client::FlightServiceClient<tonic::transport::Channel>,
+    String,
+> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    if let Some(id) = identity {
+        tls = tls.identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
+    }
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(arrow_flight::flight_service_client::FlightServiceClient::new(channel))
+}

@@ -1,6 +1,7 @@
 //! `trustql`: the one command for TrustQL's users.
 
 mod data;
+mod node;
 mod policy;
 
 use std::path::PathBuf;
@@ -34,6 +35,26 @@ enum Command {
     Policy {
         #[command(subcommand)]
         action: PolicyAction,
+    },
+    /// Run a trust's node (DataFusion over its Parquet, behind Flight with mutual TLS).
+    Node {
+        /// The node configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Work with a node's audit log.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditAction {
+    /// Check the hash chain and report the first edited, removed or reordered record.
+    Verify {
+        /// The node's audit directory.
+        dir: PathBuf,
     },
 }
 
@@ -88,6 +109,10 @@ fn main() -> ExitCode {
         Command::Policy {
             action: PolicyAction::Approve { file, by },
         } => policy::approve_file(&file, &by),
+        Command::Node { config } => node::run(&config),
+        Command::Audit {
+            action: AuditAction::Verify { dir },
+        } => node::verify_audit(&dir),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,0 +1,254 @@
+//! `trustql node` as a child process: it serves, and a SIGKILL in the middle of queries leaves
+//! an audit log that `trustql audit verify` passes, with every released answer on record.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow_flight::Ticket;
+use arrow_flight::flight_service_client::FlightServiceClient;
+use futures::TryStreamExt;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use trustql_devcerts::{DevCa, Issued};
+use trustql_wire::SiteRequest;
+
+fn trustql(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trustql"))
+        .args(args)
+        .output()
+        .expect("run trustql")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+struct Site {
+    config: PathBuf,
+    audit: PathBuf,
+    ca_pem: String,
+    coordinator: Issued,
+}
+
+/// One synthetic trust, an approved policy, certificates and a node.toml with relative paths.
+fn site(dir: &Path) -> Site {
+    let fed = dir.join("fed");
+    let made = trustql(&[
+        "synth",
+        "--trusts",
+        "1",
+        "--patients",
+        "3000",
+        "--seed",
+        "3",
+        "--out",
+        fed.to_str().expect("path"),
+    ]);
+    assert!(made.status.success(), "{}", text(&made));
+    let tables = r#"["sim_av_patient", "sim_av_tumour", "sim_sact_regimen"]"#;
+    std::fs::write(
+        dir.join("policy.toml"),
+        format!(
+            "[policy]\nversion = \"kill-test\"\ntrust = \"TQ01\"\n\n[disclosure]\nmin_patients = 5\n\n\
+             [[project]]\nid = \"p1\"\nresearchers = [\"alice\"]\ntables = {tables}\nexpires = \"2099-12-31\"\n"
+        ),
+    )
+    .expect("policy");
+    let approved = trustql(&[
+        "policy",
+        "approve",
+        dir.join("policy.toml").to_str().expect("path"),
+        "--by",
+        "Test Controller",
+    ]);
+    assert!(approved.status.success(), "{}", text(&approved));
+
+    let ca = DevCa::new("kill test CA").expect("ca");
+    ca.write_cert(&dir.join("pki"), "ca.pem").expect("ca pem");
+    ca.issue("TQ01", &["localhost", "127.0.0.1"])
+        .expect("node cert")
+        .write(&dir.join("pki"), "node")
+        .expect("write");
+    let config = dir.join("node.toml");
+    std::fs::write(
+        &config,
+        "trust = \"TQ01\"\ndata_dir = \"fed/TQ01\"\npolicy = \"policy.toml\"\nlisten = \"127.0.0.1:0\"\n\
+         audit_dir = \"audit\"\nstate_dir = \"state\"\n\n[tls]\ncert = \"pki/node.pem\"\nkey = \"pki/node.key\"\n\
+         client_ca = \"pki/ca.pem\"\n",
+    )
+    .expect("node.toml");
+    Site {
+        config,
+        audit: dir.join("audit"),
+        ca_pem: ca.cert_pem(),
+        coordinator: ca
+            .issue("coordinator", &["localhost"])
+            .expect("coordinator cert"),
+    }
+}
+
+/// Starts `trustql node` and reads the address it announces.
+fn spawn_node(site: &Site) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trustql"))
+        .args(["node", "--config", site.config.to_str().expect("path")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn node");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("read");
+    let addr = line
+        .split_whitespace()
+        .skip_while(|w| *w != "on")
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address announced: {line:?}"));
+    (child, addr)
+}
+
+async fn client(site: &Site, addr: SocketAddr) -> FlightServiceClient<Channel> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&site.ca_pem))
+        .identity(Identity::from_pem(
+            &site.coordinator.cert_pem,
+            &site.coordinator.key_pem,
+        ))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .expect("url")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect");
+    FlightServiceClient::new(channel)
+}
+
+fn ticket(id: &str) -> Ticket {
+    Ticket::new(
+        SiteRequest {
+            request_id: id.into(),
+            researcher: "alice".into(),
+            project: "p1".into(),
+            sql: "SELECT t.stage_best, COUNT(*), AVG(t.age) FROM sim_av_tumour t GROUP BY t.stage_best".into(),
+        }
+        .to_ticket(),
+    )
+}
+
+fn audit_records(site: &Site) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(site.audit.join("audit.jsonl"))
+        .expect("audit log")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("whole JSON record"))
+        .collect()
+}
+
+#[test]
+fn a_sigkill_mid_query_leaves_a_verifiable_log_with_every_answer_on_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = site(dir.path());
+    let (mut child, addr) = spawn_node(&site);
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let answered: Arc<Mutex<Vec<String>>> = Arc::default();
+    runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for worker in 0..3 {
+            let mut client = client(&site, addr).await;
+            let answered = answered.clone();
+            tasks.push(tokio::spawn(async move {
+                for n in 0.. {
+                    let id = format!("w{worker}-{n}");
+                    let Ok(response) = client.do_get(ticket(&id)).await else {
+                        break;
+                    };
+                    let Ok(messages) = response.into_inner().try_collect::<Vec<_>>().await else {
+                        break;
+                    };
+                    assert!(!messages.is_empty());
+                    answered.lock().expect("lock").push(id);
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        child.kill().expect("SIGKILL the node");
+        for task in tasks {
+            task.await.expect("worker");
+        }
+    });
+    let _ = child.wait();
+
+    let answered = answered.lock().expect("lock").clone();
+    assert!(
+        answered.len() >= 3,
+        "queries were answered before the kill: {}",
+        answered.len()
+    );
+    let verified = trustql(&["audit", "verify", site.audit.to_str().expect("path")]);
+    assert!(verified.status.success(), "{}", text(&verified));
+    let records = audit_records(&site);
+    for id in &answered {
+        assert!(
+            records
+                .iter()
+                .any(|r| r["request_id"] == id.as_str() && r["decision"] == "answered"),
+            "answer {id} left the node without its audit record"
+        );
+    }
+
+    // The node starts again on the same log and the chain continues.
+    let (mut again, _) = spawn_node(&site);
+    again.kill().expect("kill");
+    let _ = again.wait();
+    let verified = trustql(&["audit", "verify", site.audit.to_str().expect("path")]);
+    assert!(verified.status.success(), "{}", text(&verified));
+    assert_eq!(
+        audit_records(&site).len(),
+        records.len() + 1,
+        "a start record follows"
+    );
+}
+
+#[test]
+fn audit_verify_names_an_edited_record_and_a_bad_config_is_clear() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = site(dir.path());
+    let (mut child, _) = spawn_node(&site);
+    child.kill().expect("kill");
+    let _ = child.wait();
+    let (mut child, _) = spawn_node(&site);
+    child.kill().expect("kill");
+    let _ = child.wait();
+
+    let log = site.audit.join("audit.jsonl");
+    let original = std::fs::read_to_string(&log).expect("log");
+    std::fs::write(&log, original.replacen("started", "STARTED", 1)).expect("edit");
+    let verified = trustql(&["audit", "verify", site.audit.to_str().expect("path")]);
+    assert!(!verified.status.success());
+    assert!(text(&verified).contains("line 1"), "{}", text(&verified));
+    assert!(text(&verified).contains("edited"), "{}", text(&verified));
+
+    // A node refuses to start on a broken log.
+    let output = trustql(&["node", "--config", site.config.to_str().expect("path")]);
+    assert!(!output.status.success());
+    assert!(text(&output).contains("audit"), "{}", text(&output));
+
+    // A config with an unknown key.
+    std::fs::write(&site.config, "trust = \"TQ01\"\nbogus = 1\n").expect("write");
+    let output = trustql(&["node", "--config", site.config.to_str().expect("path")]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("node configuration"),
+        "{}",
+        text(&output)
+    );
+}

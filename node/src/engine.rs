@@ -304,7 +304,20 @@ enum Slot {
 }
 
 fn layout(plan: &AggregateExec) -> Result<Vec<Slot>, NodeError> {
-    let mut slots = vec![Slot::Key; plan.group_expr().expr().len()];
+    // The reduce groups by the partial's output, where a grouping set's id became one more
+    // plain key (`as_final`): find it by its reserved name, or margins would pass as cells.
+    let mut slots: Vec<Slot> = plan
+        .group_expr()
+        .expr()
+        .iter()
+        .map(|(_, name)| {
+            if name == Aggregate::INTERNAL_GROUPING_ID {
+                Slot::GroupingId
+            } else {
+                Slot::Key
+            }
+        })
+        .collect();
     if plan.group_expr().has_grouping_set() {
         slots.push(Slot::GroupingId);
     }

@@ -148,12 +148,24 @@ async fn partial_states_finished_by_datafusion_equal_the_single_process_answer()
         "SELECT p.gender, t.stage_best, COUNT(*), AVG(t.age) FROM sim_av_patient p JOIN sim_av_tumour t ON p.patientid = t.patientid GROUP BY p.gender, t.stage_best",
         "SELECT intent_of_treatment, COUNT(*), AVG(weight_at_start_of_regimen) FROM sim_sact_regimen GROUP BY 1",
         "SELECT COUNT(*), AVG(age) FROM sim_av_tumour WHERE age >= 50",
+        "SELECT site_icd10_o2_3char, stage_best, COUNT(*), AVG(age) FROM sim_av_tumour GROUP BY ROLLUP(site_icd10_o2_3char, stage_best)",
     ] {
         let answer = engine
             .answer(&request(sql), TODAY)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
         let finished = finish(&ctx, sql, answer.batch.clone()).await;
+        // The final aggregate still carries the grouping id that the query's projection drops.
+        let finished = match finished.schema().index_of("__grouping_id") {
+            Ok(gid) => finished
+                .project(
+                    &(0..finished.num_columns())
+                        .filter(|c| *c != gid)
+                        .collect::<Vec<_>>(),
+                )
+                .expect("project"),
+            Err(_) => finished,
+        };
         let direct = ctx
             .sql(sql)
             .await
@@ -359,4 +371,81 @@ async fn small_groups_are_withheld_and_counted() {
     );
     let patients = answer.batch.column(2).as_primitive::<Int64Type>();
     assert!(patients.iter().flatten().all(|p| p >= 10));
+}
+
+#[tokio::test]
+async fn rollup_subtotals_of_withheld_cells_are_withheld_at_the_node() {
+    // Pins DataFusion's grouping-id bits to what disclosure control assumes: a site subtotal
+    // is released only when every stage cell under it is.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(
+        dir.path(),
+        3_000,
+        "min_patients = 10\nrounding = \"none\"\nwithhold_whole_margin_cells = false",
+    )
+    .await;
+    let ctx = plain(dir.path()).await;
+    let cells = ctx
+        .sql("SELECT site_icd10_o2_3char, COUNT(*) FROM (SELECT site_icd10_o2_3char, stage_best, COUNT(DISTINCT patientid) AS n FROM sim_av_tumour WHERE stage_best IN ('1', '2', '3', '4') GROUP BY 1, 2) WHERE n < 10 GROUP BY 1")
+        .await
+        .expect("sql")
+        .collect()
+        .await
+        .expect("collect");
+    let sites_with_small_cells: HashSet<String> = cells
+        .iter()
+        .flat_map(|b| {
+            let sites = cast(b.column(0), &DataType::Utf8).expect("cast");
+            sites
+                .as_string::<i32>()
+                .iter()
+                .flatten()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        !sites_with_small_cells.is_empty(),
+        "the data must have small cells for this test"
+    );
+
+    let sql = "SELECT site_icd10_o2_3char, stage_best, COUNT(*) FROM sim_av_tumour \
+               WHERE stage_best IN ('1', '2', '3', '4') GROUP BY ROLLUP(site_icd10_o2_3char, stage_best)";
+    let answer = engine.answer(&request(sql), TODAY).await.expect("answer");
+    let kinds: Vec<ColumnKind> = answer.meta.columns.iter().map(|c| c.kind).collect();
+    let gid = kinds
+        .iter()
+        .position(|k| *k == ColumnKind::GroupingId)
+        .expect("grouping id column");
+    let gids = cast(answer.batch.column(gid), &DataType::Int64).expect("cast");
+    let gids = gids.as_primitive::<Int64Type>();
+    let sites = cast(answer.batch.column(0), &DataType::Utf8).expect("cast");
+    let sites = sites.as_string::<i32>();
+    let mut subtotals = 0;
+    let mut grand_total = false;
+    for row in 0..answer.batch.num_rows() {
+        match gids.value(row) {
+            0 => {}
+            // Stage (the last key) rolled up: a site subtotal.
+            1 => {
+                subtotals += 1;
+                let site = sites.value(row);
+                assert!(
+                    !sites_with_small_cells.contains(site),
+                    "the subtotal of a withheld cell was released"
+                );
+            }
+            3 => grand_total = true,
+            other => panic!("unexpected grouping id {other}"),
+        }
+    }
+    assert!(
+        subtotals > 0,
+        "sites whose cells are all large keep their subtotal"
+    );
+    assert!(
+        !grand_total,
+        "the grand total is the margin of withheld cells too"
+    );
+    assert!(answer.meta.withheld.small > 0 && answer.meta.withheld.margin_of_withheld > 0);
 }

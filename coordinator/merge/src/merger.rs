@@ -1,0 +1,265 @@
+//! Planning at the coordinator and finishing the nodes' states.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, SchemaRef};
+use datafusion::catalog::MemTable;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::functions_aggregate::expr_fn::sum;
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, cast as cast_expr};
+use datafusion::optimizer::Optimizer;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use trustql_policies::{Refusal, Rule, aggregate_of, locked_session, plan_sql};
+use trustql_schemas::TrustSchema;
+use trustql_wire::{AnswerMeta, ColumnKind};
+
+use crate::error::MergeError;
+
+/// One node's protected answer, as received.
+#[derive(Debug, Clone)]
+pub struct SiteStates {
+    /// The answering trust.
+    pub trust: String,
+    /// The states (columns as `meta.columns` describes them).
+    pub batch: RecordBatch,
+    /// The answer's metadata.
+    pub meta: AnswerMeta,
+}
+
+/// Plans against empty tables of the shared schema and finishes nodes' states.
+pub struct Merger {
+    ctx: SessionContext,
+}
+
+/// A query planned at the coordinator, ready to merge answers into.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    plan: Arc<dyn ExecutionPlan>,
+    partial: Arc<dyn ExecutionPlan>,
+    partial_schema: SchemaRef,
+    distinct: HashSet<String>,
+}
+
+impl Merger {
+    /// A merger for `schema`: the locked session, one empty table per schema table.
+    pub fn new(schema: &TrustSchema) -> Result<Self, MergeError> {
+        // One partition: Partial → Final with nothing between, and the same locked rules as
+        // the nodes, except pushing filters down, which would move a HAVING on a key below
+        // the aggregate, into the part the nodes' states replace.
+        let locked = locked_session(
+            SessionConfig::new().with_target_partitions(1),
+            Arc::new(RuntimeEnv::default()),
+        );
+        let rules = Optimizer::new()
+            .rules
+            .into_iter()
+            .filter(|r| {
+                !matches!(
+                    r.name(),
+                    "push_down_filter"
+                        | "single_distinct_aggregation_to_group_by"
+                        | "common_sub_expression_eliminate"
+                )
+            })
+            .collect();
+        let state = SessionStateBuilder::new_from_existing(locked.state())
+            .with_optimizer_rules(rules)
+            .build();
+        let ctx = SessionContext::new_with_state(state);
+        for table in schema.tables() {
+            let arrow_schema = schema
+                .arrow_schema(&table.name)
+                .map_err(|e| MergeError::Setup(e.to_string()))?;
+            let empty = MemTable::try_new(arrow_schema, vec![vec![]])
+                .map_err(|e| MergeError::Setup(e.to_string()))?;
+            ctx.register_table(table.name.as_str(), Arc::new(empty))
+                .map_err(|e| MergeError::Setup(e.to_string()))?;
+        }
+        Ok(Merger { ctx })
+    }
+
+    /// The planning session (for listing tables and schemas).
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// Plans `sql`; refuses early what no node could ever answer.
+    pub async fn prepare(&self, sql: &str) -> Result<Prepared, MergeError> {
+        let plan = plan_sql(&self.ctx, sql).await?;
+        if aggregate_of(&plan).is_none() {
+            return Err(Refusal::new(
+                Rule::NotAggregate,
+                "only aggregate queries are answered (COUNT, SUM, AVG … with or without GROUP BY)",
+            )
+            .into());
+        }
+        let mut distinct = HashSet::new();
+        let plan = plan
+            .transform_up(|node| match node {
+                LogicalPlan::Aggregate(agg) => sum_distinct_counts(agg, &mut distinct),
+                other => Ok(Transformed::no(other)),
+            })
+            .map_err(|_| engine("could not plan the merge"))?
+            .data;
+        let physical = self
+            .ctx
+            .state()
+            .create_physical_plan(&plan)
+            .await
+            .map_err(|_| engine("could not plan the merge"))?;
+        let partial = single_partial(&physical)?;
+        Ok(Prepared {
+            partial_schema: partial.schema(),
+            plan: physical,
+            partial,
+            distinct,
+        })
+    }
+
+    /// Finishes the conformed states of every answering node into the query's result.
+    pub async fn merge(
+        &self,
+        prepared: &Prepared,
+        states: Vec<RecordBatch>,
+    ) -> Result<Vec<RecordBatch>, MergeError> {
+        let source: Arc<dyn ExecutionPlan> =
+            MemorySourceConfig::try_new_exec(&[states], prepared.partial_schema.clone(), None)
+                .map_err(|_| engine("could not hold the answers"))?;
+        let plan = prepared
+            .plan
+            .clone()
+            .transform_up(|node| {
+                Ok(if Arc::ptr_eq(&node, &prepared.partial) {
+                    Transformed::yes(source.clone())
+                } else {
+                    Transformed::no(node)
+                })
+            })
+            .map_err(|_| engine("could not plan the merge"))?
+            .data;
+        datafusion::physical_plan::collect(plan, self.ctx.task_ctx())
+            .await
+            .map_err(|_| engine("the final aggregation failed"))
+    }
+}
+
+impl Prepared {
+    /// The result's schema.
+    pub fn schema(&self) -> SchemaRef {
+        self.plan.schema()
+    }
+
+    /// Whether the query counts distinct values (summed over trusts, see the notes).
+    pub fn counts_distinct(&self) -> bool {
+        !self.distinct.is_empty()
+    }
+
+    /// Puts one node's answer into the column order and types of this query's states.
+    pub fn conform(&self, site: &SiteStates) -> Result<RecordBatch, MergeError> {
+        let shape = |reason: String| MergeError::Shape {
+            trust: site.trust.clone(),
+            reason,
+        };
+        let columns = &site.meta.columns;
+        if columns.len() != site.batch.num_columns() {
+            return Err(shape("its metadata does not describe its columns".into()));
+        }
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.partial_schema.fields().len());
+        for field in self.partial_schema.fields() {
+            let name = field.name();
+            let distinct_prefix = name
+                .rsplit_once('[')
+                .map(|(prefix, _)| prefix)
+                .filter(|prefix| self.distinct.contains(*prefix));
+            let index = columns.iter().position(|c| match distinct_prefix {
+                Some(prefix) => {
+                    c.kind == ColumnKind::DistinctCount
+                        && c.name.rsplit_once('[').map(|(p, _)| p) == Some(prefix)
+                }
+                None => c.name == *name && c.kind != ColumnKind::Patients,
+            });
+            let Some(index) = index else {
+                return Err(shape(format!("column {name} is missing")));
+            };
+            let array = site.batch.column(index);
+            let array = if array.data_type() == field.data_type() {
+                array.clone()
+            } else {
+                cast(array, field.data_type())
+                    .map_err(|_| shape(format!("column {name} has the wrong type")))?
+            };
+            if array.null_count() > 0 && !field.is_nullable() {
+                return Err(shape(format!("column {name} holds nulls")));
+            }
+            arrays.push(array);
+        }
+        RecordBatch::try_new(self.partial_schema.clone(), arrays)
+            .map_err(|_| shape("its columns do not fit together".into()))
+    }
+}
+
+/// COUNT(DISTINCT x) arrives as one count per node: merge it as SUM under the same name.
+fn sum_distinct_counts(
+    agg: Aggregate,
+    distinct: &mut HashSet<String>,
+) -> datafusion::common::Result<Transformed<LogicalPlan>> {
+    let mut changed = false;
+    let aggr_expr = agg
+        .aggr_expr
+        .iter()
+        .map(|expr| match expr {
+            Expr::AggregateFunction(AggregateFunction { func, params })
+                if params.distinct && func.name().eq_ignore_ascii_case("count") =>
+            {
+                changed = true;
+                let name = expr.schema_name().to_string();
+                distinct.insert(name.clone());
+                let arg = params.args.first().cloned().unwrap_or(Expr::Literal(
+                    datafusion::common::ScalarValue::Int64(Some(1)),
+                    None,
+                ));
+                sum(cast_expr(arg, DataType::Int64)).alias(name)
+            }
+            other => other.clone(),
+        })
+        .collect::<Vec<_>>();
+    if !changed {
+        return Ok(Transformed::no(LogicalPlan::Aggregate(agg)));
+    }
+    Aggregate::try_new(agg.input, agg.group_expr, aggr_expr)
+        .map(|a| Transformed::yes(LogicalPlan::Aggregate(a)))
+}
+
+fn single_partial(plan: &Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>, MergeError> {
+    let mut partials = Vec::new();
+    let mut stack = vec![plan.clone()];
+    while let Some(node) = stack.pop() {
+        if let Some(agg) = node.downcast_ref::<AggregateExec>()
+            && *agg.mode() == AggregateMode::Partial
+        {
+            partials.push(node.clone());
+        }
+        stack.extend(node.children().into_iter().cloned());
+    }
+    match partials.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => Err(Refusal::new(
+            Rule::Unsupported,
+            "the query did not plan as a single two-phase aggregation (one GROUP BY level)",
+        )
+        .into()),
+    }
+}
+
+fn engine(what: &str) -> MergeError {
+    MergeError::Engine(what.to_string())
+}

@@ -108,3 +108,110 @@ impl AnswerMeta {
         serde_json::from_str(text).map_err(|e| format!("malformed answer metadata: {e}"))
     }
 }
+
+/// Schema-metadata key (and FlightInfo app_metadata) holding the JSON [`Coverage`] of a
+/// federated answer.
+pub const COVERAGE_META_KEY: &str = "trustql.coverage";
+
+/// What became of a query at one trust.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrustStatus {
+    /// The trust answered; its groups are in the result.
+    Answered,
+    /// The trust's policy refused the query.
+    Refused,
+    /// The trust did not answer within the deadline.
+    TimedOut,
+    /// The trust could not be reached (down, or TLS failed).
+    Unreachable,
+    /// The trust accepted the query but could not complete it, or answered garbage.
+    Failed,
+}
+
+/// One trust's line in the coverage report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustCoverage {
+    /// The trust code.
+    pub trust: String,
+    /// What happened.
+    pub status: TrustStatus,
+    /// Why, when not answered (the node's own words where it gave them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Groups the trust released.
+    pub released: usize,
+    /// Groups the trust withheld, by reason.
+    pub withheld: Withheld,
+}
+
+/// Which trusts contributed to a federated answer, and what the numbers mean.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Coverage {
+    /// The request id every node logged.
+    pub request_id: String,
+    /// One line per trust.
+    pub trusts: Vec<TrustCoverage>,
+    /// Whether every trust answered.
+    pub complete: bool,
+    /// Notes on reading the result.
+    pub notes: Vec<String>,
+}
+
+impl Coverage {
+    /// JSON for metadata.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Parses coverage JSON.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        serde_json::from_str(text).map_err(|e| format!("malformed coverage report: {e}"))
+    }
+}
+
+impl std::fmt::Display for Coverage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let answered = self
+            .trusts
+            .iter()
+            .filter(|t| t.status == TrustStatus::Answered)
+            .count();
+        writeln!(
+            f,
+            "Coverage: {answered} of {} trusts answered (request {})",
+            self.trusts.len(),
+            self.request_id
+        )?;
+        for t in &self.trusts {
+            let status = match t.status {
+                TrustStatus::Answered => "answered",
+                TrustStatus::Refused => "refused",
+                TrustStatus::TimedOut => "timed out",
+                TrustStatus::Unreachable => "unreachable",
+                TrustStatus::Failed => "failed",
+            };
+            let w = &t.withheld;
+            let withheld = w.small + w.dominated + w.whole_margin + w.margin_of_withheld;
+            write!(f, "  {:<6} {status:<11}", t.trust)?;
+            if t.status == TrustStatus::Answered {
+                write!(f, " {} group(s) released, {withheld} withheld", t.released)?;
+                if withheld > 0 {
+                    write!(
+                        f,
+                        " ({} small, {} dominated, {} whole-margin, {} margins of withheld cells)",
+                        w.small, w.dominated, w.whole_margin, w.margin_of_withheld
+                    )?;
+                }
+            }
+            if let Some(reason) = &t.reason {
+                write!(f, " — {reason}")?;
+            }
+            writeln!(f)?;
+        }
+        for note in &self.notes {
+            writeln!(f, "Note: {note}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,310 @@
+//! A whole federation on loopback, for `trustql demo` and end-to-end tests: synthetic data
+//! (or a given directory), a throwaway CA and certificates, one approved policy per trust,
+//! one node per trust and a coordinator, all on 127.0.0.1 with ports the OS picks.
+
+use std::path::{Path, PathBuf};
+
+use rand::TryRngCore;
+use serde::Serialize;
+use trustql_coordinator::{
+    CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, RunningCoordinator, TlsFiles, token_hash,
+};
+use trustql_devcerts::DevCa;
+use trustql_node::{Limits, NodeConfig, RunningNode, TlsConfig};
+use trustql_schemas::{TrustSchema, trust_codes};
+use trustql_synth::{SynthConfig, generate};
+
+/// The demo project and its researcher.
+pub const PROJECT: &str = "demo";
+/// The researcher the demo token belongs to.
+pub const RESEARCHER: &str = "analyst";
+
+/// Errors setting up the demo.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A step failed; the message says which and why.
+    #[error("{step}: {reason}")]
+    Step {
+        /// What was being done.
+        step: String,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+fn step<E: std::fmt::Display>(step: &str) -> impl FnOnce(E) -> DemoError + '_ {
+    move |e| DemoError::Step {
+        step: step.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// What to launch.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Number of trusts (when generating data).
+    pub trusts: usize,
+    /// Patients across the federation (when generating data).
+    pub patients: u64,
+    /// Seed for the synthetic data.
+    pub seed: u64,
+    /// Use this federation directory instead of generating one.
+    pub data: Option<PathBuf>,
+    /// Minimum count 1 and no rounding at every node (correctness checks only).
+    pub unprotected: bool,
+    /// The coordinator's deadline per node.
+    pub node_deadline_ms: u64,
+    /// How many trusts must answer.
+    pub quorum: Quorum,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            trusts: 3,
+            patients: 20_000,
+            seed: 42,
+            data: None,
+            unprotected: false,
+            node_deadline_ms: 30_000,
+            quorum: Quorum::All,
+        }
+    }
+}
+
+/// How a client connects (written by `trustql demo --info FILE`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoInfo {
+    /// The coordinator's Flight SQL URL.
+    pub url: String,
+    /// The researcher's bearer token.
+    pub token: String,
+    /// The project to name in `x-trustql-project`.
+    pub project: String,
+    /// The CA certificate (PEM) that signed the coordinator's certificate.
+    pub ca: PathBuf,
+    /// The federation's data directory.
+    pub data_dir: PathBuf,
+    /// The trusts' codes.
+    pub trusts: Vec<String>,
+}
+
+/// A running demo federation; dropping it stops everything and removes its files.
+pub struct Federation {
+    /// How to connect.
+    pub info: DemoInfo,
+    /// The nodes, in trust order.
+    pub nodes: Vec<RunningNode>,
+    /// The coordinator.
+    pub coordinator: RunningCoordinator,
+    /// Per-trust audit directories.
+    pub audit_dirs: Vec<PathBuf>,
+    work: tempfile::TempDir,
+}
+
+impl Federation {
+    /// The working directory (certificates, policies, audit logs, generated data).
+    pub fn work_dir(&self) -> &Path {
+        self.work.path()
+    }
+}
+
+/// Generates (or finds) the data, makes certificates and policies, starts everything.
+pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
+    let schema = TrustSchema::cancer().map_err(step("loading the schema"))?;
+    let work = tempfile::Builder::new()
+        .prefix("trustql-demo-")
+        .tempdir()
+        .map_err(step("creating the demo directory"))?;
+    let dir = work.path().to_path_buf();
+
+    let (data_dir, trusts) = match &options.data {
+        Some(data) => (data.clone(), trusts_in(data)?),
+        None => {
+            let data = dir.join("data");
+            let config = SynthConfig {
+                trusts: options.trusts,
+                patients: options.patients,
+                seed: options.seed,
+                ..SynthConfig::default()
+            };
+            generate(&schema, &config, &data).map_err(step("generating synthetic data"))?;
+            (data, trust_codes(options.trusts))
+        }
+    };
+
+    let pki = dir.join("pki");
+    let ca = DevCa::new("TrustQL demo CA").map_err(step("making the demo CA"))?;
+    let ca_path = ca
+        .write_cert(&pki, "ca.pem")
+        .map_err(step("writing the CA"))?;
+    let hosts = ["localhost", "127.0.0.1"];
+    let server = ca
+        .issue("coordinator", &hosts)
+        .and_then(|c| c.write(&pki, "coordinator"))
+        .map_err(step("making the coordinator certificate"))?;
+    let client = ca
+        .issue("coordinator (client)", &["localhost"])
+        .and_then(|c| c.write(&pki, "coordinator-client"))
+        .map_err(step("making the coordinator's client certificate"))?;
+
+    let mut nodes = Vec::new();
+    let mut audit_dirs = Vec::new();
+    for trust in &trusts {
+        let cert = ca
+            .issue(&format!("{trust} node"), &hosts)
+            .and_then(|c| c.write(&pki, &format!("node-{trust}")))
+            .map_err(step("making a node certificate"))?;
+        let policy = write_policy(&dir, trust, options.unprotected)?;
+        trustql_policies::approve(&policy, "Demo Controller", &schema)
+            .map_err(step("approving a demo policy"))?;
+        let config = NodeConfig {
+            trust: trust.clone(),
+            data_dir: data_dir.join(trust),
+            policy,
+            listen: "127.0.0.1:0".parse().map_err(step("parsing an address"))?,
+            audit_dir: dir.join("audit").join(trust),
+            state_dir: dir.join("state").join(trust),
+            tls: TlsConfig {
+                cert: cert.cert,
+                key: cert.key,
+                client_ca: ca_path.clone(),
+            },
+            limits: Limits::default(),
+        };
+        audit_dirs.push(config.audit_dir.clone());
+        let node = trustql_node::start(&config, schema.clone())
+            .await
+            .map_err(step(&format!("starting the node of {trust}")))?;
+        nodes.push(node);
+    }
+
+    let token = random_token();
+    let config = CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().map_err(step("parsing an address"))?,
+        node_deadline_ms: options.node_deadline_ms,
+        quorum: options.quorum,
+        tls: TlsFiles {
+            cert: server.cert,
+            key: server.key,
+        },
+        node_client: TlsFiles {
+            cert: client.cert,
+            key: client.key,
+        },
+        nodes: nodes
+            .iter()
+            .map(|n| NodeEntry {
+                trust: n.trust().to_string(),
+                url: format!("https://{}", n.addr()),
+                ca: ca_path.clone(),
+                server_name: Some("localhost".into()),
+            })
+            .collect(),
+        researchers: vec![ResearcherEntry {
+            name: RESEARCHER.into(),
+            token_sha256: token_hash(&token),
+            projects: vec![PROJECT.into()],
+        }],
+    };
+    config
+        .validate()
+        .map_err(step("configuring the coordinator"))?;
+    let coordinator = trustql_coordinator::start(&config, schema)
+        .await
+        .map_err(step("starting the coordinator"))?;
+    let info = DemoInfo {
+        url: format!("https://127.0.0.1:{}", coordinator.addr().port()),
+        token,
+        project: PROJECT.into(),
+        ca: ca_path,
+        data_dir,
+        trusts,
+    };
+    Ok(Federation {
+        info,
+        nodes,
+        coordinator,
+        audit_dirs,
+        work,
+    })
+}
+
+/// The trusts of an existing federation directory (its `TQnn` subdirectories).
+fn trusts_in(data: &Path) -> Result<Vec<String>, DemoError> {
+    let mut trusts: Vec<String> = std::fs::read_dir(data)
+        .map_err(step(&format!("reading {}", data.display())))?
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .collect();
+    trusts.sort();
+    if trusts.is_empty() {
+        return Err(DemoError::Step {
+            step: format!("reading {}", data.display()),
+            reason: "no trust directories (DIR/<TRUST_CODE>/<table>.parquet) found".into(),
+        });
+    }
+    Ok(trusts)
+}
+
+fn write_policy(dir: &Path, trust: &str, unprotected: bool) -> Result<PathBuf, DemoError> {
+    let disclosure = if unprotected {
+        "min_patients = 1\nrounding = \"none\"\nwithhold_whole_margin_cells = false"
+    } else {
+        "min_patients = 10\nrounding = \"base\"\nrounding_base = 5\nwithhold_whole_margin_cells = true"
+    };
+    let text = format!(
+        "# Demo policy for {trust}{}\n[policy]\nversion = \"demo-1\"\ntrust = \"{trust}\"\n\
+         description = \"TrustQL demo policy\"\n\n[disclosure]\n{disclosure}\n\n[query]\nmax_groups = 20000\n\n\
+         [[project]]\nid = \"{PROJECT}\"\ntitle = \"Cancer pathways across the region (demonstration)\"\n\
+         researchers = [\"{RESEARCHER}\"]\ntables = [\"sim_av_patient\", \"sim_av_tumour\", \"sim_sact_regimen\", \
+         \"sim_sact_cycle\", \"sim_sact_drug_detail\", \"sim_sact_outcome\", \"sim_rtds_episode\", \
+         \"sim_rtds_prescription\"]\nexpires = \"2099-12-31\"\n",
+        if unprotected {
+            " (UNPROTECTED: for correctness checks only)"
+        } else {
+            ""
+        }
+    );
+    let path = dir.join("policies").join(format!("{trust}.toml"));
+    std::fs::create_dir_all(dir.join("policies")).map_err(step("writing the demo policies"))?;
+    std::fs::write(&path, text).map_err(step("writing the demo policies"))?;
+    Ok(path)
+}
+
+fn random_token() -> String {
+    let mut bytes = [0u8; 24];
+    let _ = rand::rngs::OsRng.try_fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The showcase queries `trustql demo` runs: (title, SQL).
+pub const SHOWCASE: &[(&str, &str)] = &[
+    (
+        "Incidence by tumour site and stage (four common sites)",
+        "SELECT site_icd10_o2_3char AS site, stage_best AS stage, COUNT(*) AS tumours \
+         FROM sim_av_tumour WHERE site_icd10_o2_3char IN ('C18', 'C34', 'C50', 'C61') \
+         GROUP BY site_icd10_o2_3char, stage_best ORDER BY site, stage",
+    ),
+    (
+        "Mean age at diagnosis by site (ten largest)",
+        "SELECT site_icd10_o2_3char AS site, COUNT(*) AS tumours, AVG(age) AS mean_age, STDDEV(age) AS sd_age \
+         FROM sim_av_tumour GROUP BY site_icd10_o2_3char ORDER BY tumours DESC LIMIT 10",
+    ),
+    (
+        "SACT regimens by intent of treatment",
+        "SELECT intent_of_treatment AS intent, COUNT(*) AS regimens, COUNT(DISTINCT encore_patient_id) AS patients \
+         FROM sim_sact_regimen GROUP BY intent_of_treatment ORDER BY intent",
+    ),
+    (
+        "Breast cancer by ethnicity (small cells are withheld)",
+        "SELECT p.ethnicity, COUNT(*) AS tumours FROM sim_av_patient p \
+         JOIN sim_av_tumour t ON p.patientid = t.patientid \
+         WHERE t.site_icd10_o2_3char = 'C50' GROUP BY p.ethnicity ORDER BY p.ethnicity",
+    ),
+    (
+        "A query that asks for identifiers (refused)",
+        "SELECT patientid, age FROM sim_av_tumour",
+    ),
+];

@@ -1,0 +1,310 @@
+//! End to end on loopback: real nodes behind mutual TLS, a real coordinator, a real Flight
+//! SQL client with a bearer token.
+
+#[path = "../../merge/tests/panel/mod.rs"]
+mod panel;
+
+use std::time::{Duration, Instant};
+
+use arrow::compute::concat_batches;
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use trustql_client::{Client, QueryResult};
+use trustql_coordinator::{
+    CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, TlsFiles, token_hash,
+};
+use trustql_demo::{DemoOptions, Federation, PROJECT, RESEARCHER, launch};
+use trustql_schemas::{TrustSchema, table_path};
+use trustql_wire::TrustStatus;
+
+async fn client(fed: &Federation) -> Client {
+    let ca = std::fs::read(&fed.info.ca).expect("ca");
+    Client::connect(&fed.info.url, Some(&ca), &fed.info.token, Some(PROJECT))
+        .await
+        .expect("connect")
+}
+
+fn options(unprotected: bool) -> DemoOptions {
+    DemoOptions {
+        trusts: 3,
+        patients: 3_000,
+        seed: 21,
+        unprotected,
+        node_deadline_ms: 5_000,
+        ..DemoOptions::default()
+    }
+}
+
+async fn union(fed: &Federation) -> SessionContext {
+    let ctx = SessionContext::new();
+    for table in TrustSchema::cancer().expect("schema").tables() {
+        let paths: Vec<String> = fed
+            .info
+            .trusts
+            .iter()
+            .map(|t| {
+                table_path(&fed.info.data_dir.join(t), &table.name)
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        let frame = ctx
+            .read_parquet(paths, ParquetReadOptions::default())
+            .await
+            .expect("read");
+        ctx.register_table(table.name.as_str(), frame.into_view())
+            .expect("register");
+    }
+    ctx
+}
+
+fn one(result: &QueryResult) -> arrow::array::RecordBatch {
+    concat_batches(&result.schema, &result.batches).expect("concat")
+}
+
+#[tokio::test]
+async fn the_panel_through_the_coordinator_equals_one_process_over_the_union() {
+    let fed = launch(&options(true)).await.expect("launch");
+    let mut client = client(&fed).await;
+    let central = union(&fed).await;
+    for sql in panel::PANEL {
+        let result = client
+            .query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let got = one(&result);
+        let want = central
+            .sql(sql)
+            .await
+            .expect("sql")
+            .collect()
+            .await
+            .expect("collect");
+        let want = concat_batches(&want[0].schema(), &want).expect("concat");
+        panel::assert_same(sql, &got, &want, sql.contains("ORDER BY"));
+        let coverage = result.coverage.expect("coverage travels with every answer");
+        assert!(coverage.complete, "{sql}: {coverage}");
+        assert_eq!(coverage.trusts.len(), 3);
+        if sql.contains("DISTINCT") {
+            assert!(
+                coverage.notes.iter().any(|n| n.contains("two trusts")),
+                "{sql}: {coverage}"
+            );
+        }
+    }
+    // Every node recorded every query under the same request id.
+    for audit in &fed.audit_dirs {
+        let verified = trustql_audit_records(audit);
+        assert_eq!(
+            verified,
+            panel::PANEL.len() + 1,
+            "start record plus one per query"
+        );
+    }
+}
+
+fn trustql_audit_records(dir: &std::path::Path) -> usize {
+    std::fs::read_to_string(dir.join("audit.jsonl"))
+        .expect("audit")
+        .lines()
+        .count()
+}
+
+#[tokio::test]
+async fn researchers_browse_and_are_refused_clearly() {
+    let fed = launch(&options(false)).await.expect("launch");
+    let mut client = client(&fed).await;
+    let tables = client.tables().await.expect("tables");
+    assert!(
+        tables.contains(&"sim_av_tumour".to_string()) && tables.len() == 8,
+        "{tables:?}"
+    );
+
+    // Protected: small groups withheld and counted in the coverage report.
+    let result = client
+        .query("SELECT ethnicity, site_icd10_o2_3char, COUNT(*) FROM sim_av_patient p JOIN sim_av_tumour t ON p.patientid = t.patientid GROUP BY 1, 2")
+        .await
+        .expect("answer");
+    let coverage = result.coverage.expect("coverage");
+    let withheld: usize = coverage.trusts.iter().map(|t| t.withheld.small).sum();
+    assert!(withheld > 0, "{coverage}");
+
+    let err = client
+        .query("SELECT patientid FROM sim_av_patient")
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("aggregate"), "{err}");
+    let err = client
+        .query("DROP TABLE sim_av_patient")
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("only SELECT"), "{err}");
+
+    // Tokens and projects.
+    let ca = std::fs::read(&fed.info.ca).expect("ca");
+    for (token, project, expect) in [
+        ("wrong", Some(PROJECT), "token"),
+        (fed.info.token.as_str(), Some("another"), "not on project"),
+    ] {
+        let mut other = Client::connect(&fed.info.url, Some(&ca), token, project)
+            .await
+            .expect("connect");
+        let err = other
+            .query("SELECT COUNT(*) FROM sim_av_patient")
+            .await
+            .expect_err("refused");
+        assert!(err.to_string().contains(expect), "{err}");
+    }
+    // A single-project researcher may leave the project out.
+    let mut implicit = Client::connect(&fed.info.url, Some(&ca), &fed.info.token, None)
+        .await
+        .expect("connect");
+    implicit
+        .query("SELECT COUNT(*) FROM sim_av_patient")
+        .await
+        .expect("implicit project");
+
+    // A client that does not trust the coordinator's certificate does not connect.
+    let other_ca = trustql_devcerts::DevCa::new("other")
+        .expect("ca")
+        .cert_pem();
+    let refused = match Client::connect(
+        &fed.info.url,
+        Some(other_ca.as_bytes()),
+        &fed.info.token,
+        None,
+    )
+    .await
+    {
+        Err(_) => true,
+        Ok(mut c) => c
+            .query("SELECT COUNT(*) FROM sim_av_patient")
+            .await
+            .is_err(),
+    };
+    assert!(refused);
+}
+
+/// A coordinator over the demo's nodes plus a silent node and a node whose CA it does not
+/// trust, with the given quorum.
+async fn faulty_coordinator(
+    fed: &Federation,
+    quorum: Quorum,
+    deadline_ms: u64,
+) -> (trustql_coordinator::RunningCoordinator, String) {
+    let pki = fed.work_dir().join("pki");
+    // Accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let stranger = trustql_devcerts::DevCa::new("stranger").expect("ca");
+    let stranger_ca = stranger.write_cert(&pki, "stranger.pem").expect("write");
+    let mut nodes: Vec<NodeEntry> = fed
+        .nodes
+        .iter()
+        .map(|n| NodeEntry {
+            trust: n.trust().into(),
+            url: format!("https://{}", n.addr()),
+            ca: fed.info.ca.clone(),
+            server_name: Some("localhost".into()),
+        })
+        .collect();
+    nodes.push(NodeEntry {
+        trust: "TQ98".into(),
+        url: format!("https://{silent_addr}"),
+        ca: fed.info.ca.clone(),
+        server_name: Some("localhost".into()),
+    });
+    nodes.push(NodeEntry {
+        trust: "TQ99".into(),
+        url: format!("https://{}", fed.nodes[0].addr()),
+        ca: stranger_ca,
+        server_name: Some("localhost".into()),
+    });
+    let token = "fault-token".to_string();
+    let config = CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        node_deadline_ms: deadline_ms,
+        quorum,
+        tls: TlsFiles {
+            cert: pki.join("coordinator.pem"),
+            key: pki.join("coordinator.key"),
+        },
+        node_client: TlsFiles {
+            cert: pki.join("coordinator-client.pem"),
+            key: pki.join("coordinator-client.key"),
+        },
+        nodes,
+        researchers: vec![ResearcherEntry {
+            name: RESEARCHER.into(),
+            token_sha256: token_hash(&token),
+            projects: vec![PROJECT.into()],
+        }],
+    };
+    let running = trustql_coordinator::start(&config, TrustSchema::cancer().expect("schema"))
+        .await
+        .expect("start");
+    (running, token)
+}
+
+#[tokio::test]
+async fn faulty_nodes_are_reported_within_the_deadline() {
+    let mut fed = launch(&options(false)).await.expect("launch");
+    let ca = std::fs::read(&fed.info.ca).expect("ca");
+    let sql = "SELECT gender, COUNT(*) FROM sim_av_patient GROUP BY gender";
+
+    // Quorum 2 of 5: three real nodes answer; the silent one times out; the stranger fails TLS.
+    let (coordinator, token) = faulty_coordinator(&fed, Quorum::AtLeast(2), 1_500).await;
+    let url = format!("https://127.0.0.1:{}", coordinator.addr().port());
+    let mut client = Client::connect(&url, Some(&ca), &token, None)
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    let result = client.query(sql).await.expect("an answer from the quorum");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the deadline bounds the query"
+    );
+    let coverage = result.coverage.expect("coverage");
+    let status = |trust: &str| {
+        coverage
+            .trusts
+            .iter()
+            .find(|t| t.trust == trust)
+            .map(|t| t.status)
+    };
+    assert_eq!(status("TQ01"), Some(TrustStatus::Answered), "{coverage}");
+    assert_eq!(status("TQ98"), Some(TrustStatus::TimedOut), "{coverage}");
+    assert_eq!(status("TQ99"), Some(TrustStatus::Unreachable), "{coverage}");
+    assert!(!coverage.complete);
+    assert!(
+        coverage.notes.iter().any(|n| n.contains("TQ98")),
+        "{coverage}"
+    );
+
+    // A node stopped before the query: unreachable, and with quorum "all" no answer.
+    let stopped = fed.nodes.remove(2);
+    let trust = stopped.trust().to_string();
+    stopped.stop().await.expect("stop");
+    let mut demo_client = client_for(&fed, &ca).await;
+    let err = demo_client.query(sql).await.expect_err("quorum all fails");
+    let text = err.to_string();
+    assert!(
+        text.contains(&trust) && text.contains("unreachable"),
+        "{text}"
+    );
+
+    // The coordinator itself stays up and answers what it can.
+    let again = client.query(sql).await.expect("still serving");
+    assert!(again.coverage.is_some());
+}
+
+async fn client_for(fed: &Federation, ca: &[u8]) -> Client {
+    Client::connect(&fed.info.url, Some(ca), &fed.info.token, Some(PROJECT))
+        .await
+        .expect("connect")
+}

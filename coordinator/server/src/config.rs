@@ -1,0 +1,173 @@
+//! `coordinator.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::CoordinatorError;
+
+/// The coordinator configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Address researchers connect to (`127.0.0.1:0` picks a free port).
+    pub listen: SocketAddr,
+    /// Longest a node may take to answer, in milliseconds.
+    #[serde(default = "default_deadline")]
+    pub node_deadline_ms: u64,
+    /// How many trusts must answer: `"all"` (the default) or a number.
+    #[serde(default)]
+    pub quorum: Quorum,
+    /// The certificate researchers see.
+    pub tls: TlsFiles,
+    /// The client certificate presented to nodes.
+    pub node_client: TlsFiles,
+    /// The trusts' nodes.
+    #[serde(rename = "node")]
+    pub nodes: Vec<NodeEntry>,
+    /// Who may query, with which projects.
+    #[serde(rename = "researcher", default)]
+    pub researchers: Vec<ResearcherEntry>,
+}
+
+fn default_deadline() -> u64 {
+    30_000
+}
+
+/// The quorum rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quorum {
+    /// Every trust must answer.
+    #[default]
+    All,
+    /// At least this many trusts must answer.
+    AtLeast(usize),
+}
+
+impl<'de> Deserialize<'de> for Quorum {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            Number(usize),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Word(w) if w == "all" => Ok(Quorum::All),
+            Raw::Number(n) if n > 0 => Ok(Quorum::AtLeast(n)),
+            _ => Err(serde::de::Error::custom(
+                "quorum must be \"all\" or a positive number of trusts",
+            )),
+        }
+    }
+}
+
+/// A certificate and its key (PEM).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+}
+
+/// One trust's node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEntry {
+    /// The trust code.
+    pub trust: String,
+    /// `https://host:port`.
+    pub url: String,
+    /// The CA that signed the node's certificate (PEM).
+    pub ca: PathBuf,
+    /// The name on the node's certificate, if not the URL's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+/// One researcher.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResearcherEntry {
+    /// The researcher's name, as nodes see it.
+    pub name: String,
+    /// SHA-256 (hex) of their bearer token; the token itself is never stored.
+    pub token_sha256: String,
+    /// Projects they work on.
+    pub projects: Vec<String>,
+}
+
+impl CoordinatorConfig {
+    /// Reads a config file; relative paths are taken from the file's directory.
+    pub fn load(path: &Path) -> Result<Self, CoordinatorError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            CoordinatorError::Config(format!("cannot read {}: {e}", path.display()))
+        })?;
+        let mut config: CoordinatorConfig =
+            toml::from_str(&text).map_err(|e| CoordinatorError::Config(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Makes relative paths relative to `base`.
+    pub fn resolve(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        fix(&mut self.node_client.cert);
+        fix(&mut self.node_client.key);
+        for node in &mut self.nodes {
+            fix(&mut node.ca);
+        }
+    }
+
+    /// Checks the parts fit together.
+    pub fn validate(&self) -> Result<(), CoordinatorError> {
+        let err = |m: String| Err(CoordinatorError::Config(m));
+        if self.nodes.is_empty() {
+            return err("at least one [[node]] is needed".into());
+        }
+        let mut trusts = std::collections::HashSet::new();
+        for node in &self.nodes {
+            if !trusts.insert(node.trust.as_str()) {
+                return err(format!("trust {} is listed twice", node.trust));
+            }
+            if !node.url.starts_with("https://") {
+                return err(format!(
+                    "node {} must be reached over https:// (mutual TLS)",
+                    node.trust
+                ));
+            }
+        }
+        if let Quorum::AtLeast(n) = self.quorum
+            && n > self.nodes.len()
+        {
+            return err(format!(
+                "quorum {n} is more than the {} nodes listed",
+                self.nodes.len()
+            ));
+        }
+        if self.node_deadline_ms == 0 {
+            return err("node_deadline_ms must be positive".into());
+        }
+        for r in &self.researchers {
+            if r.token_sha256.len() != 64 || !r.token_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                return err(format!(
+                    "researcher {}: token_sha256 must be 64 hex digits",
+                    r.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}

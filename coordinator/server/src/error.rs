@@ -1,0 +1,83 @@
+use trustql_merge::MergeError;
+use trustql_wire::Coverage;
+
+/// Errors of the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The configuration file is missing, malformed or inconsistent.
+    #[error("coordinator configuration: {0}")]
+    Config(String),
+    /// TLS material is missing or unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The caller is not a known researcher.
+    #[error("missing or unknown bearer token")]
+    Unauthenticated,
+    /// The researcher may not use this project, or must name one.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The query can never be answered, or every trust refused it.
+    #[error("{message}")]
+    Refused {
+        /// What to tell the researcher.
+        message: String,
+        /// Per-trust report, when nodes were asked.
+        coverage: Option<Coverage>,
+    },
+    /// Too few trusts answered.
+    #[error(
+        "only {answered} of {total} trusts answered; this coordinator needs {needed}\n{coverage}"
+    )]
+    NoQuorum {
+        /// Trusts that answered.
+        answered: usize,
+        /// Trusts asked.
+        total: usize,
+        /// Trusts needed.
+        needed: usize,
+        /// The report.
+        coverage: Coverage,
+    },
+    /// The merge failed.
+    #[error("{0}")]
+    Merge(MergeError),
+    /// The result expired or belongs to someone else.
+    #[error("no such result: run the query again")]
+    UnknownResult,
+}
+
+impl From<MergeError> for CoordinatorError {
+    fn from(e: MergeError) -> Self {
+        match e {
+            MergeError::Refused(r) => CoordinatorError::Refused {
+                message: r.to_string(),
+                coverage: None,
+            },
+            other => CoordinatorError::Merge(other),
+        }
+    }
+}
+
+impl CoordinatorError {
+    /// The status a researcher's client sees: explicit codes, messages without data.
+    pub fn to_status(&self) -> tonic::Status {
+        use tonic::Status;
+        match self {
+            CoordinatorError::Unauthenticated => Status::unauthenticated(self.to_string()),
+            CoordinatorError::Forbidden(_) => Status::permission_denied(self.to_string()),
+            CoordinatorError::Refused { message, coverage } => {
+                let text = match coverage {
+                    Some(c) => format!("{message}\n{c}"),
+                    None => message.clone(),
+                };
+                Status::invalid_argument(text)
+            }
+            CoordinatorError::NoQuorum { .. } => Status::unavailable(self.to_string()),
+            CoordinatorError::UnknownResult => Status::not_found(self.to_string()),
+            CoordinatorError::Merge(_) => Status::internal(self.to_string()),
+            CoordinatorError::Config(_) | CoordinatorError::Tls(_) => {
+                Status::internal("the coordinator is misconfigured")
+            }
+        }
+    }
+}

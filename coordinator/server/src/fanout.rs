@@ -1,0 +1,156 @@
+//! One long-lived mutual-TLS channel per node, and asking them all at once.
+
+use std::time::Duration;
+
+use arrow::compute::concat_batches;
+use arrow_flight::Ticket;
+use arrow_flight::flight_service_client::FlightServiceClient;
+use futures::TryStreamExt;
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use trustql_merge::SiteStates;
+use trustql_wire::{ANSWER_META_KEY, AnswerMeta, SiteRequest, TrustStatus};
+
+use crate::config::NodeEntry;
+use crate::error::CoordinatorError;
+
+/// Largest answer a node may send (protected aggregates are small).
+const MAX_ANSWER_BYTES: usize = 64 << 20;
+
+/// What became of a request at one node.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The node's protected states.
+    Answered(SiteStates),
+    /// Anything else, with the reason.
+    Not(TrustStatus, String),
+}
+
+/// A node and the channel to it (connected lazily, reconnected by tonic when it returns).
+#[derive(Clone)]
+pub struct NodeLink {
+    trust: String,
+    channel: Channel,
+}
+
+impl NodeLink {
+    /// Sets up the channel; nothing is dialled until the first query.
+    pub fn new(entry: &NodeEntry, identity: &Identity) -> Result<Self, CoordinatorError> {
+        let ca = std::fs::read(&entry.ca).map_err(|e| {
+            CoordinatorError::Tls(format!(
+                "cannot read the CA for {} ({}): {e}",
+                entry.trust,
+                entry.ca.display()
+            ))
+        })?;
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .identity(identity.clone());
+        if let Some(name) = &entry.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        let channel = Endpoint::from_shared(entry.url.clone())
+            .map_err(|_| CoordinatorError::Config(format!("bad URL for {}", entry.trust)))?
+            .tls_config(tls)
+            .map_err(|e| CoordinatorError::Tls(format!("node {}: {e}", entry.trust)))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        Ok(NodeLink {
+            trust: entry.trust.clone(),
+            channel,
+        })
+    }
+
+    /// The trust code.
+    pub fn trust(&self) -> &str {
+        &self.trust
+    }
+
+    /// Sends the request and reads the answer, all within `deadline`.
+    pub async fn ask(&self, request: &SiteRequest, deadline: Duration) -> Outcome {
+        match tokio::time::timeout(deadline, self.exchange(request)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Outcome::Not(
+                TrustStatus::TimedOut,
+                format!("no answer within {} ms", deadline.as_millis()),
+            ),
+        }
+    }
+
+    async fn exchange(&self, request: &SiteRequest) -> Outcome {
+        let mut client = FlightServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_ANSWER_BYTES);
+        let stream = match client.do_get(Ticket::new(request.to_ticket())).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return from_status(&status),
+        };
+        let stream = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(
+            stream.map_err(|status| arrow_flight::error::FlightError::Tonic(Box::new(status))),
+        );
+        let batches: Vec<_> = match stream.try_collect().await {
+            Ok(b) => b,
+            Err(arrow_flight::error::FlightError::Tonic(status)) => {
+                return from_status(status.as_ref());
+            }
+            Err(_) => return garbage("its answer could not be decoded"),
+        };
+        let Some(first) = batches.first() else {
+            return garbage("its answer was empty");
+        };
+        let schema = first.schema();
+        let Some(meta) = schema
+            .metadata()
+            .get(ANSWER_META_KEY)
+            .and_then(|m| AnswerMeta::from_json(m).ok())
+        else {
+            return garbage("its answer had no TrustQL metadata");
+        };
+        if meta.trust != self.trust || meta.request_id != request.request_id {
+            return garbage("its answer was for another trust or request");
+        }
+        match concat_batches(&schema, &batches) {
+            Ok(batch) => Outcome::Answered(SiteStates {
+                trust: self.trust.clone(),
+                batch,
+                meta,
+            }),
+            Err(_) => garbage("its answer's batches did not fit together"),
+        }
+    }
+}
+
+fn garbage(reason: &str) -> Outcome {
+    Outcome::Not(TrustStatus::Failed, reason.to_string())
+}
+
+/// Maps a node's status to coverage; node messages are bounded and never hold data.
+fn from_status(status: &tonic::Status) -> Outcome {
+    let message: String = status.message().chars().take(500).collect();
+    let kind = match status.code() {
+        Code::PermissionDenied | Code::InvalidArgument => TrustStatus::Refused,
+        Code::Unavailable => {
+            // A transport failure (refused connection, TLS) or a node that cannot audit.
+            if message.contains("audit") || message.contains("record") {
+                TrustStatus::Failed
+            } else {
+                return Outcome::Not(
+                    TrustStatus::Unreachable,
+                    "the node could not be reached (down, or its certificate is not trusted)"
+                        .into(),
+                );
+            }
+        }
+        Code::DeadlineExceeded => TrustStatus::Failed,
+        Code::Unknown if message.contains("transport") || message.contains("connect") => {
+            return Outcome::Not(
+                TrustStatus::Unreachable,
+                "the node could not be reached".into(),
+            );
+        }
+        _ => TrustStatus::Failed,
+    };
+    Outcome::Not(kind, message)
+}

@@ -1,0 +1,412 @@
+//! The researchers' Flight SQL service.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use arrow::ipc::writer::IpcWriteOptions;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
+use arrow_flight::sql::server::FlightSqlService;
+use arrow_flight::sql::{
+    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
+    ActionCreatePreparedStatementResult, CommandGetCatalogs, CommandGetDbSchemas,
+    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
+    CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
+};
+use arrow_flight::{
+    Action, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest,
+    HandshakeResponse, IpcMessage, SchemaAsIpc, Ticket,
+};
+use futures::{Stream, StreamExt, TryStreamExt, stream};
+use prost::Message;
+use rand::TryRngCore;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::Caller;
+use crate::error::CoordinatorError;
+use crate::federation::{Coordinator, FederatedAnswer};
+
+/// Catalog and schema names the shared tables are listed under (DataFusion's defaults).
+const CATALOG: &str = "datafusion";
+const DB_SCHEMA: &str = "public";
+/// How long a result waits to be fetched, and how many may wait.
+const RESULT_TTL: Duration = Duration::from_secs(600);
+const MAX_WAITING_RESULTS: usize = 256;
+
+static SQL_INFO: LazyLock<Option<SqlInfoData>> = LazyLock::new(|| {
+    let mut builder = SqlInfoDataBuilder::new();
+    builder.append(SqlInfo::FlightSqlServerName, "TrustQL coordinator");
+    builder.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+    builder.append(SqlInfo::FlightSqlServerArrowVersion, "1.3");
+    builder.append(SqlInfo::FlightSqlServerReadOnly, true);
+    builder.append(SqlInfo::FlightSqlServerSql, true);
+    builder.append(SqlInfo::FlightSqlServerSubstrait, false);
+    builder.append(SqlInfo::FlightSqlServerTransaction, 0i32);
+    builder.append(SqlInfo::FlightSqlServerCancel, false);
+    builder.build().ok()
+});
+
+type DataStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send + 'static>>;
+
+struct Waiting {
+    researcher: String,
+    answer: FederatedAnswer,
+    created: Instant,
+}
+
+/// Flight SQL for researchers: bearer tokens, federated statements, schema browsing.
+pub struct ResearcherService {
+    coordinator: Arc<Coordinator>,
+    waiting: Mutex<HashMap<String, Waiting>>,
+}
+
+impl ResearcherService {
+    /// A service over `coordinator`.
+    pub fn new(coordinator: Arc<Coordinator>) -> Self {
+        ResearcherService {
+            coordinator,
+            waiting: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        self.coordinator
+            .authenticate(request.metadata())
+            .map_err(|e| e.to_status())
+    }
+
+    /// Runs the query now and keeps the result for the DoGet that follows.
+    async fn execute(&self, caller: &Caller, sql: &str) -> Result<FlightInfo, Status> {
+        let answer = self
+            .coordinator
+            .query(caller, sql)
+            .await
+            .map_err(|e| e.to_status())?;
+        let handle = random_handle();
+        let rows: usize = answer.batches.iter().map(RecordBatch::num_rows).sum();
+        let info = FlightInfo::new()
+            .try_with_schema(answer.schema.as_ref())
+            .map_err(|_| Status::internal("the result schema could not be encoded"))?
+            .with_endpoint(
+                FlightEndpoint::new().with_ticket(Ticket::new(
+                    TicketStatementQuery {
+                        statement_handle: handle.clone().into(),
+                    }
+                    .as_any()
+                    .encode_to_vec(),
+                )),
+            )
+            .with_total_records(rows as i64)
+            .with_ordered(true)
+            .with_app_metadata(answer.coverage.to_json().into_bytes());
+        let mut waiting = self
+            .waiting
+            .lock()
+            .map_err(|_| Status::internal("the result store failed"))?;
+        waiting.retain(|_, w| w.created.elapsed() < RESULT_TTL);
+        if waiting.len() >= MAX_WAITING_RESULTS {
+            return Err(Status::resource_exhausted(
+                "too many results are waiting to be fetched; fetch or drop them first",
+            ));
+        }
+        waiting.insert(
+            handle,
+            Waiting {
+                researcher: caller.researcher.clone(),
+                answer,
+                created: Instant::now(),
+            },
+        );
+        Ok(info)
+    }
+
+    fn take(&self, caller: &Caller, handle: &[u8]) -> Result<FederatedAnswer, Status> {
+        let handle =
+            std::str::from_utf8(handle).map_err(|_| CoordinatorError::UnknownResult.to_status())?;
+        let mut waiting = self
+            .waiting
+            .lock()
+            .map_err(|_| Status::internal("the result store failed"))?;
+        match waiting.get(handle) {
+            Some(w) if w.researcher == caller.researcher && w.created.elapsed() < RESULT_TTL => {}
+            _ => return Err(CoordinatorError::UnknownResult.to_status()),
+        }
+        waiting
+            .remove(handle)
+            .map(|w| w.answer)
+            .ok_or_else(|| CoordinatorError::UnknownResult.to_status())
+    }
+
+    fn info_for(
+        command: Vec<u8>,
+        schema: SchemaRef,
+        descriptor: FlightDescriptor,
+    ) -> Result<FlightInfo, Status> {
+        Ok(FlightInfo::new()
+            .try_with_schema(schema.as_ref())
+            .map_err(|_| Status::internal("a schema could not be encoded"))?
+            .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(command)))
+            .with_descriptor(descriptor))
+    }
+}
+
+fn stream_batches(schema: SchemaRef, batches: Vec<RecordBatch>) -> DataStream {
+    let stream = FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .build(stream::iter(batches.into_iter().map(Ok)))
+        .map_err(|_| Status::internal("the result could not be encoded"));
+    stream.boxed()
+}
+
+fn one_batch<E>(batch: Result<RecordBatch, E>) -> Result<Response<DataStream>, Status> {
+    let batch = batch.map_err(|_| Status::internal("the listing could not be built"))?;
+    Ok(Response::new(stream_batches(batch.schema(), vec![batch])))
+}
+
+fn random_handle() -> String {
+    let mut bytes = [0u8; 16];
+    let _ = rand::rngs::OsRng.try_fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tonic::async_trait]
+impl FlightSqlService for ResearcherService {
+    type FlightService = ResearcherService;
+
+    async fn do_handshake(
+        &self,
+        request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<
+        Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>,
+        Status,
+    > {
+        // Tokens travel as `authorization: Bearer …` on every call; a handshake only checks it.
+        self.caller(&request)?;
+        let reply = HandshakeResponse {
+            protocol_version: 0,
+            payload: Default::default(),
+        };
+        let mut response: Response<
+            Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>,
+        > = Response::new(stream::iter(vec![Ok(reply)]).boxed());
+        if let Some(auth) = request.metadata().get("authorization") {
+            response
+                .metadata_mut()
+                .insert("authorization", auth.clone());
+        }
+        Ok(response)
+    }
+
+    async fn get_flight_info_statement(
+        &self,
+        query: CommandStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let caller = self.caller(&request)?;
+        let info = self.execute(&caller, &query.query).await?;
+        Ok(Response::new(info.with_descriptor(request.into_inner())))
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let caller = self.caller(&request)?;
+        let sql = std::str::from_utf8(&query.prepared_statement_handle).map_err(|_| {
+            Status::invalid_argument("not a prepared statement of this coordinator")
+        })?;
+        let info = self.execute(&caller, sql).await?;
+        Ok(Response::new(info.with_descriptor(request.into_inner())))
+    }
+
+    async fn do_get_statement(
+        &self,
+        ticket: TicketStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let caller = self.caller(&request)?;
+        let answer = self.take(&caller, &ticket.statement_handle)?;
+        Ok(Response::new(stream_batches(answer.schema, answer.batches)))
+    }
+
+    async fn do_action_create_prepared_statement(
+        &self,
+        query: ActionCreatePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        self.caller(&request)?;
+        let schema = self
+            .coordinator
+            .result_schema(&query.query)
+            .await
+            .map_err(|e| e.to_status())?;
+        let IpcMessage(schema_bytes) = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
+            .try_into()
+            .map_err(|_| Status::internal("the result schema could not be encoded"))?;
+        // The handle is the SQL itself: nothing to keep, and nodes always see the text.
+        Ok(ActionCreatePreparedStatementResult {
+            prepared_statement_handle: query.query.into_bytes().into(),
+            dataset_schema: schema_bytes,
+            parameter_schema: Default::default(),
+        })
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        _query: ActionClosePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<(), Status> {
+        self.caller(&request)?;
+        Ok(())
+    }
+
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.caller(&request)?;
+        let data = SQL_INFO
+            .as_ref()
+            .ok_or_else(|| Status::internal("server info unavailable"))?;
+        let schema = query.clone().into_builder(data).schema();
+        let command = query.as_any().encode_to_vec();
+        Ok(Response::new(Self::info_for(
+            command,
+            schema,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.caller(&request)?;
+        let data = SQL_INFO
+            .as_ref()
+            .ok_or_else(|| Status::internal("server info unavailable"))?;
+        one_batch(query.into_builder(data).build())
+    }
+
+    async fn get_flight_info_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.caller(&request)?;
+        let schema = query.into_builder().schema();
+        let command = query.as_any().encode_to_vec();
+        Ok(Response::new(Self::info_for(
+            command,
+            schema,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn do_get_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.caller(&request)?;
+        let mut builder = query.into_builder();
+        builder.append(CATALOG);
+        one_batch(builder.build())
+    }
+
+    async fn get_flight_info_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.caller(&request)?;
+        let schema = query.clone().into_builder().schema();
+        let command = query.as_any().encode_to_vec();
+        Ok(Response::new(Self::info_for(
+            command,
+            schema,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn do_get_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.caller(&request)?;
+        let mut builder = query.into_builder();
+        builder.append(CATALOG, DB_SCHEMA);
+        one_batch(builder.build())
+    }
+
+    async fn get_flight_info_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.caller(&request)?;
+        let schema = query.clone().into_builder().schema();
+        let command = query.as_any().encode_to_vec();
+        Ok(Response::new(Self::info_for(
+            command,
+            schema,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn do_get_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.caller(&request)?;
+        let schema = self.coordinator.schema();
+        let mut builder = query.into_builder();
+        for table in schema.tables() {
+            let arrow_schema = schema
+                .arrow_schema(&table.name)
+                .map_err(|_| Status::internal("the shared schema is inconsistent"))?;
+            builder
+                .append(CATALOG, DB_SCHEMA, &table.name, "TABLE", &arrow_schema)
+                .map_err(|_| Status::internal("the listing could not be built"))?;
+        }
+        one_batch(builder.build())
+    }
+
+    async fn get_flight_info_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.caller(&request)?;
+        let schema = query.into_builder().schema();
+        let command = query.as_any().encode_to_vec();
+        Ok(Response::new(Self::info_for(
+            command,
+            schema,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn do_get_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.caller(&request)?;
+        let mut builder = query.into_builder();
+        builder.append("TABLE");
+        one_batch(builder.build())
+    }
+
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}

@@ -340,8 +340,10 @@ fn layout(plan: &AggregateExec) -> Result<Vec<Slot>, NodeError> {
                 .rsplit_once('[')
                 .map(|(_, s)| s.trim_end_matches(']'))
                 .unwrap_or_default();
+            // Only COUNT's own count is a released frequency and is rounded; the count inside
+            // AVG/VAR states is their denominator, and rounding it would bias every mean.
             let role = match (name.as_str(), suffix) {
-                (_, "count") => ColumnRole::Count,
+                ("count", "count") => ColumnRole::Count,
                 ("sum" | "avg", "sum") => ColumnRole::Sum { top: None },
                 _ => ColumnRole::Other,
             };

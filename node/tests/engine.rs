@@ -449,3 +449,54 @@ async fn rollup_subtotals_of_withheld_cells_are_withheld_at_the_node() {
     );
     assert!(answer.meta.withheld.small > 0 && answer.meta.withheld.margin_of_withheld > 0);
 }
+
+#[tokio::test]
+async fn rounding_rounds_counts_but_never_biases_means() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(
+        dir.path(),
+        3_000,
+        "min_patients = 10\nrounding = \"base\"\nrounding_base = 5\nwithhold_whole_margin_cells = false",
+    )
+    .await;
+    let ctx = plain(dir.path()).await;
+    let sql = "SELECT site_icd10_o2_3char, COUNT(*), AVG(age) FROM sim_av_tumour GROUP BY site_icd10_o2_3char";
+    let answer = engine.answer(&request(sql), TODAY).await.expect("answer");
+    assert!(answer.meta.released > 3);
+    let finished = finish(&ctx, sql, answer.batch.clone()).await;
+    let exact = ctx
+        .sql(sql)
+        .await
+        .expect("sql")
+        .collect()
+        .await
+        .expect("collect");
+    let exact = concat_batches(&exact[0].schema(), &exact).expect("concat");
+    let exact: std::collections::HashMap<String, (i64, f64)> = rows_as_text(&exact)
+        .into_iter()
+        .map(|row| {
+            let parts: Vec<&str> = row.split('|').collect();
+            (
+                parts[0].to_string(),
+                (
+                    parts[1].parse().expect("count"),
+                    parts[2].parse().expect("avg"),
+                ),
+            )
+        })
+        .collect();
+    for row in rows_as_text(&finished) {
+        let parts: Vec<&str> = row.split('|').collect();
+        let (count, mean): (i64, f64) = (
+            parts[1].parse().expect("count"),
+            parts[2].parse().expect("avg"),
+        );
+        let (exact_count, exact_mean) = exact[parts[0]];
+        assert_eq!(count % 5, 0, "counts are rounded to 5: {row}");
+        assert!((count - exact_count).abs() <= 2, "{row}");
+        assert!(
+            (mean - exact_mean).abs() < 1e-6,
+            "the mean is exact: {row} vs {exact_mean}"
+        );
+    }
+}

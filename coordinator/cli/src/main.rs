@@ -1,8 +1,10 @@
 //! `trustql`: the one command for TrustQL's users.
 
 mod data;
+mod demo;
 mod node;
 mod policy;
+mod query;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +44,16 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run the coordinator researchers connect to (Flight SQL over TLS).
+    Coordinator {
+        /// The coordinator configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Send one SQL query to a coordinator and print the result and its coverage.
+    Query(query::QueryArgs),
+    /// Synthetic data, nodes and a coordinator on loopback, and a few showcase queries.
+    Demo(demo::DemoArgs),
     /// Work with a node's audit log.
     Audit {
         #[command(subcommand)]
@@ -110,6 +122,9 @@ fn main() -> ExitCode {
             action: PolicyAction::Approve { file, by },
         } => policy::approve_file(&file, &by),
         Command::Node { config } => node::run(&config),
+        Command::Coordinator { config } => query::coordinator(&config),
+        Command::Query(args) => query::query(&args),
+        Command::Demo(args) => demo::demo(&args),
         Command::Audit {
             action: AuditAction::Verify { dir },
         } => node::verify_audit(&dir),

@@ -1,0 +1,107 @@
+//! `trustql demo`: a whole federation on loopback and a few showcase queries.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use trustql_client::Client;
+use trustql_demo::{DemoOptions, SHOWCASE, launch};
+
+use crate::query::{Format, print_result};
+
+/// `trustql demo` arguments.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Number of trusts.
+    #[arg(long, default_value_t = 3)]
+    trusts: usize,
+    /// Patients across the federation.
+    #[arg(long, default_value_t = 20_000)]
+    patients: u64,
+    /// Seed for the synthetic data.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Use this federation directory (DIR/<TRUST>/<table>.parquet) instead of generating one.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Minimum count 1 and no rounding at every node: for correctness checks only.
+    #[arg(long)]
+    unprotected: bool,
+    /// Keep running after the showcase until interrupted.
+    #[arg(long)]
+    serve: bool,
+    /// Write the connection details (url, token, project, ca, data_dir, trusts) as JSON here.
+    #[arg(long)]
+    info: Option<PathBuf>,
+}
+
+/// Launches the federation, runs the showcase, optionally keeps serving.
+pub fn demo(args: &DemoArgs) -> Result<bool> {
+    let options = DemoOptions {
+        trusts: args.trusts,
+        patients: args.patients,
+        seed: args.seed,
+        data: args.data.clone(),
+        unprotected: args.unprotected,
+        ..DemoOptions::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        if args.unprotected {
+            eprintln!(
+                "WARNING: --unprotected runs every node with minimum count 1 and no rounding.\n\
+                 WARNING: results are NOT disclosure-controlled. Use it only for correctness checks."
+            );
+        }
+        match &args.data {
+            Some(dir) => println!("Using the federation in {}", dir.display()),
+            None => println!(
+                "Generating {} synthetic patients across {} trusts (seed {})…",
+                args.patients, args.trusts, args.seed
+            ),
+        }
+        let federation = launch(&options).await?;
+        let info = &federation.info;
+        println!(
+            "Started {} node(s) ({}) and a coordinator at {}",
+            federation.nodes.len(),
+            info.trusts.join(", "),
+            info.url
+        );
+        if let Some(path) = &args.info {
+            let json = serde_json::to_string_pretty(info).context("cannot write the info file")?;
+            std::fs::write(path, json)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!("Connection details written to {}", path.display());
+        }
+
+        let ca = std::fs::read(&info.ca).context("cannot read the demo CA")?;
+        let mut client = Client::connect(&info.url, Some(&ca), &info.token, Some(&info.project)).await?;
+        for (title, sql) in SHOWCASE {
+            println!("\n== {title}\n{sql}\n");
+            match client.query(sql).await {
+                Ok(result) => print_result(&result, Format::Table)?,
+                Err(e) => println!("Refused: {e}"),
+            }
+        }
+
+        if args.serve {
+            println!(
+                "\nServing. Connect any Flight SQL client over TLS:\n  url      {}\n  token    {}\n  \
+                 project  {} (gRPC header x-trustql-project)\n  CA       {}\n\
+                 e.g. trustql query --coordinator {} --ca {} --token {} \"SELECT COUNT(*) FROM sim_av_patient\"\n\
+                 Press Ctrl-C to stop.",
+                info.url,
+                info.token,
+                info.project,
+                info.ca.display(),
+                info.url,
+                info.ca.display(),
+                info.token
+            );
+            crate::node::shutdown_signal().await;
+            println!("Stopping.");
+        }
+        Ok(true)
+    })
+}

@@ -70,7 +70,10 @@ pub fn demo(args: &DemoArgs) -> Result<bool> {
         );
         if let Some(path) = &args.info {
             let json = serde_json::to_string_pretty(info).context("cannot write the info file")?;
-            std::fs::write(path, json)
+            // Written whole then renamed, so a script polling for the file never reads half.
+            let partial = path.with_extension("partial");
+            std::fs::write(&partial, json)
+                .and_then(|()| std::fs::rename(&partial, path))
                 .with_context(|| format!("cannot write {}", path.display()))?;
             println!("Connection details written to {}", path.display());
         }

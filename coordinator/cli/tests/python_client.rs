@@ -1,0 +1,82 @@
+//! A real Python researcher (pyarrow + adbc-driver-flightsql) against `trustql demo --serve`.
+//!
+//! The interpreter is `$TRUSTQL_PYTHON` (`.ci/run` prepares one); without it the test makes
+//! its own virtual environment and installs the two packages there.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("TRUSTQL_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("py-client-venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 is needed for the Python client test");
+        assert!(made.success(), "could not create a virtual environment");
+    }
+    let installed = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "pyarrow",
+            "adbc-driver-flightsql",
+            "adbc-driver-manager",
+        ])
+        .status()
+        .expect("run pip");
+    assert!(
+        installed.success(),
+        "could not install pyarrow and adbc-driver-flightsql"
+    );
+    python
+}
+
+#[test]
+fn a_python_adbc_client_browses_and_queries_over_tls_with_a_token() {
+    let python = python();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let info = dir.path().join("info.json");
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_trustql"))
+        .args([
+            "demo",
+            "--trusts",
+            "2",
+            "--patients",
+            "3000",
+            "--serve",
+            "--info",
+        ])
+        .arg(&info)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn demo");
+    let start = Instant::now();
+    while !info.exists() && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/flight_sql_client.py");
+    let output = Command::new(&python)
+        .arg(&script)
+        .arg(&info)
+        .output()
+        .expect("run python");
+    demo.kill().expect("stop demo");
+    let _ = demo.wait();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("python client ok"));
+}

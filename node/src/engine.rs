@@ -8,17 +8,21 @@
 //! (COUNT(DISTINCT) sets) are finished here into counts; disclosure control then runs on the
 //! per-group states before anything leaves.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::array::{Array, ArrayRef, AsArray, Float64Array, RecordBatch};
 use arrow::compute::{cast, concat_batches};
+use arrow::datatypes::Float64Type;
 use arrow::datatypes::{DataType, Field, Schema};
-use datafusion::common::DataFusionError;
+use arrow::row::{RowConverter, SortField};
+use datafusion::common::tree_node::Transformed;
+use datafusion::common::{Column, DataFusionError};
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use datafusion::functions_aggregate::expr_fn::count_distinct;
+use datafusion::functions_aggregate::expr_fn::{count_distinct, sum};
 use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
@@ -157,7 +161,7 @@ impl SiteEngine {
         };
 
         let mut aggr_expr = aggregate.aggr_expr.clone();
-        aggr_expr.push(count_distinct(Expr::Column(patient_key)).alias(PATIENTS_COLUMN));
+        aggr_expr.push(count_distinct(Expr::Column(patient_key.clone())).alias(PATIENTS_COLUMN));
         let partial_plan = Aggregate::try_new(
             aggregate.input.clone(),
             aggregate.group_expr.clone(),
@@ -175,16 +179,20 @@ impl SiteEngine {
         let reduce = partial_reduce(&physical)?;
         let (batch, columns, roles) = self.run(reduce).await?;
 
-        if self.policy.policy.disclosure.dominance.is_some()
-            && roles.iter().any(|r| matches!(r, ColumnRole::Sum { .. }))
-        {
-            return Err(Refusal::new(
-                Rule::Unsupported,
-                "this trust applies a dominance rule to sums, which TrustQL cannot evaluate yet; \
-                 ask for counts",
-            )
-            .into());
-        }
+        let (batch, roles) = match self.policy.policy.disclosure.dominance {
+            Some(dominance) if roles.iter().any(|r| matches!(r, ColumnRole::Sum { .. })) => {
+                self.add_top_contributions(
+                    aggregate,
+                    &patient_key,
+                    batch,
+                    roles,
+                    &columns,
+                    dominance.n,
+                )
+                .await?
+            }
+            _ => (batch, roles),
+        };
         let protected = protect(
             &batch,
             &roles,
@@ -220,6 +228,153 @@ impl SiteEngine {
             meta,
             plan_fingerprint: fingerprint(&optimized),
         })
+    }
+
+    /// For each SUM state, adds a column with the sum of the `n` largest per-patient
+    /// contributions in its group, for the dominance rule (used here, never released).
+    async fn add_top_contributions(
+        &self,
+        aggregate: &Aggregate,
+        patient_key: &Column,
+        batch: RecordBatch,
+        mut roles: Vec<ColumnRole>,
+        columns: &[AnswerColumn],
+        n: u32,
+    ) -> Result<(RecordBatch, Vec<ColumnRole>), NodeError> {
+        if aggregate
+            .group_expr
+            .iter()
+            .any(|e| matches!(e, Expr::GroupingSet(_)))
+        {
+            return Err(Refusal::new(
+                Rule::Unsupported,
+                "this trust applies a dominance rule to sums, which TrustQL does not evaluate on \
+                 ROLLUP, CUBE or GROUPING SETS yet; group without them",
+            )
+            .into());
+        }
+        // (answer column, aggregate index) of every sum state.
+        let sums: Vec<(usize, usize)> = roles
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| matches!(r, ColumnRole::Sum { .. }))
+            .filter_map(|(c, _)| columns.get(c).and_then(|col| col.aggregate).map(|a| (c, a)))
+            .collect();
+        let mut contributions = Vec::with_capacity(sums.len());
+        for (j, (_, a)) in sums.iter().enumerate() {
+            let argument = match aggregate
+                .aggr_expr
+                .get(*a)
+                .cloned()
+                .map(Expr::unalias_nested)
+            {
+                Some(Transformed {
+                    data: Expr::AggregateFunction(f),
+                    ..
+                }) => f.params.args.first().cloned(),
+                _ => None,
+            }
+            .ok_or(NodeError::Execution)?;
+            contributions.push(sum(argument).alias(format!("__trustql_contribution_{j}")));
+        }
+        let mut group_expr = aggregate.group_expr.clone();
+        group_expr.push(Expr::Column(patient_key.clone()));
+        let per_patient = Aggregate::try_new(aggregate.input.clone(), group_expr, contributions)
+            .map(LogicalPlan::Aggregate)
+            .map_err(|_| NodeError::Execution)?;
+        let physical = self
+            .ctx
+            .state()
+            .create_physical_plan(&per_patient)
+            .await
+            .map_err(|_| NodeError::Execution)?;
+        let task = self.ctx.task_ctx();
+        let schema = physical.schema();
+        let rows = tokio::time::timeout(
+            self.timeout,
+            datafusion::physical_plan::collect(physical, task),
+        )
+        .await
+        .map_err(|_| NodeError::Timeout(self.timeout.as_millis() as u64))?
+        .map_err(|e| engine_error(&e))?;
+        let rows = concat_batches(&schema, &rows).map_err(|_| NodeError::Execution)?;
+
+        // Match groups by their keys, encoded alike on both sides.
+        let key_columns: Vec<usize> = roles
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| **r == ColumnRole::Key)
+            .map(|(i, _)| i)
+            .collect();
+        let fields: Vec<SortField> = key_columns
+            .iter()
+            .map(|&i| SortField::new(batch.column(i).data_type().clone()))
+            .collect();
+        let converter = RowConverter::new(fields).map_err(|_| NodeError::Execution)?;
+        let answer_keys: Vec<ArrayRef> = key_columns
+            .iter()
+            .map(|&i| batch.column(i).clone())
+            .collect();
+        let patient_keys = key_columns
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| cast(rows.column(k), batch.column(i).data_type()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| NodeError::Execution)?;
+        let answer_rows = converter
+            .convert_columns(&answer_keys)
+            .map_err(|_| NodeError::Execution)?;
+        let patient_rows = converter
+            .convert_columns(&patient_keys)
+            .map_err(|_| NodeError::Execution)?;
+        let mut by_group: HashMap<Vec<u8>, Vec<Vec<f64>>> = HashMap::new();
+        let first = key_columns.len() + 1;
+        let values = (0..sums.len())
+            .map(|j| cast(rows.column(first + j), &DataType::Float64))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| NodeError::Execution)?;
+        for row in 0..rows.num_rows() {
+            let entry = by_group
+                .entry(patient_rows.row(row).as_ref().to_vec())
+                .or_insert_with(|| vec![Vec::new(); sums.len()]);
+            for (j, v) in values.iter().enumerate() {
+                let v = v.as_primitive::<Float64Type>();
+                if v.is_valid(row) {
+                    entry[j].push(v.value(row).abs());
+                }
+            }
+        }
+        let mut fields: Vec<Field> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        let mut arrays: Vec<ArrayRef> = batch.columns().to_vec();
+        for (j, (column, _)) in sums.iter().enumerate() {
+            let tops: Float64Array = (0..batch.num_rows())
+                .map(|row| {
+                    by_group.get(answer_rows.row(row).as_ref()).map(|lists| {
+                        let mut list = lists[j].clone();
+                        list.sort_by(|a, b| b.total_cmp(a));
+                        list.iter().take(n as usize).sum::<f64>()
+                    })
+                })
+                .collect();
+            roles[*column] = ColumnRole::Sum {
+                top: Some(arrays.len()),
+            };
+            roles.push(ColumnRole::Top);
+            fields.push(Field::new(
+                format!("__trustql_top_{j}"),
+                DataType::Float64,
+                true,
+            ));
+            arrays.push(Arc::new(tops));
+        }
+        let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+            .map_err(|_| NodeError::Execution)?;
+        Ok((batch, roles))
     }
 
     /// Runs the reduced partial aggregate; finishes distinct sets into counts.

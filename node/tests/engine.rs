@@ -500,3 +500,56 @@ async fn rounding_rounds_counts_but_never_biases_means() {
         );
     }
 }
+
+#[tokio::test]
+async fn dominated_sums_are_withheld_by_the_largest_contributions() {
+    // Dominance (n = 1, k = 60%): a group is withheld when one patient gives more than 60%
+    // of its sum. The oracle recomputes each group's per-patient contributions directly.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(
+        dir.path(),
+        3_000,
+        "min_patients = 1\nrounding = \"none\"\nwithhold_whole_margin_cells = false\ndominance = { n = 1, k = 60.0 }",
+    )
+    .await;
+    let ctx = plain(dir.path()).await;
+    let sql = "SELECT site_icd10_o2, SUM(age) FROM sim_av_tumour GROUP BY site_icd10_o2";
+    let answer = engine.answer(&request(sql), TODAY).await.expect("answer");
+    let oracle = ctx
+        .sql(
+            "SELECT site_icd10_o2, CAST(MAX(s) AS DOUBLE) / SUM(s) > 0.6 AS dominated FROM \
+             (SELECT site_icd10_o2, patientid, SUM(age) AS s FROM sim_av_tumour GROUP BY 1, 2) GROUP BY 1",
+        )
+        .await
+        .expect("sql")
+        .collect()
+        .await
+        .expect("collect");
+    let oracle = concat_batches(&oracle[0].schema(), &oracle).expect("concat");
+    let dominated: HashSet<String> = rows_as_text(&oracle)
+        .into_iter()
+        .filter_map(|row| row.strip_suffix("|true").map(str::to_string))
+        .collect();
+    assert!(
+        !dominated.is_empty(),
+        "the data must have dominated groups for this test"
+    );
+    assert_eq!(answer.meta.withheld.dominated, dominated.len());
+    let released: HashSet<String> = rows_as_text(&answer.batch.project(&[0]).expect("keys"))
+        .into_iter()
+        .collect();
+    assert!(
+        released.is_disjoint(&dominated),
+        "a dominated group was released"
+    );
+    assert_eq!(released.len() + dominated.len(), oracle.num_rows());
+    assert!(
+        answer
+            .batch
+            .schema()
+            .fields()
+            .iter()
+            .all(|f| !f.name().starts_with("__trustql_top")),
+        "the largest contributions never leave the node"
+    );
+}

@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 use rand::TryRngCore;
 use serde::Serialize;
 use trustql_coordinator::{
-    CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, RunningCoordinator, TlsFiles, token_hash,
+    CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, RunningCoordinator, TlsFiles,
+    TotalsConfig, token_hash,
 };
 use trustql_devcerts::DevCa;
 use trustql_node::{Limits, NodeConfig, RunningNode, TlsConfig};
+use trustql_policies::Rounding;
 use trustql_schemas::{TrustSchema, trust_codes};
 use trustql_synth::{SynthConfig, generate};
 
@@ -206,6 +208,16 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
             token_sha256: token_hash(&token),
             projects: vec![PROJECT.into()],
         }],
+        // The federation repeats the trusts' own rules on the totals.
+        disclosure: if options.unprotected {
+            TotalsConfig::default()
+        } else {
+            TotalsConfig {
+                min_patients: 10,
+                rounding: Rounding::Base,
+                rounding_base: 5,
+            }
+        },
     };
     config
         .validate()

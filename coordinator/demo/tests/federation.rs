@@ -124,9 +124,27 @@ async fn researchers_browse_and_are_refused_clearly() {
         .query("SELECT ethnicity, site_icd10_o2_3char, COUNT(*) FROM sim_av_patient p JOIN sim_av_tumour t ON p.patientid = t.patientid GROUP BY 1, 2")
         .await
         .expect("answer");
-    let coverage = result.coverage.expect("coverage");
+    let coverage = result.coverage.clone().expect("coverage");
     let withheld: usize = coverage.trusts.iter().map(|t| t.withheld.small).sum();
     assert!(withheld > 0, "{coverage}");
+    assert!(
+        coverage
+            .notes
+            .iter()
+            .any(|n| n.contains("rounded to the nearest 5")),
+        "{coverage}"
+    );
+    let counts = one(&result);
+    let counts =
+        arrow::compute::cast(counts.column(2), &arrow::datatypes::DataType::Int64).expect("cast");
+    let counts = counts
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .expect("ints");
+    assert!(
+        counts.iter().flatten().all(|c| c % 5 == 0 && c >= 10),
+        "released totals are rounded and not small"
+    );
 
     let err = client
         .query("SELECT patientid FROM sim_av_patient")
@@ -239,6 +257,7 @@ async fn faulty_coordinator(
             key: pki.join("coordinator-client.key"),
         },
         nodes,
+        disclosure: Default::default(),
         researchers: vec![ResearcherEntry {
             name: RESEARCHER.into(),
             token_sha256: token_hash(&token),
@@ -289,6 +308,7 @@ async fn faulty_nodes_are_reported_within_the_deadline() {
     // A node stopped before the query: unreachable, and with quorum "all" no answer.
     let stopped = fed.nodes.remove(2);
     let trust = stopped.trust().to_string();
+    let stopped_addr = stopped.addr();
     stopped.stop().await.expect("stop");
     let mut demo_client = client_for(&fed, &ca).await;
     let err = demo_client.query(sql).await.expect_err("quorum all fails");
@@ -301,6 +321,41 @@ async fn faulty_nodes_are_reported_within_the_deadline() {
     // The coordinator itself stays up and answers what it can.
     let again = client.query(sql).await.expect("still serving");
     assert!(again.coverage.is_some());
+
+    // The node comes back on the same address: the coordinator's channel reconnects.
+    let work = fed.work_dir();
+    let config = trustql_node::NodeConfig {
+        trust: trust.clone(),
+        data_dir: fed.info.data_dir.join(&trust),
+        policy: work.join("policies").join(format!("{trust}.toml")),
+        listen: stopped_addr,
+        audit_dir: work.join("audit").join(&trust),
+        state_dir: work.join("state").join(&trust),
+        tls: trustql_node::TlsConfig {
+            cert: work.join("pki").join(format!("node-{trust}.pem")),
+            key: work.join("pki").join(format!("node-{trust}.key")),
+            client_ca: fed.info.ca.clone(),
+        },
+        limits: trustql_node::Limits::default(),
+    };
+    let _back = trustql_node::start(&config, TrustSchema::cancer().expect("schema"))
+        .await
+        .expect("the node restarts");
+    let mut answered = None;
+    for _ in 0..20 {
+        match demo_client.query(sql).await {
+            Ok(result) => {
+                answered = Some(result);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+    let coverage = answered
+        .expect("answered once the node is back")
+        .coverage
+        .expect("coverage");
+    assert!(coverage.complete, "{coverage}");
 }
 
 async fn client_for(fed: &Federation, ca: &[u8]) -> Client {

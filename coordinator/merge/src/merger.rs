@@ -7,20 +7,23 @@ use arrow::array::{ArrayRef, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::catalog::MemTable;
+use datafusion::common::Column;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::functions_aggregate::expr_fn::sum;
 use datafusion::logical_expr::expr::AggregateFunction;
-use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, cast as cast_expr};
+use datafusion::logical_expr::{
+    Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, cast as cast_expr, lit, when,
+};
 use datafusion::optimizer::Optimizer;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::prelude::{SessionConfig, SessionContext};
-use trustql_policies::{Refusal, Rule, aggregate_of, locked_session, plan_sql};
+use trustql_policies::{Refusal, Rounding, Rule, aggregate_of, locked_session, plan_sql};
 use trustql_schemas::TrustSchema;
-use trustql_wire::{AnswerMeta, ColumnKind};
+use trustql_wire::{AnswerMeta, ColumnKind, PATIENTS_COLUMN};
 
 use crate::error::MergeError;
 
@@ -35,9 +38,31 @@ pub struct SiteStates {
     pub meta: AnswerMeta,
 }
 
+/// Disclosure rules the coordinator applies to the merged totals, on top of every node's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TotalsRules {
+    /// Fewest distinct patients (summed over trusts) a released total may have.
+    pub min_patients: u64,
+    /// Rounding of merged counts.
+    pub rounding: Rounding,
+    /// Base for [`Rounding::Base`].
+    pub rounding_base: u64,
+}
+
+impl Default for TotalsRules {
+    fn default() -> Self {
+        TotalsRules {
+            min_patients: 0,
+            rounding: Rounding::None,
+            rounding_base: 5,
+        }
+    }
+}
+
 /// Plans against empty tables of the shared schema and finishes nodes' states.
 pub struct Merger {
     ctx: SessionContext,
+    rules: TotalsRules,
 }
 
 /// A query planned at the coordinator, ready to merge answers into.
@@ -51,7 +76,7 @@ pub struct Prepared {
 
 impl Merger {
     /// A merger for `schema`: the locked session, one empty table per schema table.
-    pub fn new(schema: &TrustSchema) -> Result<Self, MergeError> {
+    pub fn new(schema: &TrustSchema, totals: TotalsRules) -> Result<Self, MergeError> {
         // One partition: Partial → Final with nothing between, and the same locked rules as
         // the nodes, except pushing filters down, which would move a HAVING on a key below
         // the aggregate, into the part the nodes' states replace.
@@ -84,7 +109,7 @@ impl Merger {
             ctx.register_table(table.name.as_str(), Arc::new(empty))
                 .map_err(|e| MergeError::Setup(e.to_string()))?;
         }
-        Ok(Merger { ctx })
+        Ok(Merger { ctx, rules: totals })
     }
 
     /// The planning session (for listing tables and schemas).
@@ -103,9 +128,10 @@ impl Merger {
             .into());
         }
         let mut distinct = HashSet::new();
+        let rules = self.rules;
         let plan = plan
             .transform_up(|node| match node {
-                LogicalPlan::Aggregate(agg) => sum_distinct_counts(agg, &mut distinct),
+                LogicalPlan::Aggregate(agg) => federate_aggregate(agg, &mut distinct, &rules),
                 other => Ok(Transformed::no(other)),
             })
             .map_err(|_| engine("could not plan the merge"))?
@@ -180,7 +206,9 @@ impl Prepared {
                 .rsplit_once('[')
                 .map(|(prefix, _)| prefix)
                 .filter(|prefix| self.distinct.contains(*prefix));
+            let patients = name.rsplit_once('[').map(|(prefix, _)| prefix) == Some(PATIENTS_COLUMN);
             let index = columns.iter().position(|c| match distinct_prefix {
+                _ if patients => c.kind == ColumnKind::Patients,
                 Some(prefix) => {
                     c.kind == ColumnKind::DistinctCount
                         && c.name.rsplit_once('[').map(|(p, _)| p) == Some(prefix)
@@ -207,36 +235,84 @@ impl Prepared {
     }
 }
 
-/// COUNT(DISTINCT x) arrives as one count per node: merge it as SUM under the same name.
-fn sum_distinct_counts(
+/// Rewrites the query's aggregate for merging: COUNT(DISTINCT x) arrives as one count per
+/// node and merges as SUM under the same name; with totals rules, the nodes' patient counts
+/// are summed too, totals under the minimum are filtered out and counts are rounded, all
+/// directly above the aggregate so HAVING, ORDER BY and LIMIT see only what is released.
+fn federate_aggregate(
     agg: Aggregate,
     distinct: &mut HashSet<String>,
+    rules: &TotalsRules,
 ) -> datafusion::common::Result<Transformed<LogicalPlan>> {
-    let mut changed = false;
-    let aggr_expr = agg
+    let mut counts = HashSet::new();
+    let mut aggr_expr = agg
         .aggr_expr
         .iter()
         .map(|expr| match expr {
             Expr::AggregateFunction(AggregateFunction { func, params })
-                if params.distinct && func.name().eq_ignore_ascii_case("count") =>
+                if func.name().eq_ignore_ascii_case("count") =>
             {
-                changed = true;
                 let name = expr.schema_name().to_string();
+                counts.insert(name.clone());
+                if !params.distinct {
+                    return expr.clone();
+                }
                 distinct.insert(name.clone());
-                let arg = params.args.first().cloned().unwrap_or(Expr::Literal(
-                    datafusion::common::ScalarValue::Int64(Some(1)),
-                    None,
-                ));
+                let arg = params.args.first().cloned().unwrap_or(lit(1i64));
                 sum(cast_expr(arg, DataType::Int64)).alias(name)
             }
             other => other.clone(),
         })
         .collect::<Vec<_>>();
-    if !changed {
+    let protect = rules.min_patients > 1 || rules.rounding != Rounding::None;
+    if distinct.is_empty() && !protect {
         return Ok(Transformed::no(LogicalPlan::Aggregate(agg)));
     }
-    Aggregate::try_new(agg.input, agg.group_expr, aggr_expr)
-        .map(|a| Transformed::yes(LogicalPlan::Aggregate(a)))
+    if protect {
+        // Fed from each node's distinct-patient column.
+        aggr_expr.push(sum(lit(1i64)).alias(PATIENTS_COLUMN));
+    }
+    let mut plan =
+        LogicalPlan::Aggregate(Aggregate::try_new(agg.input, agg.group_expr, aggr_expr)?);
+    if rules.min_patients > 1 {
+        plan = LogicalPlanBuilder::from(plan)
+            .filter(col_named(PATIENTS_COLUMN).gt_eq(lit(rules.min_patients as i64)))?
+            .build()?;
+    }
+    if rules.rounding != Rounding::None {
+        let exprs = plan
+            .schema()
+            .iter()
+            .map(|(qualifier, field)| {
+                let column = Expr::Column(Column::new(qualifier.cloned(), field.name()));
+                if qualifier.is_none() && counts.contains(field.name()) {
+                    rounded(col_named(field.name()), rules).alias(field.name())
+                } else {
+                    column
+                }
+            })
+            .collect::<Vec<_>>();
+        plan = LogicalPlanBuilder::from(plan).project(exprs)?.build()?;
+    }
+    Ok(Transformed::yes(plan))
+}
+
+fn col_named(name: &str) -> Expr {
+    Expr::Column(Column::new_unqualified(name))
+}
+
+/// The policy's rounding as an expression (the same arithmetic as `trustql_policies::round`).
+fn rounded(count: Expr, rules: &TotalsRules) -> Expr {
+    match rules.rounding {
+        Rounding::None => count,
+        Rounding::Base => {
+            let base = rules.rounding_base.max(1) as i64;
+            ((count + lit(base / 2)) / lit(base)) * lit(base)
+        }
+        Rounding::Midpoint6 => when(count.clone().lt_eq(lit(0i64)), lit(0i64))
+            .otherwise((count + lit(5i64)) / lit(6i64) * lit(6i64) - lit(3i64))
+            .unwrap_or_else(|_| lit(0i64)),
+    }
 }
 
 fn single_partial(plan: &Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>, MergeError> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use arrow::compute::concat_batches;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
-use trustql_merge::{MergeError, Merger, SiteStates};
+use trustql_merge::{MergeError, Merger, SiteStates, TotalsRules};
 use trustql_node::{Limits, SiteEngine};
 use trustql_policies::{approve, load_approved};
 use trustql_schemas::{TrustSchema, table_path, trust_codes};
@@ -86,12 +86,20 @@ async fn federation() -> Federation {
         _dir: dir,
         engines,
         union,
-        merger: Merger::new(&schema).expect("merger"),
+        merger: Merger::new(&schema, TotalsRules::default()).expect("merger"),
     }
 }
 
 async fn federated(fed: &Federation, sql: &str) -> Result<RecordBatch, MergeError> {
-    let prepared = fed.merger.prepare(sql).await?;
+    federated_with(fed, &fed.merger, sql).await
+}
+
+async fn federated_with(
+    fed: &Federation,
+    merger: &Merger,
+    sql: &str,
+) -> Result<RecordBatch, MergeError> {
+    let prepared = merger.prepare(sql).await?;
     let request = SiteRequest {
         request_id: "oracle".into(),
         researcher: "alice".into(),
@@ -110,7 +118,7 @@ async fn federated(fed: &Federation, sql: &str) -> Result<RecordBatch, MergeErro
             meta: answer.meta,
         })?);
     }
-    let batches = fed.merger.merge(&prepared, states).await?;
+    let batches = merger.merge(&prepared, states).await?;
     Ok(concat_batches(&prepared.schema(), &batches).expect("concat"))
 }
 
@@ -186,4 +194,34 @@ async fn an_answer_of_the_wrong_shape_is_named_not_merged() {
         })
         .expect_err("shape mismatch");
     assert!(err.to_string().contains("TQ01"), "{err}");
+}
+
+#[tokio::test]
+async fn totals_rules_filter_small_totals_and_round_merged_counts() {
+    let fed = federation().await;
+    let rules = TotalsRules {
+        min_patients: 40,
+        rounding: trustql_policies::Rounding::Base,
+        rounding_base: 10,
+    };
+    let merger = Merger::new(&TrustSchema::cancer().expect("schema"), rules).expect("merger");
+    let sql = "SELECT site_icd10_o2_3char, COUNT(*) AS n, AVG(age) FROM sim_av_tumour GROUP BY 1 ORDER BY 1";
+    let got = federated_with(&fed, &merger, sql).await.expect("merged");
+    let want = fed
+        .union
+        .sql(
+            "SELECT site_icd10_o2_3char, CAST((COUNT(*) + 5) / 10 * 10 AS BIGINT) AS n, AVG(age) FROM sim_av_tumour \
+             GROUP BY 1 HAVING COUNT(DISTINCT patientid) >= 40 ORDER BY 1",
+        )
+        .await
+        .expect("sql")
+        .collect()
+        .await
+        .expect("collect");
+    let want = concat_batches(&want[0].schema(), &want).expect("concat");
+    assert!(
+        want.num_rows() > 3 && want.num_rows() < 60,
+        "a mix of large and small sites"
+    );
+    assert_same(sql, &got, &want, true);
 }

@@ -12,7 +12,9 @@ use trustql_schemas::TrustSchema;
 use trustql_wire::{Coverage, SiteRequest, TrustCoverage, TrustStatus, Withheld};
 
 use crate::auth::{Caller, Researchers};
-use crate::config::{CoordinatorConfig, Quorum};
+use trustql_policies::Rounding;
+
+use crate::config::{CoordinatorConfig, Quorum, TotalsConfig};
 use crate::error::CoordinatorError;
 use crate::fanout::{NodeLink, Outcome};
 
@@ -35,6 +37,7 @@ pub struct Coordinator {
     deadline: Duration,
     quorum: Quorum,
     researchers: Researchers,
+    totals: TotalsConfig,
 }
 
 const DISTINCT_NOTE: &str = "COUNT(DISTINCT …) is summed over trusts: a patient treated at two \
@@ -52,7 +55,8 @@ impl Coordinator {
             .map(|n| NodeLink::new(n, &identity))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Coordinator {
-            merger: Merger::new(&schema)?,
+            merger: Merger::new(&schema, config.disclosure.rules())?,
+            totals: config.disclosure,
             schema,
             links,
             deadline: Duration::from_millis(config.node_deadline_ms),
@@ -111,6 +115,20 @@ impl Coordinator {
         let mut notes = Vec::new();
         if prepared.counts_distinct() {
             notes.push(DISTINCT_NOTE.to_string());
+        }
+        if self.totals.min_patients > 1 {
+            notes.push(format!(
+                "totals with fewer than {} patients across the trusts are withheld",
+                self.totals.min_patients
+            ));
+        }
+        match self.totals.rounding {
+            Rounding::None => {}
+            Rounding::Base => notes.push(format!(
+                "merged counts are rounded to the nearest {}",
+                self.totals.rounding_base
+            )),
+            Rounding::Midpoint6 => notes.push("merged counts are rounded by midpoint-6".into()),
         }
         if answered_count < total {
             let missing: Vec<&str> = trusts

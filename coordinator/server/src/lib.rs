@@ -15,7 +15,7 @@ mod flight_sql;
 mod server;
 
 pub use auth::{PROJECT_HEADER, token_hash};
-pub use config::{CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, TlsFiles};
+pub use config::{CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, TlsFiles, TotalsConfig};
 pub use error::CoordinatorError;
 pub use federation::{Coordinator, FederatedAnswer};
 pub use flight_sql::ResearcherService;

@@ -52,11 +52,12 @@ fn site(dir: &Path) -> Site {
         fed.to_str().expect("path"),
     ]);
     assert!(made.status.success(), "{}", text(&made));
-    let tables = r#"["sim_av_patient", "sim_av_tumour", "sim_sact_regimen"]"#;
+    let tables = r#"["sim_av_patient", "sim_av_tumour", "sim_sact_regimen", "sim_sact_cycle"]"#;
     std::fs::write(
         dir.join("policy.toml"),
         format!(
             "[policy]\nversion = \"kill-test\"\ntrust = \"TQ01\"\n\n[disclosure]\nmin_patients = 5\n\n\
+             [query]\nmax_joins = 8\n\n\
              [[project]]\nid = \"p1\"\nresearchers = [\"alice\"]\ntables = {tables}\nexpires = \"2099-12-31\"\n"
         ),
     )
@@ -251,4 +252,86 @@ fn audit_verify_names_an_edited_record_and_a_bad_config_is_clear() {
         "{}",
         text(&output)
     );
+}
+
+/// Every cycle of a regimen with every other, six ways: runs for a long time.
+const SLOW: &str = "SELECT r.intent_of_treatment, COUNT(*) FROM sim_sact_regimen r \
+    JOIN sim_sact_cycle a ON a.merged_regimen_id = r.merged_regimen_id \
+    JOIN sim_sact_cycle b ON b.merged_regimen_id = r.merged_regimen_id \
+    JOIN sim_sact_cycle c ON c.merged_regimen_id = r.merged_regimen_id \
+    JOIN sim_sact_cycle d ON d.merged_regimen_id = r.merged_regimen_id \
+    JOIN sim_sact_cycle e ON e.merged_regimen_id = r.merged_regimen_id \
+    JOIN sim_sact_cycle f ON f.merged_regimen_id = r.merged_regimen_id \
+    GROUP BY r.intent_of_treatment";
+
+#[test]
+fn a_node_killed_during_a_query_is_reported_without_waiting_for_the_deadline() {
+    use trustql_coordinator::{
+        CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, TlsFiles, token_hash,
+    };
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = site(dir.path());
+    let (mut child, addr) = spawn_node(&site);
+    let pki = dir.path().join("pki");
+    site.coordinator
+        .write(&pki, "coordinator")
+        .expect("write coordinator cert");
+    let config = CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        node_deadline_ms: 60_000,
+        quorum: Quorum::All,
+        tls: TlsFiles {
+            cert: pki.join("coordinator.pem"),
+            key: pki.join("coordinator.key"),
+        },
+        node_client: TlsFiles {
+            cert: pki.join("coordinator.pem"),
+            key: pki.join("coordinator.key"),
+        },
+        nodes: vec![NodeEntry {
+            trust: "TQ01".into(),
+            url: format!("https://{addr}"),
+            ca: pki.join("ca.pem"),
+            server_name: Some("localhost".into()),
+        }],
+        researchers: vec![ResearcherEntry {
+            name: "alice".into(),
+            token_sha256: token_hash("t"),
+            projects: vec!["p1".into()],
+        }],
+        disclosure: Default::default(),
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let coordinator = trustql_coordinator::start(
+            &config,
+            trustql_schemas::TrustSchema::cancer().expect("schema"),
+        )
+        .await
+        .expect("coordinator");
+        let url = format!("https://localhost:{}", coordinator.addr().port());
+        let ca = std::fs::read(pki.join("ca.pem")).expect("ca");
+        let mut client = trustql_client::Client::connect(&url, Some(&ca), "t", None)
+            .await
+            .expect("connect");
+        let started = std::time::Instant::now();
+        let query = tokio::spawn(async move { client.query(SLOW).await });
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        child.kill().expect("SIGKILL the node mid-query");
+        let err = query
+            .await
+            .expect("task")
+            .expect_err("no answer from a killed node");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "reported long before the 60 s deadline"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("TQ01") && (text.contains("unreachable") || text.contains("failed")),
+            "{text}"
+        );
+    });
+    let _ = child.wait();
 }

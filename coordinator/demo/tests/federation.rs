@@ -363,3 +363,84 @@ async fn client_for(fed: &Federation, ca: &[u8]) -> Client {
         .await
         .expect("connect")
 }
+
+#[tokio::test]
+async fn prepared_statements_and_sql_info_work_for_standard_clients() {
+    use arrow_flight::sql::SqlInfo;
+    use arrow_flight::sql::client::FlightSqlServiceClient;
+    use futures::TryStreamExt;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+    let fed = launch(&options(false)).await.expect("launch");
+    let ca = std::fs::read(&fed.info.ca).expect("ca");
+    let channel = Endpoint::from_shared(fed.info.url.clone())
+        .expect("url")
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca)))
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = FlightSqlServiceClient::new(channel);
+    client.set_token(fed.info.token.clone());
+    client.set_header("x-trustql-project", PROJECT);
+
+    let mut prepared = client
+        .prepare(
+            "SELECT gender, COUNT(*) AS n FROM sim_av_patient GROUP BY gender".into(),
+            None,
+        )
+        .await
+        .expect("prepare");
+    let fields: Vec<String> = prepared
+        .dataset_schema()
+        .expect("schema")
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    assert_eq!(fields, vec!["gender", "n"]);
+    let info = prepared.execute().await.expect("execute");
+    let ticket = info.endpoint[0].ticket.clone().expect("ticket");
+    let batches: Vec<_> = client
+        .do_get(ticket)
+        .await
+        .expect("do_get")
+        .try_collect()
+        .await
+        .expect("read");
+    assert!(batches.iter().map(|b| b.num_rows()).sum::<usize>() >= 2);
+    prepared.close().await.expect("close");
+
+    // A prepared statement that can never be answered is refused when prepared.
+    let err = client
+        .prepare("SELECT patientid FROM sim_av_patient".into(), None)
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("aggregate"), "{err}");
+
+    let info = client
+        .get_sql_info(vec![
+            SqlInfo::FlightSqlServerName,
+            SqlInfo::FlightSqlServerReadOnly,
+        ])
+        .await
+        .expect("sql info");
+    let ticket = info.endpoint[0].ticket.clone().expect("ticket");
+    let batches: Vec<_> = client
+        .do_get(ticket)
+        .await
+        .expect("do_get")
+        .try_collect()
+        .await
+        .expect("read");
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 2);
+
+    // Without a token nothing is answered, not even the server's description.
+    client.clear_token();
+    assert!(
+        client
+            .get_sql_info(vec![SqlInfo::FlightSqlServerName])
+            .await
+            .is_err()
+    );
+}

@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
-use trustql_audit::{AuditEntry, AuditLog, Decision};
+use trustql_audit::{AuditEntry, AuditLog};
 use trustql_policies::{load_approved, now_rfc3339};
 use trustql_schemas::TrustSchema;
 
@@ -77,19 +77,11 @@ pub async fn start(config: &NodeConfig, schema: TrustSchema) -> Result<RunningNo
     .await?;
     let tls = tls_config(config)?;
     let audit = Arc::new(AuditLog::open(&config.audit_dir, &now_rfc3339())?);
-    audit.append(AuditEntry {
-        time: now_rfc3339(),
-        request_id: String::new(),
-        researcher: String::new(),
-        project: String::new(),
-        sql: String::new(),
-        plan_fingerprint: None,
-        decision: Decision::Node,
-        reason: Some(format!("node for {} started", config.trust)),
-        released: 0,
-        withheld: Default::default(),
-        policy_hash,
-    })?;
+    audit.append(AuditEntry::node_note(
+        &now_rfc3339(),
+        format!("node for {} started", config.trust),
+        &policy_hash,
+    ))?;
 
     let incoming = TcpIncoming::bind(config.listen).map_err(|e| NodeError::Io {
         path: config.listen.to_string().into(),

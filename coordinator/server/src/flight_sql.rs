@@ -142,16 +142,20 @@ impl ResearcherService {
             .ok_or_else(|| CoordinatorError::UnknownResult.to_status())
     }
 
-    fn info_for(
+    /// The FlightInfo of a metadata listing: its ticket is the command itself.
+    fn listing(
+        &self,
+        request: Request<FlightDescriptor>,
         command: Vec<u8>,
         schema: SchemaRef,
-        descriptor: FlightDescriptor,
-    ) -> Result<FlightInfo, Status> {
-        Ok(FlightInfo::new()
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.caller(&request)?;
+        let info = FlightInfo::new()
             .try_with_schema(schema.as_ref())
             .map_err(|_| Status::internal("a schema could not be encoded"))?
             .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(command)))
-            .with_descriptor(descriptor))
+            .with_descriptor(request.into_inner());
+        Ok(Response::new(info))
     }
 }
 
@@ -271,17 +275,11 @@ impl FlightSqlService for ResearcherService {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(&request)?;
         let data = SQL_INFO
             .as_ref()
             .ok_or_else(|| Status::internal("server info unavailable"))?;
         let schema = query.clone().into_builder(data).schema();
-        let command = query.as_any().encode_to_vec();
-        Ok(Response::new(Self::info_for(
-            command,
-            schema,
-            request.into_inner(),
-        )?))
+        self.listing(request, query.as_any().encode_to_vec(), schema)
     }
 
     async fn do_get_sql_info(
@@ -301,14 +299,8 @@ impl FlightSqlService for ResearcherService {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(&request)?;
         let schema = query.into_builder().schema();
-        let command = query.as_any().encode_to_vec();
-        Ok(Response::new(Self::info_for(
-            command,
-            schema,
-            request.into_inner(),
-        )?))
+        self.listing(request, query.as_any().encode_to_vec(), schema)
     }
 
     async fn do_get_catalogs(
@@ -327,14 +319,8 @@ impl FlightSqlService for ResearcherService {
         query: CommandGetDbSchemas,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(&request)?;
         let schema = query.clone().into_builder().schema();
-        let command = query.as_any().encode_to_vec();
-        Ok(Response::new(Self::info_for(
-            command,
-            schema,
-            request.into_inner(),
-        )?))
+        self.listing(request, query.as_any().encode_to_vec(), schema)
     }
 
     async fn do_get_schemas(
@@ -353,14 +339,8 @@ impl FlightSqlService for ResearcherService {
         query: CommandGetTables,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(&request)?;
         let schema = query.clone().into_builder().schema();
-        let command = query.as_any().encode_to_vec();
-        Ok(Response::new(Self::info_for(
-            command,
-            schema,
-            request.into_inner(),
-        )?))
+        self.listing(request, query.as_any().encode_to_vec(), schema)
     }
 
     async fn do_get_tables(
@@ -387,14 +367,8 @@ impl FlightSqlService for ResearcherService {
         query: CommandGetTableTypes,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(&request)?;
         let schema = query.into_builder().schema();
-        let command = query.as_any().encode_to_vec();
-        Ok(Response::new(Self::info_for(
-            command,
-            schema,
-            request.into_inner(),
-        )?))
+        self.listing(request, query.as_any().encode_to_vec(), schema)
     }
 
     async fn do_get_table_types(

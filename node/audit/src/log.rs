@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::error::AuditError;
-use crate::record::{AuditEntry, AuditRecord, Decision};
+use crate::record::{AuditEntry, AuditRecord};
 use crate::verify::check;
 
 /// File name of the log inside the audit directory.
@@ -69,22 +69,14 @@ impl AuditLog {
                 state.file.set_len(state.len).map_err(|e| io(&path, e))?;
                 state.file.sync_all().map_err(|e| io(&path, e))?;
             }
-            log.append(AuditEntry {
-                time: time.to_string(),
-                request_id: String::new(),
-                researcher: String::new(),
-                project: String::new(),
-                sql: String::new(),
-                plan_fingerprint: None,
-                decision: Decision::Node,
-                reason: Some(format!(
+            log.append(AuditEntry::node_note(
+                time,
+                format!(
                     "dropped a cut-off record of {dropped} bytes left by an interrupted write; \
                      it was never acknowledged"
-                )),
-                released: 0,
-                withheld: Default::default(),
-                policy_hash: String::new(),
-            })?;
+                ),
+                "",
+            ))?;
         }
         Ok(log)
     }

@@ -48,6 +48,25 @@ pub struct AuditEntry {
     pub policy_hash: String,
 }
 
+impl AuditEntry {
+    /// A note from the node itself (not a request).
+    pub fn node_note(time: &str, reason: String, policy_hash: &str) -> Self {
+        AuditEntry {
+            time: time.to_string(),
+            request_id: String::new(),
+            researcher: String::new(),
+            project: String::new(),
+            sql: String::new(),
+            plan_fingerprint: None,
+            decision: Decision::Node,
+            reason: Some(reason),
+            released: 0,
+            withheld: Withheld::default(),
+            policy_hash: policy_hash.to_string(),
+        }
+    }
+}
+
 /// One line of the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {

@@ -79,7 +79,9 @@ pub struct Disclosure {
     pub rounding_base: u64,
     /// Dominance rule: withhold a sum when its `n` largest contributions exceed `k` percent.
     pub dominance: Option<Dominance>,
-    /// Withhold a group that holds all the patients of its margin (a 100% cell).
+    /// Withhold a group that holds all the patients of its margin: a 100% cell, whose
+    /// siblings are the 0% cells (a query never releases an empty group, so this is the
+    /// 0%/100% rule).
     pub withhold_whole_margin_cells: bool,
 }
 
@@ -361,7 +363,8 @@ impl Policy {
         if d.withhold_whole_margin_cells {
             let _ = writeln!(
                 out,
-                "  - a group holding every patient of its row or column (a 100% cell) is withheld"
+                "  - a group holding every patient of its row or column (a 100% cell, so every \
+                 other cell of that row or column is 0%) is withheld"
             );
         }
         let _ = writeln!(

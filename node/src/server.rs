@@ -87,6 +87,8 @@ pub async fn start(config: &NodeConfig, schema: TrustSchema) -> Result<RunningNo
         path: config.listen.to_string().into(),
         reason: format!("cannot listen: {e}"),
     })?;
+    // Small requests and answers: never let Nagle's algorithm hold them back.
+    let incoming = incoming.with_nodelay(Some(true));
     let addr = incoming.local_addr().map_err(|e| NodeError::Io {
         path: config.listen.to_string().into(),
         reason: e.to_string(),

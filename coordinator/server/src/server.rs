@@ -72,6 +72,8 @@ pub async fn start(
     let incoming = TcpIncoming::bind(config.listen).map_err(|e| {
         CoordinatorError::Config(format!("cannot listen on {}: {e}", config.listen))
     })?;
+    // Small requests and answers: never let Nagle's algorithm hold them back.
+    let incoming = incoming.with_nodelay(Some(true));
     let addr = incoming
         .local_addr()
         .map_err(|e| CoordinatorError::Config(e.to_string()))?;

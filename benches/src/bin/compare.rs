@@ -1,0 +1,284 @@
+//! The comparison harness: the same cancer query panel through TrustQL (protection on, end to
+//! end over TLS), through DataFusion in one process over the union of the trusts' Parquet, and
+//! through DuckDB over the same union; engines alternate, each query repeats, and the report
+//! gives per-query medians and the ratios. Then COUNT(*) fan-out latency over 16 nodes.
+//!
+//! `cargo run --release -p trustql-benches --bin compare -- [--patients N] [--repeats R]`
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use trustql_client::Client;
+use trustql_demo::{DemoOptions, launch};
+use trustql_schemas::{TrustSchema, table_path};
+
+/// Command-line options.
+#[derive(Parser)]
+struct Args {
+    /// Patients across the federation.
+    #[arg(long, default_value_t = 1_000_000)]
+    patients: u64,
+    /// Trusts in the federation.
+    #[arg(long, default_value_t = 3)]
+    trusts: usize,
+    /// Runs of each query per engine.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Nodes for the fan-out latency test.
+    #[arg(long, default_value_t = 16)]
+    fanout_nodes: usize,
+    /// COUNT(*) queries for the fan-out latency test.
+    #[arg(long, default_value_t = 200)]
+    fanout_queries: usize,
+    /// Python with duckdb installed (default: make target/py-venv and install it).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Leave DuckDB out.
+    #[arg(long)]
+    no_duckdb: bool,
+}
+
+/// The panel: (name, SQL), representative cancer-registry questions.
+const PANEL: &[(&str, &str)] = &[
+    (
+        "incidence_site_stage",
+        "SELECT site_icd10_o2_3char, stage_best, COUNT(*) FROM sim_av_tumour GROUP BY site_icd10_o2_3char, stage_best",
+    ),
+    (
+        "incidence_by_year",
+        "SELECT date_part('year', diagnosisdatebest) AS y, COUNT(*) FROM sim_av_tumour GROUP BY 1",
+    ),
+    (
+        "survival_status_by_site",
+        "SELECT t.site_icd10_o2_3char, p.vitalstatus, COUNT(*) FROM sim_av_patient p JOIN sim_av_tumour t ON p.patientid = t.patientid GROUP BY 1, 2",
+    ),
+    (
+        "mean_age_by_site",
+        "SELECT site_icd10_o2_3char, COUNT(*), AVG(age), STDDEV(age) FROM sim_av_tumour GROUP BY site_icd10_o2_3char",
+    ),
+    (
+        "age_bands",
+        "SELECT CASE WHEN age < 50 THEN 'under 50' WHEN age < 70 THEN '50-69' ELSE '70+' END AS band, gender, COUNT(*) FROM sim_av_tumour GROUP BY 1, 2",
+    ),
+    (
+        "regimens_by_intent",
+        "SELECT intent_of_treatment, COUNT(*), COUNT(DISTINCT encore_patient_id) FROM sim_sact_regimen GROUP BY intent_of_treatment",
+    ),
+    (
+        "regimens_by_benchmark",
+        "SELECT benchmark_group, AVG(weight_at_start_of_regimen) FROM sim_sact_regimen GROUP BY benchmark_group",
+    ),
+    (
+        "patient_tumour_regimen",
+        "SELECT t.site_icd10_o2_3char, r.intent_of_treatment, COUNT(*) FROM sim_av_patient p JOIN sim_av_tumour t ON p.patientid = t.patientid JOIN sim_sact_regimen r ON r.encore_patient_id = p.patientid GROUP BY 1, 2",
+    ),
+    (
+        "radiotherapy_by_region",
+        "SELECT treatmentregion, COUNT(*), AVG(rtactualdose) FROM sim_rtds_prescription GROUP BY treatmentregion",
+    ),
+    (
+        "ethnicity_breast",
+        "SELECT p.ethnicity, COUNT(*) FROM sim_av_patient p JOIN sim_av_tumour t ON p.patientid = t.patientid WHERE t.site_icd10_o2_3char = 'C50' GROUP BY p.ethnicity",
+    ),
+];
+
+fn median(times: &mut [Duration]) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn percentile(times: &mut [Duration], p: f64) -> Duration {
+    times.sort();
+    let index = ((times.len() as f64 - 1.0) * p).round() as usize;
+    times[index]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let schema = TrustSchema::cancer()?;
+    println!(
+        "Generating {} patients across {} trusts and starting the federation…",
+        args.patients, args.trusts
+    );
+    let federation = launch(&DemoOptions {
+        trusts: args.trusts,
+        patients: args.patients,
+        node_deadline_ms: 600_000,
+        ..DemoOptions::default()
+    })
+    .await?;
+    let ca = std::fs::read(&federation.info.ca)?;
+    let mut client = Client::connect(
+        &federation.info.url,
+        Some(&ca),
+        &federation.info.token,
+        None,
+    )
+    .await?;
+
+    let union = SessionContext::new();
+    for table in schema.tables() {
+        let paths: Vec<String> = federation
+            .info
+            .trusts
+            .iter()
+            .map(|t| {
+                table_path(&federation.info.data_dir.join(t), &table.name)
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        let frame = union
+            .read_parquet(paths, ParquetReadOptions::default())
+            .await?;
+        union.register_table(table.name.as_str(), frame.into_view())?;
+    }
+
+    let duckdb = if args.no_duckdb {
+        None
+    } else {
+        Some(duckdb_python(args.python.as_deref())?)
+    };
+    let panel_json = federation.work_dir().join("panel.json");
+    let tables: Vec<&str> = schema.tables().iter().map(|t| t.name.as_str()).collect();
+    std::fs::write(
+        &panel_json,
+        serde_json::to_string(&serde_json::json!({"tables": tables, "queries": PANEL}))?,
+    )?;
+
+    let mut federated = vec![Vec::new(); PANEL.len()];
+    let mut datafusion = vec![Vec::new(); PANEL.len()];
+    let mut duck = vec![Vec::new(); PANEL.len()];
+    // Warm-up: every engine reads every file once.
+    for (_, sql) in PANEL {
+        client
+            .query(sql)
+            .await
+            .with_context(|| format!("federated: {sql}"))?;
+        union.sql(sql).await?.collect().await?;
+    }
+    for round in 0..args.repeats {
+        println!("round {} of {}", round + 1, args.repeats);
+        for (i, (_, sql)) in PANEL.iter().enumerate() {
+            let start = Instant::now();
+            client.query(sql).await?;
+            federated[i].push(start.elapsed());
+            let start = Instant::now();
+            union.sql(sql).await?.collect().await?;
+            datafusion[i].push(start.elapsed());
+        }
+        if let Some(python) = &duckdb {
+            let times = run_duckdb(python, &federation.info.data_dir, &panel_json, 1)?;
+            for (i, (name, _)) in PANEL.iter().enumerate() {
+                let secs = times
+                    .get(*name)
+                    .and_then(|v| v.as_array())
+                    .and_then(|v| v.first())
+                    .and_then(serde_json::Value::as_f64)
+                    .context("DuckDB timing missing")?;
+                duck[i].push(Duration::from_secs_f64(secs));
+            }
+        }
+    }
+
+    println!(
+        "\n| query | TrustQL (ms) | DataFusion (ms) | DuckDB (ms) | TrustQL / DataFusion | TrustQL / DuckDB |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (i, (name, _)) in PANEL.iter().enumerate() {
+        let f = ms(median(&mut federated[i]));
+        let d = ms(median(&mut datafusion[i]));
+        let (k, kr) = if duck[i].is_empty() {
+            ("–".to_string(), "–".to_string())
+        } else {
+            let k = ms(median(&mut duck[i]));
+            (format!("{k:.1}"), format!("{:.2}", f / k))
+        };
+        println!("| {name} | {f:.1} | {d:.1} | {k} | {:.2} | {kr} |", f / d);
+    }
+    drop(client);
+    drop(federation);
+
+    println!(
+        "\nFan-out: COUNT(*) over {} nodes on loopback…",
+        args.fanout_nodes
+    );
+    let fanout = launch(&DemoOptions {
+        trusts: args.fanout_nodes,
+        patients: 100 * args.fanout_nodes as u64,
+        ..DemoOptions::default()
+    })
+    .await?;
+    let ca = std::fs::read(&fanout.info.ca)?;
+    let mut client = Client::connect(&fanout.info.url, Some(&ca), &fanout.info.token, None).await?;
+    client.query("SELECT COUNT(*) FROM sim_av_patient").await?;
+    let mut latencies = Vec::with_capacity(args.fanout_queries);
+    for _ in 0..args.fanout_queries {
+        let start = Instant::now();
+        client.query("SELECT COUNT(*) FROM sim_av_patient").await?;
+        latencies.push(start.elapsed());
+    }
+    println!(
+        "{} nodes: p50 {:.1} ms, p99 {:.1} ms over {} queries",
+        args.fanout_nodes,
+        ms(percentile(&mut latencies, 0.5)),
+        ms(percentile(&mut latencies, 0.99)),
+        args.fanout_queries
+    );
+    Ok(())
+}
+
+/// A Python with duckdb: the given one, or target/py-venv made and filled on first use.
+fn duckdb_python(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py-venv");
+    let python = venv.join("bin/python");
+    if !python.exists()
+        && !Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()?
+            .success()
+    {
+        bail!("could not create a Python virtual environment for DuckDB");
+    }
+    if !Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet", "duckdb"])
+        .status()?
+        .success()
+    {
+        bail!("could not install duckdb (pip install duckdb)");
+    }
+    Ok(python)
+}
+
+fn run_duckdb(
+    python: &Path,
+    data: &Path,
+    panel: &Path,
+    repeats: usize,
+) -> Result<serde_json::Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("compare/duckdb_panel.py");
+    let output = Command::new(python)
+        .arg(script)
+        .arg(data)
+        .arg(panel)
+        .arg(repeats.to_string())
+        .output()
+        .context("running DuckDB")?;
+    if !output.status.success() {
+        bail!("DuckDB failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(serde_json::from_slice(&output.stdout)?)
+}

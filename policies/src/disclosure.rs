@@ -7,7 +7,7 @@
 //! subtotal and total it belongs to in the same answer, so it cannot be recovered by
 //! subtraction. Counts are then rounded as the policy says.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, UInt64Array};
 use arrow::compute::{cast, filter_record_batch};
@@ -159,33 +159,60 @@ pub fn protect(
             }
         }
     }
+    // Hash buckets keep both rules linear in the number of groups (a pairwise scan took
+    // most of a node's time on a few thousand groups).
     if rules.withhold_whole_margin_cells && !keys.is_empty() {
+        // Rows that differ only at key k share a bucket; a bucket of one is a 100% cell
+        // (its siblings at k are all 0%).
+        let mut buckets: HashMap<(Vec<bool>, usize, Vec<&[u8]>), usize> = HashMap::new();
+        let bucket = |row: usize, k: usize| {
+            let rest: Vec<&[u8]> = (0..keys.len())
+                .filter(|&j| j != k && grouped[row][j])
+                .map(|j| key_rows[row][j].as_slice())
+                .collect();
+            (grouped[row].clone(), k, rest)
+        };
+        for row in 0..rows {
+            for k in (0..keys.len()).filter(|&k| grouped[row][k]) {
+                *buckets.entry(bucket(row, k)).or_default() += 1;
+            }
+        }
         for row in 0..rows {
             if verdicts[row] != Verdict::Release {
                 continue;
             }
-            let alone = (0..keys.len()).any(|k| {
-                grouped[row][k]
-                    && !(0..rows).any(|other| {
-                        other != row
-                            && grouped[other] == grouped[row]
-                            && differs_only_at(&key_rows, row, other, k, &grouped[row])
-                    })
-            });
+            let alone = (0..keys.len())
+                .filter(|&k| grouped[row][k])
+                .any(|k| buckets.get(&bucket(row, k)) == Some(&1));
             if alone {
                 verdicts[row] = Verdict::WholeMargin;
             }
         }
     }
-    // Subtotals and totals of anything withheld are withheld too.
-    let withheld: Vec<usize> = (0..rows)
-        .filter(|&r| verdicts[r] != Verdict::Release)
-        .collect();
-    for &w in &withheld {
-        for (a, verdict) in verdicts.iter_mut().enumerate() {
-            if *verdict == Verdict::Release && is_ancestor(&grouped, &key_rows, a, w) {
-                *verdict = Verdict::MarginOfWithheld;
+    // Subtotals and totals of anything withheld are withheld too: project every withheld row
+    // onto each coarser grouping present, then look each released row up.
+    let masks: HashSet<Vec<bool>> = grouped.iter().cloned().collect();
+    let project = |row: usize, mask: &[bool]| -> Vec<&[u8]> {
+        (0..keys.len())
+            .filter(|&j| mask[j])
+            .map(|j| key_rows[row][j].as_slice())
+            .collect()
+    };
+    let mut margins: HashSet<(Vec<bool>, Vec<&[u8]>)> = HashSet::new();
+    for w in (0..rows).filter(|&r| verdicts[r] != Verdict::Release) {
+        for mask in &masks {
+            let coarser =
+                mask != &grouped[w] && mask.iter().zip(&grouped[w]).all(|(m, g)| !*m || *g);
+            if coarser {
+                margins.insert((mask.clone(), project(w, mask)));
             }
+        }
+    }
+    for (a, verdict) in verdicts.iter_mut().enumerate() {
+        if *verdict == Verdict::Release
+            && margins.contains(&(grouped[a].clone(), project(a, &grouped[a])))
+        {
+            *verdict = Verdict::MarginOfWithheld;
         }
     }
 
@@ -296,18 +323,6 @@ fn key_rows(batch: &RecordBatch, keys: &[usize]) -> Result<Vec<Vec<Vec<u8>>>, Re
     Ok((0..batch.num_rows())
         .map(|r| per_key.iter().map(|k| k[r].clone()).collect())
         .collect())
-}
-
-fn differs_only_at(keys: &[Vec<Vec<u8>>], a: usize, b: usize, at: usize, grouped: &[bool]) -> bool {
-    (0..grouped.len()).all(|k| k == at || !grouped[k] || keys[a][k] == keys[b][k])
-        && keys[a][at] != keys[b][at]
-}
-
-/// Whether row `a` is a subtotal/total containing row `w`.
-fn is_ancestor(grouped: &[Vec<bool>], keys: &[Vec<Vec<u8>>], a: usize, w: usize) -> bool {
-    let ga: HashSet<usize> = (0..grouped[a].len()).filter(|&k| grouped[a][k]).collect();
-    let gw: HashSet<usize> = (0..grouped[w].len()).filter(|&k| grouped[w][k]).collect();
-    ga.len() < gw.len() && ga.is_subset(&gw) && ga.iter().all(|&k| keys[a][k] == keys[w][k])
 }
 
 #[cfg(test)]

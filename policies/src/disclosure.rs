@@ -39,6 +39,9 @@ pub enum ColumnRole {
     Other,
 }
 
+/// Rows that differ only at one key: (grouping mask, that key, the other grouped keys).
+type Bucket<'a> = (Vec<bool>, usize, Vec<&'a [u8]>);
+
 /// Why groups were withheld, and how many were released.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DisclosureReport {
@@ -164,7 +167,7 @@ pub fn protect(
     if rules.withhold_whole_margin_cells && !keys.is_empty() {
         // Rows that differ only at key k share a bucket; a bucket of one is a 100% cell
         // (its siblings at k are all 0%).
-        let mut buckets: HashMap<(Vec<bool>, usize, Vec<&[u8]>), usize> = HashMap::new();
+        let mut buckets: HashMap<Bucket<'_>, usize> = HashMap::new();
         let bucket = |row: usize, k: usize| {
             let rest: Vec<&[u8]> = (0..keys.len())
                 .filter(|&j| j != k && grouped[row][j])

@@ -175,8 +175,8 @@ pub fn protect(
                 .collect();
             (grouped[row].clone(), k, rest)
         };
-        for row in 0..rows {
-            for k in (0..keys.len()).filter(|&k| grouped[row][k]) {
+        for (row, mask) in grouped.iter().enumerate() {
+            for k in (0..keys.len()).filter(|&k| mask[k]) {
                 *buckets.entry(bucket(row, k)).or_default() += 1;
             }
         }

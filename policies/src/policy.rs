@@ -348,6 +348,15 @@ impl Policy {
                 Rounding::Midpoint6 => "rounded by midpoint-6 (ceil(x/6)*6 - 3)".to_string(),
             }
         );
+        if d.rounding != Rounding::None {
+            // Say plainly what rounding does not cover, so a controller can decide.
+            let _ = writeln!(
+                out,
+                "    (sums and means are exact: a SUM of a 0/1 indicator, or a SUM divided by the \
+                 AVG of the same column, gives an exact count; allow only COUNT in [query] \
+                 aggregates if rounded counts must hold)"
+            );
+        }
         match d.dominance {
             Some(dom) => {
                 let _ = writeln!(

@@ -1,22 +1,10 @@
 //! The `trustql` binary's data commands, run as a user would run them.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn trustql(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_trustql"))
-        .args(args)
-        .output()
-        .expect("run trustql")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
+mod common;
+use common::{text, trustql};
 
 fn synth(out: &Path) -> Output {
     trustql(&[

@@ -2,23 +2,11 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn trustql(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_trustql"))
-        .args(args)
-        .output()
-        .expect("run trustql")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
+mod common;
+use common::{text, trustql};
 
 #[test]
 fn the_demo_runs_its_showcase_with_coverage() {

@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,20 +15,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use trustql_devcerts::{DevCa, Issued};
 use trustql_wire::SiteRequest;
 
-fn trustql(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_trustql"))
-        .args(args)
-        .output()
-        .expect("run trustql")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
+mod common;
+use common::{text, trustql};
 
 struct Site {
     config: PathBuf,

@@ -138,6 +138,8 @@ impl SiteEngine {
 
     /// Answers one site request, or says why not.
     pub async fn answer(&self, request: &SiteRequest, today: i32) -> Result<SiteAnswer, NodeError> {
+        // One limit for the whole request, however many plans it runs.
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let _permit = self
             .permits
             .clone()
@@ -177,22 +179,11 @@ impl SiteEngine {
             .await
             .map_err(|_| NodeError::Execution)?;
         let reduce = partial_reduce(&physical)?;
-        let (batch, columns, roles) = self.run(reduce).await?;
+        let (batch, columns, roles) = self.run(reduce, deadline).await?;
 
-        let (batch, roles) = match self.policy.policy.disclosure.dominance {
-            Some(dominance) if roles.iter().any(|r| matches!(r, ColumnRole::Sum { .. })) => {
-                self.add_top_contributions(
-                    aggregate,
-                    &patient_key,
-                    batch,
-                    roles,
-                    &columns,
-                    dominance.n,
-                )
-                .await?
-            }
-            _ => (batch, roles),
-        };
+        let (batch, roles) = self
+            .add_top_contributions(deadline, aggregate, &patient_key, batch, roles, &columns)
+            .await?;
         let protected = protect(
             &batch,
             &roles,
@@ -230,17 +221,24 @@ impl SiteEngine {
         })
     }
 
-    /// For each SUM state, adds a column with the sum of the `n` largest per-patient
-    /// contributions in its group, for the dominance rule (used here, never released).
+    /// When the policy has a dominance rule (n, k), adds for each SUM state a column with the
+    /// sum of the `n` largest per-patient contributions in its group (used here, never
+    /// released); otherwise returns the batch as it is.
     async fn add_top_contributions(
         &self,
+        deadline: tokio::time::Instant,
         aggregate: &Aggregate,
         patient_key: &Column,
         batch: RecordBatch,
         mut roles: Vec<ColumnRole>,
         columns: &[AnswerColumn],
-        n: u32,
     ) -> Result<(RecordBatch, Vec<ColumnRole>), NodeError> {
+        let Some(dominance) = self.policy.policy.disclosure.dominance else {
+            return Ok((batch, roles));
+        };
+        if !roles.iter().any(|r| matches!(r, ColumnRole::Sum { .. })) {
+            return Ok((batch, roles));
+        }
         if aggregate
             .group_expr
             .iter()
@@ -288,16 +286,7 @@ impl SiteEngine {
             .create_physical_plan(&per_patient)
             .await
             .map_err(|_| NodeError::Execution)?;
-        let task = self.ctx.task_ctx();
-        let schema = physical.schema();
-        let rows = tokio::time::timeout(
-            self.timeout,
-            datafusion::physical_plan::collect(physical, task),
-        )
-        .await
-        .map_err(|_| NodeError::Timeout(self.timeout.as_millis() as u64))?
-        .map_err(|e| engine_error(&e))?;
-        let rows = concat_batches(&schema, &rows).map_err(|_| NodeError::Execution)?;
+        let rows = self.collect(physical, deadline).await?;
 
         // Match groups by their keys, encoded alike on both sides.
         let key_columns: Vec<usize> = roles
@@ -357,7 +346,7 @@ impl SiteEngine {
                     by_group.get(answer_rows.row(row).as_ref()).map(|lists| {
                         let mut list = lists[j].clone();
                         list.sort_by(|a, b| b.total_cmp(a));
-                        list.iter().take(n as usize).sum::<f64>()
+                        list.iter().take(dominance.n as usize).sum::<f64>()
                     })
                 })
                 .collect();
@@ -377,23 +366,32 @@ impl SiteEngine {
         Ok((batch, roles))
     }
 
-    /// Runs the reduced partial aggregate; finishes distinct sets into counts.
-    async fn run(
+    /// Runs a plan to one batch, within the request's deadline and the memory pool.
+    async fn collect(
         &self,
-        plan: Arc<AggregateExec>,
-    ) -> Result<(RecordBatch, Vec<AnswerColumn>, Vec<ColumnRole>), NodeError> {
-        let task = self.ctx.task_ctx();
+        plan: Arc<dyn ExecutionPlan>,
+        deadline: tokio::time::Instant,
+    ) -> Result<RecordBatch, NodeError> {
         let schema = plan.schema();
-        let layout = layout(&plan)?;
-        let executed: Arc<dyn ExecutionPlan> = plan;
-        let batches = tokio::time::timeout(
-            self.timeout,
-            datafusion::physical_plan::collect(executed, task),
+        let batches = tokio::time::timeout_at(
+            deadline,
+            datafusion::physical_plan::collect(plan, self.ctx.task_ctx()),
         )
         .await
         .map_err(|_| NodeError::Timeout(self.timeout.as_millis() as u64))?
         .map_err(|e| engine_error(&e))?;
-        let batch = concat_batches(&schema, &batches).map_err(|_| NodeError::Execution)?;
+        concat_batches(&schema, &batches).map_err(|_| NodeError::Execution)
+    }
+
+    /// Runs the reduced partial aggregate; finishes distinct sets into counts.
+    async fn run(
+        &self,
+        plan: Arc<AggregateExec>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(RecordBatch, Vec<AnswerColumn>, Vec<ColumnRole>), NodeError> {
+        let schema = plan.schema();
+        let layout = layout(&plan)?;
+        let batch = self.collect(plan, deadline).await?;
 
         let mut fields = Vec::with_capacity(batch.num_columns());
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());

@@ -7,13 +7,13 @@ mod panel;
 use std::time::{Duration, Instant};
 
 use arrow::compute::concat_batches;
-use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use datafusion::prelude::SessionContext;
 use trustql_client::{Client, QueryResult};
 use trustql_coordinator::{
     CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, TlsFiles, token_hash,
 };
 use trustql_demo::{DemoOptions, Federation, PROJECT, RESEARCHER, launch};
-use trustql_schemas::{TrustSchema, table_path};
+use trustql_schemas::TrustSchema;
 use trustql_wire::TrustStatus;
 
 async fn client(fed: &Federation) -> Client {
@@ -35,26 +35,7 @@ fn options(unprotected: bool) -> DemoOptions {
 }
 
 async fn union(fed: &Federation) -> SessionContext {
-    let ctx = SessionContext::new();
-    for table in TrustSchema::cancer().expect("schema").tables() {
-        let paths: Vec<String> = fed
-            .info
-            .trusts
-            .iter()
-            .map(|t| {
-                table_path(&fed.info.data_dir.join(t), &table.name)
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect();
-        let frame = ctx
-            .read_parquet(paths, ParquetReadOptions::default())
-            .await
-            .expect("read");
-        ctx.register_table(table.name.as_str(), frame.into_view())
-            .expect("register");
-    }
-    ctx
+    panel::union(&fed.info.data_dir, &fed.info.trusts).await
 }
 
 fn one(result: &QueryResult) -> arrow::array::RecordBatch {

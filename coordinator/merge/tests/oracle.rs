@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::compute::concat_batches;
-use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use datafusion::prelude::SessionContext;
 use trustql_merge::{MergeError, Merger, SiteStates, TotalsRules};
 use trustql_node::{Limits, SiteEngine};
 use trustql_policies::{approve, load_approved};
-use trustql_schemas::{TrustSchema, table_path, trust_codes};
+use trustql_schemas::{TrustSchema, trust_codes};
 use trustql_synth::{SynthConfig, generate};
 use trustql_wire::SiteRequest;
 
@@ -64,24 +64,7 @@ async fn federation() -> Federation {
             .expect("engine"),
         );
     }
-    let union = SessionContext::new();
-    for table in schema.tables() {
-        let paths: Vec<String> = trust_codes(3)
-            .iter()
-            .map(|t| {
-                table_path(&fed.join(t), &table.name)
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect();
-        let frame = union
-            .read_parquet(paths, ParquetReadOptions::default())
-            .await
-            .expect("read");
-        union
-            .register_table(table.name.as_str(), frame.into_view())
-            .expect("register");
-    }
+    let union = panel::union(&fed, &trust_codes(3)).await;
     Federation {
         _dir: dir,
         engines,

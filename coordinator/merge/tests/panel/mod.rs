@@ -1,9 +1,35 @@
 //! The oracle panel and its comparison, shared by the merge test and the end-to-end
 //! coordinator test.
 
+use std::path::Path;
+
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float64Type};
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use trustql_schemas::{TrustSchema, table_path};
+
+/// The central oracle: one DataFusion session over the union of every trust's Parquet.
+pub async fn union(data_dir: &Path, trusts: &[String]) -> SessionContext {
+    let ctx = SessionContext::new();
+    for table in TrustSchema::cancer().expect("schema").tables() {
+        let paths: Vec<String> = trusts
+            .iter()
+            .map(|t| {
+                table_path(&data_dir.join(t), &table.name)
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        let frame = ctx
+            .read_parquet(paths, ParquetReadOptions::default())
+            .await
+            .expect("read");
+        ctx.register_table(table.name.as_str(), frame.into_view())
+            .expect("register");
+    }
+    ctx
+}
 
 /// The panel: filters, one and several keys, joins on the patient key, distinct patients,
 /// SUM/AVG/VAR/STDDEV, CASE buckets, date parts, HAVING, ORDER BY … LIMIT, ROLLUP.

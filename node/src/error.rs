@@ -77,7 +77,11 @@ impl NodeError {
             NodeError::Timeout(_) => Status::deadline_exceeded(self.to_string()),
             NodeError::Memory | NodeError::Busy => Status::resource_exhausted(self.to_string()),
             NodeError::Execution => Status::internal(self.to_string()),
-            NodeError::Audit(_) => Status::unavailable("the trust cannot record queries right now"),
+            // Not `unavailable`: that code means the transport failed, and the coordinator
+            // reports it as an unreachable node.
+            NodeError::Audit(_) => Status::aborted(
+                "the trust cannot record queries right now, so nothing was released",
+            ),
             _ => Status::internal("the trust could not answer"),
         }
     }

@@ -131,17 +131,13 @@ fn from_status(status: &tonic::Status) -> Outcome {
     let message: String = status.message().chars().take(500).collect();
     let kind = match status.code() {
         Code::PermissionDenied | Code::InvalidArgument => TrustStatus::Refused,
+        // Nodes never answer `unavailable` themselves: it is the transport (refused
+        // connection, TLS).
         Code::Unavailable => {
-            // A transport failure (refused connection, TLS) or a node that cannot audit.
-            if message.contains("audit") || message.contains("record") {
-                TrustStatus::Failed
-            } else {
-                return Outcome::Not(
-                    TrustStatus::Unreachable,
-                    "the node could not be reached (down, or its certificate is not trusted)"
-                        .into(),
-                );
-            }
+            return Outcome::Not(
+                TrustStatus::Unreachable,
+                "the node could not be reached (down, or its certificate is not trusted)".into(),
+            );
         }
         Code::DeadlineExceeded => TrustStatus::Failed,
         Code::Unknown if message.contains("transport") || message.contains("connect") => {

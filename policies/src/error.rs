@@ -33,4 +33,7 @@ pub enum PolicyError {
         /// The reason.
         reason: String,
     },
+    /// Differential-privacy noise could not be added (nothing is released).
+    #[error("differential privacy: {0}")]
+    Noise(String),
 }

@@ -5,13 +5,18 @@
 //! - [`locked_session`] / [`plan_sql`]: a DataFusion session with only allow-listed functions
 //!   and no statements, for planning researcher SQL.
 //! - [`vet_plan`]: the rules a query must pass, checked on DataFusion's logical plans.
+//! - [`protect`]: disclosure control (suppression, rounding, dominance) on partial states.
+//! - [`bound_contributions`] and [`add_noise`]: differential privacy, bounding what one patient
+//!   brings to a query and adding OpenDP's calibrated noise.
 //!
 //! Nothing here talks to the network; the node wraps it.
 
 mod approval;
+mod contribution;
 mod date;
 mod disclosure;
 mod error;
+mod noise;
 mod policy;
 mod refusal;
 mod session;
@@ -20,11 +25,13 @@ mod vet;
 pub use approval::{
     Approval, ApprovedPolicy, approval_path, approve, content_hash, load_approved, load_checked,
 };
+pub use contribution::{BoundedQuery, DP_AGGREGATES, bound_contributions};
 pub use date::{now_rfc3339, parse_date, today};
 pub use disclosure::{ColumnRole, DisclosureReport, Protected, protect, round};
 pub use error::PolicyError;
+pub use noise::{NoiseReport, Noisy, Released, Selection, add_noise};
 pub use policy::{
-    ClassRules, Classes, Disclosure, Dominance, Finding, Header, Policy, Project, QueryRules,
+    ClassRules, Classes, Disclosure, Dominance, DpRules, Finding, ProjectDp, Header, Policy, Project, QueryRules,
     Rounding, SHIPPABLE_AGGREGATES,
 };
 pub use refusal::{Refusal, Rule};

@@ -1,10 +1,10 @@
 //! The policy file a trust's data controller writes, and its lint.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
-use trustql_schemas::{DisclosureClass, TrustSchema};
+use trustql_schemas::{ColumnType, DisclosureClass, TrustSchema};
 
 use crate::date::parse_date;
 use crate::error::PolicyError;
@@ -37,9 +37,69 @@ pub struct Policy {
     /// Which aggregates may be used, and query size caps.
     #[serde(default)]
     pub query: QueryRules,
+    /// How differential privacy is applied to projects that use it.
+    #[serde(default)]
+    pub dp: DpRules,
     /// The approved projects.
     #[serde(default, rename = "project")]
     pub projects: Vec<Project>,
+}
+
+/// `[dp]`: how a query of a project in differential-privacy mode is bounded.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DpRules {
+    /// Most rows of a table, per patient, that reach an aggregate (by table name).
+    pub rows_per_patient: BTreeMap<String, u32>,
+    /// The bound for tables not listed in `rows_per_patient`.
+    pub default_rows_per_patient: u32,
+    /// `[lower, upper]` clamping bounds for SUM and AVG, by `table.column`; a column without
+    /// bounds cannot be summed in DP mode.
+    pub bounds: BTreeMap<String, [f64; 2]>,
+}
+
+impl Default for DpRules {
+    fn default() -> Self {
+        DpRules {
+            rows_per_patient: BTreeMap::new(),
+            default_rows_per_patient: 1,
+            bounds: BTreeMap::new(),
+        }
+    }
+}
+
+impl DpRules {
+    /// The row bound of a table (the patient table always has one row per patient).
+    pub fn rows_per_patient(&self, table: &str) -> u32 {
+        self.rows_per_patient
+            .get(table)
+            .copied()
+            .unwrap_or(self.default_rows_per_patient)
+    }
+}
+
+/// `[project.dp]`: the project is in differential-privacy mode, with this budget at this trust.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectDp {
+    /// Total ε the project may spend here, ever.
+    pub epsilon_budget: f64,
+    /// ε a query spends unless it asks for less.
+    pub epsilon_per_query: f64,
+    /// Total δ (spent only by queries grouped on keys outside a public code set).
+    #[serde(default = "default_delta_budget")]
+    pub delta_budget: f64,
+    /// δ such a query spends on choosing which groups exist.
+    #[serde(default = "default_delta_per_query")]
+    pub delta_per_query: f64,
+}
+
+fn default_delta_budget() -> f64 {
+    1e-6
+}
+
+fn default_delta_per_query() -> f64 {
+    1e-8
 }
 
 /// `[policy]`: which trust and which version.
@@ -204,6 +264,9 @@ pub struct Project {
     pub tables: Vec<String>,
     /// Last day of approval (YYYY-MM-DD), inclusive.
     pub expires: String,
+    /// Differential-privacy mode and budget; without it, disclosure control applies.
+    #[serde(default)]
+    pub dp: Option<ProjectDp>,
 }
 
 impl Project {
@@ -294,6 +357,7 @@ impl Policy {
                 ));
             }
         }
+        self.lint_dp(schema, &mut findings);
         if d.min_patients < 5 {
             findings.push(Finding::Warning(format!(
                 "min_patients = {} is below the usual NHS threshold of 5–10",
@@ -316,6 +380,53 @@ impl Policy {
             ));
         }
         findings
+    }
+
+    fn lint_dp(&self, schema: &TrustSchema, findings: &mut Vec<Finding>) {
+        let mut error = |m: String| findings.push(Finding::Error(m));
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        for project in &self.projects {
+            let Some(dp) = project.dp else { continue };
+            let id = &project.id;
+            if !positive(dp.epsilon_budget) || !positive(dp.epsilon_per_query) {
+                error(format!("project `{id}`: epsilon_budget and epsilon_per_query must be positive"));
+            } else if dp.epsilon_per_query > dp.epsilon_budget {
+                error(format!("project `{id}`: epsilon_per_query exceeds epsilon_budget"));
+            }
+            if !(positive(dp.delta_budget) && dp.delta_budget < 1.0)
+                || !(positive(dp.delta_per_query) && dp.delta_per_query <= dp.delta_budget)
+            {
+                error(format!(
+                    "project `{id}`: delta_budget must be in (0, 1) and delta_per_query in (0, delta_budget]"
+                ));
+            }
+        }
+        let rules = &self.dp;
+        if rules.default_rows_per_patient == 0 {
+            error("[dp] default_rows_per_patient must be at least 1".into());
+        }
+        for (table, rows) in &rules.rows_per_patient {
+            if schema.table(table).is_err() {
+                error(format!("[dp] rows_per_patient names table `{table}`, which the schema does not have"));
+            } else if *rows == 0 {
+                error(format!("[dp] rows_per_patient for `{table}` must be at least 1"));
+            }
+        }
+        for (name, [lower, upper]) in &rules.bounds {
+            let column = name
+                .split_once('.')
+                .and_then(|(t, c)| schema.table(t).ok()?.column(c));
+            match column {
+                None => error(format!("[dp] bounds name `{name}`, which is not a `table.column` of the schema")),
+                Some(c) if !matches!(c.ty, ColumnType::Int64 | ColumnType::Float64) => {
+                    error(format!("[dp] bounds for `{name}`: only numeric columns can be summed"))
+                }
+                Some(_) if !(lower.is_finite() && upper.is_finite() && lower < upper) => {
+                    error(format!("[dp] bounds for `{name}` must be finite with lower < upper"))
+                }
+                Some(_) => {}
+            }
+        }
     }
 
     /// The effective rules in plain words, for the controller.
@@ -427,6 +538,50 @@ impl Policy {
                 p.researchers.join(", "),
                 p.tables.join(", "),
                 p.expires
+            );
+            if let Some(dp) = p.dp {
+                let _ = writeln!(
+                    out,
+                    "    differential privacy: ε {} per query, {} in all; δ {} per query grouped \
+                     on non-public keys, {} in all",
+                    dp.epsilon_per_query, dp.epsilon_budget, dp.delta_per_query, dp.delta_budget
+                );
+            }
+        }
+        if self.projects.iter().any(|p| p.dp.is_some()) {
+            let r = &self.dp;
+            let _ = writeln!(out, "Differential privacy (for the projects marked above):");
+            let _ = writeln!(
+                out,
+                "  - noise from OpenDP's Laplace mechanism replaces suppression and rounding; \
+                 COUNT, SUM and AVG only"
+            );
+            let _ = writeln!(
+                out,
+                "  - each patient brings at most {} row(s) of a table to an aggregate{}",
+                r.default_rows_per_patient,
+                r.rows_per_patient
+                    .iter()
+                    .map(|(t, n)| format!(", {n} of {t}"))
+                    .collect::<String>()
+            );
+            let _ = writeln!(
+                out,
+                "  - summable columns, clamped to: {}",
+                if r.bounds.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    r.bounds
+                        .iter()
+                        .map(|(c, [l, u])| format!("{c} [{l}, {u}]"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+            let _ = writeln!(
+                out,
+                "  - groups on keys outside a public code set are released only if their noisy \
+                 patient count passes a threshold"
             );
         }
         out

@@ -32,6 +32,13 @@ pub struct Vetted {
     pub grouping_sets: bool,
     /// A column of the aggregate's input holding the patient key, if any.
     pub patient_key: Option<Column>,
+    /// Per GROUP BY expression: the code set of the schema column it is, if it is one untouched.
+    pub key_code_sets: Vec<Option<String>>,
+    /// Per aggregate expression: the `table.column` its first argument is, if it is one untouched.
+    pub argument_sources: Vec<Option<String>>,
+    /// Whether every join is an equi-join of identifier keys of one domain, so a row only ever
+    /// meets rows of the same patient.
+    pub joins_on_keys: bool,
 }
 
 /// Where a column's values come from.
@@ -148,11 +155,36 @@ pub fn vet_plan(
         .iter()
         .any(|e| matches!(e, Expr::GroupingSet(_)));
     let patient_key = vetter.patient_key(&agg.input, &lineage);
+    let input_schema = agg.input.schema();
+    let key_code_sets = agg
+        .group_expr
+        .iter()
+        .map(|e| {
+            let source = vetter.bare_source(e, input_schema, &lineage)?;
+            let (table, column) = source.split_once('.')?;
+            schema.table(table).ok()?.column(column)?.code_set.clone()
+        })
+        .collect();
+    let argument_sources = agg
+        .aggr_expr
+        .iter()
+        .map(|e| match e.clone().unalias_nested().data {
+            Expr::AggregateFunction(AggregateFunction { params, .. }) => params
+                .args
+                .first()
+                .and_then(|a| vetter.bare_source(a, input_schema, &lineage)),
+            _ => None,
+        })
+        .collect();
+    let joins_on_keys = vetter.joins_on_keys(optimized);
     Ok(Vetted {
         tables,
         group_exprs: agg.group_expr.len(),
         grouping_sets,
         patient_key,
+        key_code_sets,
+        argument_sources,
+        joins_on_keys,
     })
 }
 
@@ -833,6 +865,37 @@ impl Vetter<'_> {
             ));
         }
         Ok(())
+    }
+
+    /// The `table.column` an expression is, if it is an untransformed schema column.
+    fn bare_source(&self, expr: &Expr, schema: &DFSchema, input: &Lineage) -> Option<String> {
+        let origin = resolve(bare_column(expr)?, schema, input)?;
+        origin.bare.then_some(origin.source)
+    }
+
+    /// Whether every join of the plan is an equi-join on identifier keys of one domain.
+    fn joins_on_keys(&self, optimized: &LogicalPlan) -> bool {
+        let mut on_keys = true;
+        let _ = optimized.apply(|node| {
+            if let LogicalPlan::Join(join) = node {
+                let key = |side: &LogicalPlan, expr: &Expr| {
+                    let lineage = self.lineage(side, &mut Vec::new(), true).ok()?;
+                    let origin = resolve(bare_column(expr)?, side.schema(), &lineage)?;
+                    origin.key.filter(|_| origin.bare)
+                };
+                on_keys &= !join.on.is_empty()
+                    && join.on.iter().all(|(l, r)| {
+                        let left = key(&join.left, l);
+                        left.is_some() && left == key(&join.right, r)
+                    });
+            }
+            Ok(if on_keys {
+                TreeNodeRecursion::Continue
+            } else {
+                TreeNodeRecursion::Stop
+            })
+        });
+        on_keys
     }
 
     /// An untransformed patient-key column among the aggregate's input columns.

@@ -1,0 +1,300 @@
+//! Each project's privacy budget at one trust: a durable ledger of what was spent.
+//!
+//! Every differentially private release appends one line (project, query key, ε, δ and the
+//! released answer itself) and fsyncs it *before* the answer leaves the node. So a crash can
+//! never un-spend a release, and a repeat of the same query is answered from the ledger at no
+//! further cost: the noise cannot be averaged away by asking again. A line torn by a crash was
+//! never released (the answer is sent only after the write completes) and is cut off on open.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors of the budget ledger.
+#[derive(Debug, thiserror::Error)]
+pub enum BudgetError {
+    /// The ledger file could not be read or written.
+    #[error("budget ledger {path}: {reason}")]
+    Io {
+        /// The ledger file.
+        path: PathBuf,
+        /// The reason.
+        reason: String,
+    },
+    /// A line before the last is not a ledger entry: the file was damaged or edited.
+    #[error(
+        "budget ledger {path} is damaged at line {line}; the node will not guess what was spent \
+         (restore the file from backup)"
+    )]
+    Damaged {
+        /// The ledger file.
+        path: PathBuf,
+        /// The 1-based line number.
+        line: usize,
+    },
+}
+
+/// One release, as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Charge {
+    /// When (RFC 3339, UTC).
+    pub at: String,
+    /// The project that spent.
+    pub project: String,
+    /// The researcher who asked.
+    pub researcher: String,
+    /// The request id, to match the audit log.
+    pub request_id: String,
+    /// What identifies the query for the cache (plan fingerprint and parameters).
+    pub query_key: String,
+    /// ε spent.
+    pub epsilon: f64,
+    /// δ spent.
+    pub delta: f64,
+    /// The released answer (Arrow IPC bytes), returned again for a repeat.
+    #[serde(with = "hex")]
+    pub answer: Vec<u8>,
+}
+
+/// A project's spend so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Spend {
+    /// ε spent.
+    pub epsilon: f64,
+    /// δ spent.
+    pub delta: f64,
+    /// Releases charged.
+    pub releases: usize,
+}
+
+#[derive(Default)]
+struct State {
+    spent: HashMap<String, Spend>,
+    answers: HashMap<(String, String), Vec<u8>>,
+}
+
+/// The ledger of one node.
+pub struct Ledger {
+    path: PathBuf,
+    file: Mutex<File>,
+    state: Mutex<State>,
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger, replaying it; a torn last line is cut off.
+    pub fn open(path: &Path) -> Result<Ledger, BudgetError> {
+        let io = |e: std::io::Error| BudgetError::Io {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(io)?;
+        let mut state = State::default();
+        let mut good_end = 0u64;
+        let mut reader = BufReader::new(&file);
+        let mut line = String::new();
+        let mut number = 0;
+        loop {
+            line.clear();
+            let read = reader.read_line(&mut line).map_err(io)?;
+            if read == 0 {
+                break;
+            }
+            number += 1;
+            let complete = line.ends_with('\n');
+            match serde_json::from_str::<Charge>(line.trim_end()) {
+                Ok(charge) if complete => {
+                    state.apply(charge);
+                    good_end += read as u64;
+                }
+                // Only the very last line can be torn, and it was never released.
+                _ if !complete => break,
+                _ => {
+                    return Err(BudgetError::Damaged {
+                        path: path.to_path_buf(),
+                        line: number,
+                    });
+                }
+            }
+        }
+        drop(reader);
+        if file.metadata().map_err(io)?.len() != good_end {
+            file.set_len(good_end).map_err(io)?;
+            file.sync_all().map_err(io)?;
+        }
+        file.seek(SeekFrom::End(0)).map_err(io)?;
+        Ok(Ledger {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+            state: Mutex::new(state),
+        })
+    }
+
+    /// The ledger file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What `project` has spent.
+    pub fn spent(&self, project: &str) -> Spend {
+        self.lock_state().spent.get(project).copied().unwrap_or_default()
+    }
+
+    /// Every project's spend, by project id.
+    pub fn all(&self) -> BTreeMap<String, Spend> {
+        self.lock_state()
+            .spent
+            .iter()
+            .map(|(p, s)| (p.clone(), *s))
+            .collect()
+    }
+
+    /// The answer already released to `project` for this query key, if any.
+    pub fn cached(&self, project: &str, query_key: &str) -> Option<Vec<u8>> {
+        self.lock_state()
+            .answers
+            .get(&(project.to_string(), query_key.to_string()))
+            .cloned()
+    }
+
+    /// Records a release durably (written and fsync'd); only then may the answer leave.
+    pub fn charge(&self, charge: Charge) -> Result<(), BudgetError> {
+        let io = |e: std::io::Error| BudgetError::Io {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        };
+        let mut line = serde_json::to_string(&charge).map_err(|e| BudgetError::Io {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        line.push('\n');
+        {
+            let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+            file.write_all(line.as_bytes()).map_err(io)?;
+            file.sync_data().map_err(io)?;
+        }
+        self.lock_state().apply(charge);
+        Ok(())
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl State {
+    fn apply(&mut self, charge: Charge) {
+        let spend = self.spent.entry(charge.project.clone()).or_default();
+        spend.epsilon += charge.epsilon;
+        spend.delta += charge.delta;
+        spend.releases += 1;
+        self.answers
+            .insert((charge.project, charge.query_key), charge.answer);
+    }
+}
+
+/// Answers as lower-case hex in the JSON line.
+mod hex {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        if !text.len().is_multiple_of(2) {
+            return Err(D::Error::custom("odd hex length"));
+        }
+        (0..text.len())
+            .step_by(2)
+            .map(|i| {
+                text.get(i..i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| D::Error::custom("not hex"))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn charge(project: &str, key: &str, epsilon: f64) -> Charge {
+        Charge {
+            at: "2026-11-23T00:00:00Z".into(),
+            project: project.into(),
+            researcher: "r".into(),
+            request_id: "q".into(),
+            query_key: key.into(),
+            epsilon,
+            delta: 0.0,
+            answer: vec![0, 1, 254, 255],
+        }
+    }
+
+    #[test]
+    fn spend_and_answers_survive_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state/budget.ledger");
+        let ledger = Ledger::open(&path).expect("open");
+        ledger.charge(charge("a", "k1", 0.5)).expect("charge");
+        ledger.charge(charge("a", "k2", 0.25)).expect("charge");
+        ledger.charge(charge("b", "k1", 1.0)).expect("charge");
+        drop(ledger);
+        let ledger = Ledger::open(&path).expect("reopen");
+        assert_eq!(ledger.spent("a").epsilon, 0.75);
+        assert_eq!(ledger.spent("a").releases, 2);
+        assert_eq!(ledger.spent("b").epsilon, 1.0);
+        assert_eq!(ledger.spent("c"), Spend::default());
+        assert_eq!(ledger.cached("a", "k2"), Some(vec![0, 1, 254, 255]));
+        assert_eq!(ledger.cached("b", "k2"), None, "answers are per project");
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_off_and_appending_continues() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("budget.ledger");
+        Ledger::open(&path)
+            .expect("open")
+            .charge(charge("a", "k1", 0.5))
+            .expect("charge");
+        let whole = std::fs::read(&path).expect("read");
+        let mut file = OpenOptions::new().append(true).open(&path).expect("open");
+        file.write_all(&whole[..whole.len() / 2]).expect("tear");
+        drop(file);
+        let ledger = Ledger::open(&path).expect("reopen");
+        assert_eq!(ledger.spent("a").epsilon, 0.5);
+        ledger.charge(charge("a", "k2", 0.5)).expect("charge");
+        drop(ledger);
+        assert_eq!(Ledger::open(&path).expect("reopen").spent("a").epsilon, 1.0);
+    }
+
+    #[test]
+    fn a_damaged_line_in_the_middle_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("budget.ledger");
+        let ledger = Ledger::open(&path).expect("open");
+        ledger.charge(charge("a", "k1", 0.5)).expect("charge");
+        drop(ledger);
+        let text = std::fs::read_to_string(&path).expect("read");
+        std::fs::write(&path, format!("garbage\n{text}")).expect("write");
+        match Ledger::open(&path) {
+            Err(BudgetError::Damaged { line: 1, .. }) => {}
+            other => panic!("expected a damaged-ledger error, got {:?}", other.err()),
+        }
+    }
+}

@@ -64,7 +64,15 @@ impl Default for Limits {
     }
 }
 
+/// File name of the privacy-budget ledger inside `state_dir`.
+pub const LEDGER_FILE: &str = "budget.ledger";
+
 impl NodeConfig {
+    /// Where this node keeps its privacy-budget ledger.
+    pub fn ledger_path(&self) -> PathBuf {
+        self.state_dir.join(LEDGER_FILE)
+    }
+
     /// Reads a config file; relative paths are taken from the file's directory.
     pub fn load(path: &Path) -> Result<Self, NodeError> {
         let text = std::fs::read_to_string(path).map_err(|e| NodeError::Io {

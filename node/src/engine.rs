@@ -30,6 +30,7 @@ use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
+use trustql_budget::Ledger;
 use trustql_policies::{
     ApprovedPolicy, ColumnRole, Refusal, Rule, aggregate_of, authorise, locked_session, protect,
     vet_sql,
@@ -55,12 +56,16 @@ pub struct SiteAnswer {
 
 /// The engine of one trust.
 pub struct SiteEngine {
-    trust: String,
-    schema: TrustSchema,
-    policy: ApprovedPolicy,
-    ctx: SessionContext,
+    pub(crate) trust: String,
+    pub(crate) schema: TrustSchema,
+    pub(crate) policy: ApprovedPolicy,
+    pub(crate) ctx: SessionContext,
     timeout: Duration,
     permits: Arc<Semaphore>,
+    /// Where differentially private releases are charged (required for DP projects).
+    pub(crate) ledger: Option<Arc<Ledger>>,
+    /// One DP release at a time, so the budget check, the release and its record are atomic.
+    pub(crate) dp_turn: tokio::sync::Mutex<()>,
 }
 
 impl SiteEngine {
@@ -123,7 +128,20 @@ impl SiteEngine {
             ctx,
             timeout: Duration::from_millis(limits.query_timeout_ms),
             permits: Arc::new(Semaphore::new(limits.max_concurrent_queries)),
+            ledger: None,
+            dp_turn: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Keeps differentially private spending in `ledger`.
+    pub fn with_ledger(mut self, ledger: Arc<Ledger>) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    /// The budget ledger, if the node keeps one.
+    pub fn ledger(&self) -> Option<&Arc<Ledger>> {
+        self.ledger.as_ref()
     }
 
     /// The trust code.
@@ -161,6 +179,28 @@ impl SiteEngine {
             )
             .into());
         };
+        if let Some(dp) = project.dp {
+            return self
+                .answer_dp(
+                    request,
+                    &project.id,
+                    dp,
+                    aggregate,
+                    &optimized,
+                    &vetted,
+                    &patient_key,
+                    deadline,
+                )
+                .await;
+        }
+        if request.preview {
+            return Err(Refusal::new(
+                Rule::Unsupported,
+                "a preview tells the cost of a differentially private query; this project is \
+                 not in differential-privacy mode here, so its queries cost no budget",
+            )
+            .into());
+        }
 
         let mut aggr_expr = aggregate.aggr_expr.clone();
         aggr_expr.push(count_distinct(Expr::Column(patient_key.clone())).alias(PATIENTS_COLUMN));
@@ -179,7 +219,7 @@ impl SiteEngine {
             .await
             .map_err(|_| NodeError::Execution)?;
         let reduce = partial_reduce(&physical)?;
-        let (batch, columns, roles) = self.run(reduce, deadline).await?;
+        let (batch, columns, roles) = self.run(reduce, deadline, true).await?;
 
         let (batch, roles) = self
             .add_top_contributions(deadline, aggregate, &patient_key, batch, roles, &columns)
@@ -203,6 +243,7 @@ impl SiteEngine {
                 margin_of_withheld: protected.report.margin_of_withheld,
             },
             columns,
+            dp: None,
         };
         let schema = protected
             .batch
@@ -383,15 +424,21 @@ impl SiteEngine {
         concat_batches(&schema, &batches).map_err(|_| NodeError::Execution)
     }
 
-    /// Runs the reduced partial aggregate; finishes distinct sets into counts.
-    async fn run(
+    /// Runs the reduced partial aggregate (or, without `execute`, takes no rows); finishes
+    /// distinct sets into counts.
+    pub(crate) async fn run(
         &self,
         plan: Arc<AggregateExec>,
         deadline: tokio::time::Instant,
+        execute: bool,
     ) -> Result<(RecordBatch, Vec<AnswerColumn>, Vec<ColumnRole>), NodeError> {
         let schema = plan.schema();
         let layout = layout(&plan)?;
-        let batch = self.collect(plan, deadline).await?;
+        let batch = if execute {
+            self.collect(plan, deadline).await?
+        } else {
+            RecordBatch::new_empty(schema.clone())
+        };
 
         let mut fields = Vec::with_capacity(batch.num_columns());
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
@@ -527,7 +574,9 @@ fn distinct_counts(array: &ArrayRef) -> Result<ArrayRef, NodeError> {
 }
 
 /// Finds the one Partial aggregate and reduces its output to one row per group.
-fn partial_reduce(plan: &Arc<dyn ExecutionPlan>) -> Result<Arc<AggregateExec>, NodeError> {
+pub(crate) fn partial_reduce(
+    plan: &Arc<dyn ExecutionPlan>,
+) -> Result<Arc<AggregateExec>, NodeError> {
     let mut partials = Vec::new();
     let mut aggregates = 0;
     let mut stack = vec![plan.clone()];

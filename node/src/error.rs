@@ -45,6 +45,9 @@ pub enum NodeError {
     /// The audit log could not be written; no answer is released without its record.
     #[error("the audit log could not be written: {0}")]
     Audit(String),
+    /// The privacy-budget ledger could not be read or written; nothing is released unpaid.
+    #[error("the privacy-budget ledger could not be used: {0}")]
+    Budget(String),
     /// A file could not be read or written.
     #[error("cannot access {path}: {reason}")]
     Io {
@@ -67,6 +70,12 @@ impl From<trustql_audit::AuditError> for NodeError {
     }
 }
 
+impl From<trustql_budget::BudgetError> for NodeError {
+    fn from(e: trustql_budget::BudgetError) -> Self {
+        NodeError::Budget(e.to_string())
+    }
+}
+
 impl NodeError {
     /// The tonic status a client sees: explicit codes, bounded messages, no engine text.
     pub fn to_status(&self) -> tonic::Status {
@@ -81,6 +90,9 @@ impl NodeError {
             // reports it as an unreachable node.
             NodeError::Audit(_) => Status::aborted(
                 "the trust cannot record queries right now, so nothing was released",
+            ),
+            NodeError::Budget(_) => Status::aborted(
+                "the trust cannot record privacy spending right now, so nothing was released",
             ),
             _ => Status::internal("the trust could not answer"),
         }

@@ -5,12 +5,13 @@
 //! every request in a hash-chained audit log. It trusts nothing the coordinator checked.
 
 mod config;
+mod dp;
 mod engine;
 mod error;
 mod server;
 mod service;
 
-pub use config::{Limits, NodeConfig, TlsConfig};
+pub use config::{LEDGER_FILE, Limits, NodeConfig, TlsConfig};
 pub use engine::{SiteAnswer, SiteEngine, fingerprint};
 pub use error::NodeError;
 pub use server::{RunningNode, start};

@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use trustql_audit::{AuditEntry, AuditLog};
+use trustql_budget::Ledger;
 use trustql_policies::{load_approved, now_rfc3339};
 use trustql_schemas::TrustSchema;
 
@@ -74,7 +75,8 @@ pub async fn start(config: &NodeConfig, schema: TrustSchema) -> Result<RunningNo
         &config.data_dir,
         &config.limits,
     )
-    .await?;
+    .await?
+    .with_ledger(Arc::new(Ledger::open(&config.ledger_path())?));
     let tls = tls_config(config)?;
     let audit = Arc::new(AuditLog::open(&config.audit_dir, &now_rfc3339())?);
     audit.append(AuditEntry::node_note(

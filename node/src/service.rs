@@ -39,15 +39,7 @@ impl NodeService {
                 let outcome = self.engine.answer(&request, today()).await;
                 (request, outcome)
             }
-            Err(reason) => (
-                SiteRequest {
-                    request_id: String::new(),
-                    researcher: String::new(),
-                    project: String::new(),
-                    sql: String::new(),
-                },
-                Err(NodeError::BadRequest(reason)),
-            ),
+            Err(reason) => (SiteRequest::default(), Err(NodeError::BadRequest(reason))),
         };
         let entry = self.entry(&request, &outcome);
         let audit = self.audit.clone();
@@ -91,6 +83,11 @@ impl NodeService {
             released,
             withheld,
             policy_hash: self.engine.policy().hash.clone(),
+            epsilon: outcome
+                .as_ref()
+                .ok()
+                .and_then(|a| a.meta.dp.as_ref())
+                .map(|dp| dp.epsilon_charged),
         }
     }
 }

@@ -24,6 +24,7 @@ fn request(sql: &str) -> SiteRequest {
         researcher: "alice".into(),
         project: "p1".into(),
         sql: sql.into(),
+        ..Default::default()
     }
 }
 

@@ -50,6 +50,7 @@ fn ticket(id: &str, sql: &str) -> Ticket {
             researcher: "alice".into(),
             project: "p1".into(),
             sql: sql.into(),
+            ..Default::default()
         }
         .to_ticket(),
     )

@@ -14,8 +14,8 @@ use datafusion::common::{Column, DFSchema, ScalarValue};
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
-    Aggregate, Cast, EmptyRelation, Expr, ExprFunctionExt, ExprSchemable, LogicalPlan, LogicalPlanBuilder, SortExpr, TableScan,
-    col, lit, when,
+    Aggregate, Cast, EmptyRelation, Expr, ExprFunctionExt, ExprSchemable, LogicalPlan,
+    LogicalPlanBuilder, SortExpr, TableScan, col, lit, when,
 };
 use trustql_schemas::TrustSchema;
 
@@ -148,19 +148,21 @@ fn shape_problem(optimized: &LogicalPlan) -> Option<&'static str> {
             | LogicalPlan::Projection(_)
             | LogicalPlan::SubqueryAlias(_)
             | LogicalPlan::Join(_) => {}
-            LogicalPlan::Filter(filter) => {
+            LogicalPlan::Filter(filter)
                 if below
-                    && filter.predicate.exists(|e| {
-                        Ok(matches!(
-                            e,
-                            Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_)
-                        ))
-                    })
-                    .unwrap_or(true)
-                {
-                    problem = Some("a subquery's result would depend on other patients");
-                }
+                    && filter
+                        .predicate
+                        .exists(|e| {
+                            Ok(matches!(
+                                e,
+                                Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_)
+                            ))
+                        })
+                        .unwrap_or(true) =>
+            {
+                problem = Some("a subquery's result would depend on other patients");
             }
+            LogicalPlan::Filter(_) => {}
             // Above the aggregate the coordinator finishes HAVING, ORDER BY and LIMIT on noisy
             // values; below it a sort, limit, window or union could change with one patient.
             _ if below => problem = Some("only tables, joins and filters may feed the aggregate"),
@@ -237,14 +239,22 @@ fn clamp_argument(
         ));
     };
     let Some(argument) = params.args.first() else {
-        return Err(Refusal::new(Rule::Aggregate, "the aggregate has no argument"));
+        return Err(Refusal::new(
+            Rule::Aggregate,
+            "the aggregate has no argument",
+        ));
     };
     // The bounds take the column's type, so the states keep the type the coordinator plans
     // (an integer bound truncates towards zero, which only tightens it).
     let ty = argument
         .get_type(input)
         .map_err(|_| Refusal::new(Rule::Unsupported, "the argument's type is unknown"))?;
-    let typed = |x: f64| Expr::Cast(Cast::new(Box::new(lit(ScalarValue::Float64(Some(x)))), ty.clone()));
+    let typed = |x: f64| {
+        Expr::Cast(Cast::new(
+            Box::new(lit(ScalarValue::Float64(Some(x)))),
+            ty.clone(),
+        ))
+    };
     let clamped = when(argument.clone().lt(typed(lower)), typed(lower))
         .when(argument.clone().gt(typed(upper)), typed(upper))
         .otherwise(argument.clone())
@@ -255,10 +265,9 @@ fn clamp_argument(
         func: func.clone(),
         params,
     });
-    let clamped = match alias {
-        Some(name) => clamped.alias(name),
-        None => clamped,
-    };
+    // Keep the researcher's name: the state columns are named after it, and the coordinator
+    // matches them by name.
+    let clamped = clamped.alias(alias.unwrap_or_else(|| expr.schema_name().to_string()));
     Ok((clamped, Some(lower.abs().max(upper.abs()))))
 }
 
@@ -276,10 +285,11 @@ fn bound_scan(
     let table = schema
         .table(&name)
         .map_err(|_| Refusal::new(Rule::Table, format!("unknown table `{name}`")))?;
-    let patient_key = schema
-        .table(patient_table)
-        .ok()
-        .and_then(|p| p.primary_key.as_deref().map(|k| format!("{patient_table}.{k}")));
+    let patient_key = schema.table(patient_table).ok().and_then(|p| {
+        p.primary_key
+            .as_deref()
+            .map(|k| format!("{patient_table}.{k}"))
+    });
     let Some(key) = table
         .columns
         .iter()

@@ -85,15 +85,17 @@ pub fn add_noise(
     delta: f64,
     max_groups: usize,
 ) -> Result<Released, PolicyError> {
-    if noisy.is_empty() || !(epsilon > 0.0) {
+    if noisy.is_empty() || epsilon.is_nan() || epsilon <= 0.0 {
         return Err(PolicyError::Noise("nothing to measure".into()));
     }
     let share = epsilon / noisy.len() as f64;
     let (batch, threshold_mode) = match selection {
-        Selection::Public(domain) if !keys.is_empty() => match complete(batch, keys, domain, max_groups)? {
-            Some(completed) => (completed, false),
-            None => (batch.clone(), true),
-        },
+        Selection::Public(domain) if !keys.is_empty() => {
+            match complete(batch, keys, domain, max_groups)? {
+                Some(completed) => (completed, false),
+                None => (batch.clone(), true),
+            }
+        }
         Selection::Public(_) => (batch.clone(), false),
         Selection::Threshold => (batch.clone(), !keys.is_empty()),
     };
@@ -262,7 +264,11 @@ fn choose_groups(
     })?;
     // The smallest threshold whose δ fits: double, then halve back.
     let delta_of = |t: i64| -> Result<f64, PolicyError> {
-        Ok(measure(scale, t).map_err(opendp_error)?.map(&d_in).map_err(opendp_error)?.1)
+        Ok(measure(scale, t)
+            .map_err(opendp_error)?
+            .map(&d_in)
+            .map_err(opendp_error)?
+            .1)
     };
     let mut high: i64 = 1;
     while delta_of(high)? > delta {
@@ -309,8 +315,9 @@ fn laplace_column(
         let eps = measurement.map(&d_in).map_err(opendp_error)?;
         let mut noisy = measurement.invoke(&values).map_err(opendp_error)?;
         if unsigned {
-            // An unsigned state (AVG's count) cannot go below zero: clamping is post-processing.
-            noisy.iter_mut().for_each(|v| *v = (*v).max(0));
+            // An unsigned state is AVG's count, a denominator: at least 1, so a mean is never
+            // infinite (clamping is post-processing and costs no privacy).
+            noisy.iter_mut().for_each(|v| *v = (*v).max(1));
         }
         Ok((Arc::new(Int64Array::from(noisy)), scale, eps))
     } else if array.data_type().is_floating() {
@@ -415,7 +422,7 @@ mod tests {
     fn float_noise_has_the_calibrated_scale() {
         let zeros: ArrayRef = Arc::new(Float64Array::from(vec![0.0; 20_000]));
         let (noisy, scale, eps) = laplace_column(&zeros, 120.0, 1.0).expect("noise");
-        assert!(scale >= 120.0 && scale < 120.01, "scale {scale}");
+        assert!((120.0..120.01).contains(&scale), "scale {scale}");
         assert!(eps <= 1.0 + 1e-12);
         let values: Vec<f64> = noisy.as_primitive::<Float64Type>().values().to_vec();
         let expected = 2.0 * scale * scale;
@@ -430,7 +437,13 @@ mod tests {
     fn unsigned_states_stay_non_negative() {
         let zeros: ArrayRef = Arc::new(arrow::array::UInt64Array::from(vec![0u64; 1000]));
         let (noisy, _, _) = laplace_column(&zeros, 1.0, 0.1).expect("noise");
-        assert!(noisy.as_primitive::<Int64Type>().values().iter().all(|v| *v >= 0));
+        assert!(
+            noisy
+                .as_primitive::<Int64Type>()
+                .values()
+                .iter()
+                .all(|v| *v >= 0)
+        );
     }
 
     fn groups(keys: Vec<&str>, patients: Vec<i64>) -> RecordBatch {
@@ -466,8 +479,18 @@ mod tests {
         let domain = vec![vec!["1".to_string(), "2".to_string(), "3".to_string()]];
         // Code "3" and null are absent; "X" is outside the code set and must not appear.
         let batch = groups(vec!["1", "2", "X"], vec![500, 1, 40]);
-        let out = add_noise(&batch, &[0], 1, &NOISY, 1, Selection::Public(&domain), 1.0, 1e-8, 100)
-            .expect("release");
+        let out = add_noise(
+            &batch,
+            &[0],
+            1,
+            &NOISY,
+            1,
+            Selection::Public(&domain),
+            1.0,
+            1e-8,
+            100,
+        )
+        .expect("release");
         let keys = out.batch.column(0).as_string::<i32>();
         let mut released: Vec<Option<&str>> = keys.iter().collect();
         released.sort();
@@ -475,19 +498,36 @@ mod tests {
         assert_eq!(out.report.delta, 0.0);
         assert_eq!(out.report.threshold, None);
         assert!(out.report.epsilon <= 1.0 + 1e-12);
-        assert_eq!(out.report.scales, vec![2.0, 2.0], "ε is split over two columns");
+        assert_eq!(
+            out.report.scales,
+            vec![2.0, 2.0],
+            "ε is split over two columns"
+        );
     }
 
     #[test]
     fn other_keys_pass_only_above_the_threshold() {
         let batch = groups(vec!["big", "one", "two"], vec![10_000, 1, 2]);
         for _ in 0..50 {
-            let out = add_noise(&batch, &[0], 1, &NOISY, 1, Selection::Threshold, 1.0, 1e-8, 100)
-                .expect("release");
+            let out = add_noise(
+                &batch,
+                &[0],
+                1,
+                &NOISY,
+                1,
+                Selection::Threshold,
+                1.0,
+                1e-8,
+                100,
+            )
+            .expect("release");
             let keys: Vec<Option<&str>> = out.batch.column(0).as_string::<i32>().iter().collect();
             assert_eq!(keys, vec![Some("big")], "rare groups must not be released");
             let threshold = out.report.threshold.expect("a threshold");
-            assert!(threshold > 10, "threshold {threshold} is too low for δ = 1e-8");
+            assert!(
+                threshold > 10,
+                "threshold {threshold} is too low for δ = 1e-8"
+            );
             assert_eq!(out.report.delta, 1e-8);
         }
     }
@@ -495,8 +535,18 @@ mod tests {
     #[test]
     fn a_patient_in_more_groups_needs_more_noise() {
         let batch = groups(vec!["a"], vec![100]);
-        let one = add_noise(&batch, &[], 1, &NOISY, 1, Selection::Threshold, 1.0, 1e-8, 10)
-            .expect("release");
+        let one = add_noise(
+            &batch,
+            &[],
+            1,
+            &NOISY,
+            1,
+            Selection::Threshold,
+            1.0,
+            1e-8,
+            10,
+        )
+        .expect("release");
         let noisy = [
             Noisy {
                 column: 1,
@@ -507,8 +557,18 @@ mod tests {
                 sensitivity: 4.0,
             },
         ];
-        let four = add_noise(&batch, &[], 1, &noisy, 4, Selection::Threshold, 1.0, 1e-8, 10)
-            .expect("release");
+        let four = add_noise(
+            &batch,
+            &[],
+            1,
+            &noisy,
+            4,
+            Selection::Threshold,
+            1.0,
+            1e-8,
+            10,
+        )
+        .expect("release");
         assert_eq!(four.report.scales[0], 4.0 * one.report.scales[0]);
     }
 }

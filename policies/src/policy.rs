@@ -389,13 +389,19 @@ impl Policy {
             let Some(dp) = project.dp else { continue };
             let id = &project.id;
             if !positive(dp.epsilon_budget) || !positive(dp.epsilon_per_query) {
-                error(format!("project `{id}`: epsilon_budget and epsilon_per_query must be positive"));
+                error(format!(
+                    "project `{id}`: epsilon_budget and epsilon_per_query must be positive"
+                ));
             } else if dp.epsilon_per_query > dp.epsilon_budget {
-                error(format!("project `{id}`: epsilon_per_query exceeds epsilon_budget"));
+                error(format!(
+                    "project `{id}`: epsilon_per_query exceeds epsilon_budget"
+                ));
             }
-            if !(positive(dp.delta_budget) && dp.delta_budget < 1.0)
-                || !(positive(dp.delta_per_query) && dp.delta_per_query <= dp.delta_budget)
-            {
+            let deltas_ok = positive(dp.delta_budget)
+                && dp.delta_budget < 1.0
+                && positive(dp.delta_per_query)
+                && dp.delta_per_query <= dp.delta_budget;
+            if !deltas_ok {
                 error(format!(
                     "project `{id}`: delta_budget must be in (0, 1) and delta_per_query in (0, delta_budget]"
                 ));
@@ -407,9 +413,13 @@ impl Policy {
         }
         for (table, rows) in &rules.rows_per_patient {
             if schema.table(table).is_err() {
-                error(format!("[dp] rows_per_patient names table `{table}`, which the schema does not have"));
+                error(format!(
+                    "[dp] rows_per_patient names table `{table}`, which the schema does not have"
+                ));
             } else if *rows == 0 {
-                error(format!("[dp] rows_per_patient for `{table}` must be at least 1"));
+                error(format!(
+                    "[dp] rows_per_patient for `{table}` must be at least 1"
+                ));
             }
         }
         for (name, [lower, upper]) in &rules.bounds {
@@ -417,13 +427,15 @@ impl Policy {
                 .split_once('.')
                 .and_then(|(t, c)| schema.table(t).ok()?.column(c));
             match column {
-                None => error(format!("[dp] bounds name `{name}`, which is not a `table.column` of the schema")),
-                Some(c) if !matches!(c.ty, ColumnType::Int64 | ColumnType::Float64) => {
-                    error(format!("[dp] bounds for `{name}`: only numeric columns can be summed"))
-                }
-                Some(_) if !(lower.is_finite() && upper.is_finite() && lower < upper) => {
-                    error(format!("[dp] bounds for `{name}` must be finite with lower < upper"))
-                }
+                None => error(format!(
+                    "[dp] bounds name `{name}`, which is not a `table.column` of the schema"
+                )),
+                Some(c) if !matches!(c.ty, ColumnType::Int64 | ColumnType::Float64) => error(
+                    format!("[dp] bounds for `{name}`: only numeric columns can be summed"),
+                ),
+                Some(_) if !(lower.is_finite() && upper.is_finite() && lower < upper) => error(
+                    format!("[dp] bounds for `{name}` must be finite with lower < upper"),
+                ),
                 Some(_) => {}
             }
         }

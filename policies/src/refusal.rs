@@ -47,6 +47,8 @@ pub enum Rule {
     Invalid,
     /// A construct TrustQL does not support.
     Unsupported,
+    /// The project's privacy budget at this trust cannot pay for the query.
+    Budget,
 }
 
 impl Rule {
@@ -73,6 +75,7 @@ impl Rule {
             Rule::ErrorOracle => "error-oracle",
             Rule::Invalid => "invalid-sql",
             Rule::Unsupported => "unsupported",
+            Rule::Budget => "privacy-budget",
         }
     }
 }

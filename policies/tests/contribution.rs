@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, StringArray, new_null_array};
+use arrow::array::{
+    Array, ArrayRef, AsArray, Int64Array, RecordBatch, StringArray, new_null_array,
+};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use datafusion::catalog::MemTable;
@@ -69,7 +71,10 @@ fn session() -> SessionContext {
     let tumours = table(
         "sim_av_tumour",
         &[
-            ("tumourid", Arc::new(Int64Array::from((100..112).collect::<Vec<i64>>()))),
+            (
+                "tumourid",
+                Arc::new(Int64Array::from((100..112).collect::<Vec<i64>>())),
+            ),
             ("patientid", Arc::new(Int64Array::from(ids))),
             ("age", Arc::new(Int64Array::from(ages))),
             ("stage_best", Arc::new(StringArray::from(stages))),
@@ -81,8 +86,7 @@ fn session() -> SessionContext {
             "sim_av_tumour" => vec![tumours.clone()],
             _ => vec![],
         };
-        let provider =
-            MemTable::try_new(schema_table.arrow_schema(), vec![data]).expect("table");
+        let provider = MemTable::try_new(schema_table.arrow_schema(), vec![data]).expect("table");
         ctx.register_table(schema_table.name.as_str(), Arc::new(provider))
             .expect("register");
     }
@@ -157,12 +161,13 @@ async fn sums_are_clamped_to_the_policy_bounds() {
 
 #[tokio::test]
 async fn joins_on_the_patient_key_keep_the_product_bound() {
-    let (bounded, batch) = run(
-        "SELECT t.stage_best, COUNT(*) FROM sim_av_tumour t \
-         JOIN sim_av_patient p ON t.patientid = p.patientid GROUP BY t.stage_best",
-    )
+    let (bounded, batch) = run("SELECT t.stage_best, COUNT(*) FROM sim_av_tumour t \
+         JOIN sim_av_patient p ON t.patientid = p.patientid GROUP BY t.stage_best")
     .await;
-    assert_eq!(bounded.max_rows, 2, "the patient table adds no rows per patient");
+    assert_eq!(
+        bounded.max_rows, 2,
+        "the patient table adds no rows per patient"
+    );
     let stages = cast(batch.column(0), &DataType::Utf8).expect("cast");
     let stages = stages.as_string::<i32>();
     for row in 0..batch.num_rows() {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use trustql_client::Client;
-use trustql_demo::{DemoOptions, SHOWCASE, launch};
+use trustql_demo::{DP_SHOWCASE, DemoDp, DemoOptions, SHOWCASE, launch};
 
 use crate::query::{Format, print_result};
 
@@ -27,10 +27,21 @@ pub struct DemoArgs {
     /// Minimum count 1 and no rounding at every node: for correctness checks only.
     #[arg(long)]
     unprotected: bool,
+    /// Run the demo project in differential-privacy mode at every trust (OpenDP noise,
+    /// durable budgets) instead of suppression and rounding.
+    #[arg(long, conflicts_with = "unprotected")]
+    dp: bool,
+    /// With --dp: the ε a query spends at each trust.
+    #[arg(long, default_value_t = DemoDp::default().epsilon_per_query, requires = "dp")]
+    epsilon_per_query: f64,
+    /// With --dp: the ε the demo project may spend at each trust in all.
+    #[arg(long, default_value_t = DemoDp::default().epsilon_budget, requires = "dp")]
+    epsilon_budget: f64,
     /// Keep running after the showcase until interrupted.
     #[arg(long)]
     serve: bool,
-    /// Write the connection details (url, token, project, ca, data_dir, trusts) as JSON here.
+    /// Write the connection details (url, token, project, ca, data_dir, trusts, and with --dp
+    /// epsilon_per_query and epsilon_budget) as JSON here.
     #[arg(long)]
     info: Option<PathBuf>,
 }
@@ -43,6 +54,10 @@ pub fn demo(args: &DemoArgs) -> Result<bool> {
         seed: args.seed,
         data: args.data.clone(),
         unprotected: args.unprotected,
+        dp: args.dp.then_some(DemoDp {
+            epsilon_per_query: args.epsilon_per_query,
+            epsilon_budget: args.epsilon_budget,
+        }),
         ..DemoOptions::default()
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
@@ -68,6 +83,13 @@ pub fn demo(args: &DemoArgs) -> Result<bool> {
             info.trusts.join(", "),
             info.url
         );
+        if let Some(dp) = options.dp {
+            println!(
+                "Differential privacy: project {} spends ε {} per query at each trust, {} in all \
+                 (see each answer's coverage for what is left)",
+                info.project, dp.epsilon_per_query, dp.epsilon_budget
+            );
+        }
         if let Some(path) = &args.info {
             let json = serde_json::to_string_pretty(info).context("cannot write the info file")?;
             // Written whole then renamed, so a script polling for the file never reads half.
@@ -80,7 +102,8 @@ pub fn demo(args: &DemoArgs) -> Result<bool> {
 
         let ca = std::fs::read(&info.ca).context("cannot read the demo CA")?;
         let mut client = Client::connect(&info.url, Some(&ca), &info.token, Some(&info.project)).await?;
-        for (title, sql) in SHOWCASE {
+        let showcase = if args.dp { DP_SHOWCASE } else { SHOWCASE };
+        for (title, sql) in showcase {
             println!("\n== {title}\n{sql}\n");
             match client.query(sql).await {
                 Ok(result) => print_result(&result, Format::Table)?,

@@ -59,6 +59,24 @@ enum Command {
         #[command(subcommand)]
         action: AuditAction,
     },
+    /// A node's privacy budgets (differential privacy).
+    Budget {
+        #[command(subcommand)]
+        action: BudgetAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum BudgetAction {
+    /// Print each project's ε and δ spent and left at this node.
+    Show {
+        /// The node configuration file (its policy and state directory).
+        #[arg(long)]
+        config: PathBuf,
+        /// Only this project.
+        #[arg(long)]
+        project: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -128,6 +146,9 @@ fn main() -> ExitCode {
         Command::Audit {
             action: AuditAction::Verify { dir },
         } => node::verify_audit(&dir),
+        Command::Budget {
+            action: BudgetAction::Show { config, project },
+        } => node::budget_show(&config, project.as_deref()),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

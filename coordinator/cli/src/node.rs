@@ -4,7 +4,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use trustql_audit::{AuditError, verify};
+use trustql_budget::{Spend, read_spend};
 use trustql_node::{NodeConfig, start};
+use trustql_policies::Policy;
 use trustql_schemas::TrustSchema;
 
 /// Runs a node until Ctrl-C (or SIGTERM) or until its server fails.
@@ -66,4 +68,70 @@ pub fn verify_audit(dir: &Path) -> Result<bool> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Prints spend and what is left per project from the node's ledger (read-only, so it is
+/// safe while the node runs); false if a named project is unknown.
+pub fn budget_show(config_path: &Path, only: Option<&str>) -> Result<bool> {
+    let config = NodeConfig::load(config_path)?;
+    let text = std::fs::read_to_string(&config.policy)
+        .with_context(|| format!("cannot read the policy {}", config.policy.display()))?;
+    let policy = Policy::from_toml(&text)?;
+    let ledger = config.ledger_path();
+    let spent = if ledger.exists() {
+        read_spend(&ledger)?
+    } else {
+        Default::default()
+    };
+    // Projects in DP mode, then any the ledger knows that the policy no longer lists.
+    let mut projects: Vec<&str> = policy
+        .projects
+        .iter()
+        .filter(|p| p.dp.is_some())
+        .map(|p| p.id.as_str())
+        .collect();
+    projects.extend(
+        spent
+            .keys()
+            .map(String::as_str)
+            .filter(|id| policy.project(id).and_then(|p| p.dp).is_none()),
+    );
+    if let Some(only) = only {
+        if !projects.contains(&only) {
+            println!(
+                "project {only} has no privacy budget at trust {}",
+                config.trust
+            );
+            return Ok(false);
+        }
+        projects.retain(|p| *p == only);
+    }
+    println!(
+        "Privacy budgets at trust {} (ledger {})",
+        config.trust,
+        ledger.display()
+    );
+    println!(
+        "{:<16} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
+        "project", "ε spent", "ε budget", "ε left", "δ spent", "δ budget", "releases"
+    );
+    for id in projects {
+        let spend = spent.get(id).copied().unwrap_or(Spend::default());
+        match policy.project(id).and_then(|p| p.dp) {
+            Some(dp) => println!(
+                "{id:<16} {:>10.4} {:>10} {:>10.4} {:>10.1e} {:>10.1e} {:>9}",
+                spend.epsilon,
+                dp.epsilon_budget,
+                (dp.epsilon_budget - spend.epsilon).max(0.0),
+                spend.delta,
+                dp.delta_budget,
+                spend.releases
+            ),
+            None => println!(
+                "{id:<16} {:>10.4} {:>10} {:>10} {:>10.1e} {:>10} {:>9}",
+                spend.epsilon, "-", "-", spend.delta, "-", spend.releases
+            ),
+        }
+    }
+    Ok(true)
 }

@@ -1,13 +1,16 @@
 //! `trustql query` and `trustql coordinator`, and printing results with their coverage.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use arrow::array::RecordBatch;
+use arrow::array::{ArrayRef, Float64Array, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema};
 use clap::{Args, ValueEnum};
 use trustql_client::{Client, QueryResult};
 use trustql_coordinator::{CoordinatorConfig, start};
 use trustql_schemas::TrustSchema;
+use trustql_wire::Coverage;
 
 /// Output formats.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -38,6 +41,13 @@ pub struct QueryArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
+    /// Differential privacy: spend this ε per trust instead of the project's default.
+    #[arg(long)]
+    epsilon: Option<f64>,
+    /// Differential privacy: only report what each trust would charge and the expected
+    /// error; nothing runs and nothing is spent.
+    #[arg(long)]
+    preview: bool,
     /// The SQL query.
     sql: String,
 }
@@ -60,6 +70,8 @@ pub fn query(args: &QueryArgs) -> Result<bool> {
             args.project.as_deref(),
         )
         .await?;
+        client.set_epsilon(args.epsilon);
+        client.set_preview(args.preview);
         match client.query(&args.sql).await {
             Ok(result) => {
                 print_result(&result, args.format)?;
@@ -77,7 +89,12 @@ pub fn query(args: &QueryArgs) -> Result<bool> {
 pub fn print_result(result: &QueryResult, format: Format) -> Result<()> {
     match format {
         Format::Table => {
-            let table = arrow::util::pretty::pretty_format_batches(&result.batches)
+            let batches = result
+                .batches
+                .iter()
+                .map(|b| with_noise_columns(b, result.coverage.as_ref()))
+                .collect::<Result<Vec<_>>>()?;
+            let table = arrow::util::pretty::pretty_format_batches(&batches)
                 .context("cannot format the result")?;
             println!("{table}");
             if let Some(coverage) = &result.coverage {
@@ -116,6 +133,35 @@ pub fn print_result(result: &QueryResult, format: Format) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The batch with a `± 95%` column after each column that carries noise, so the reader sees
+/// each value with its uncertainty.
+fn with_noise_columns(batch: &RecordBatch, coverage: Option<&Coverage>) -> Result<RecordBatch> {
+    let Some(coverage) = coverage.filter(|c| !c.noise.is_empty()) else {
+        return Ok(batch.clone());
+    };
+    let mut fields = Vec::new();
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        fields.push(field.as_ref().clone());
+        columns.push(column.clone());
+        if let Some(noise) = coverage.noise.iter().find(|n| &n.column == field.name()) {
+            fields.push(Field::new(
+                format!("{} ±95%", field.name()),
+                DataType::Float64,
+                false,
+            ));
+            columns.push(Arc::new(Float64Array::from(vec![
+                (noise.ci95 * 10.0)
+                    .round()
+                    / 10.0;
+                batch.num_rows()
+            ])));
+        }
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .context("cannot prepare the result")
 }
 
 fn without_metadata(batch: &RecordBatch) -> Result<RecordBatch> {

@@ -128,6 +128,7 @@ fn ticket(id: &str) -> Ticket {
             researcher: "alice".into(),
             project: "p1".into(),
             sql: "SELECT t.stage_best, COUNT(*), AVG(t.age) FROM sim_av_tumour t GROUP BY t.stage_best".into(),
+            ..Default::default()
         }
         .to_ticket(),
     )

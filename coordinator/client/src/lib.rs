@@ -11,9 +11,7 @@ use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use trustql_wire::Coverage;
-
-/// The gRPC header naming the project (the coordinator's `x-trustql-project`).
-pub const PROJECT_HEADER: &str = "x-trustql-project";
+pub use trustql_wire::{EPSILON_HEADER, PREVIEW_HEADER, PROJECT_HEADER};
 
 /// Errors a researcher can act on.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +79,23 @@ impl Client {
             inner.set_header(PROJECT_HEADER, p);
         }
         Ok(Client { inner })
+    }
+
+    /// For a project in differential-privacy mode: spend `epsilon` per query at each trust
+    /// instead of the project's default (`None` for the default).
+    pub fn set_epsilon(&mut self, epsilon: Option<f64>) {
+        match epsilon {
+            Some(e) => self.inner.set_header(EPSILON_HEADER, e.to_string()),
+            None => {
+                self.inner.set_header(EPSILON_HEADER, "");
+            }
+        }
+    }
+
+    /// Only ask what queries would cost and how noisy they would be; spend nothing.
+    pub fn set_preview(&mut self, preview: bool) {
+        self.inner
+            .set_header(PREVIEW_HEADER, if preview { "true" } else { "false" });
     }
 
     /// Runs one SQL query.

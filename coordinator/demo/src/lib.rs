@@ -58,6 +58,26 @@ pub struct DemoOptions {
     pub node_deadline_ms: u64,
     /// How many trusts must answer.
     pub quorum: Quorum,
+    /// Run the demo project in differential-privacy mode with this budget at every trust.
+    pub dp: Option<DemoDp>,
+}
+
+/// The demo project's privacy budget at each trust (`trustql demo --dp`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DemoDp {
+    /// ε a query spends at each trust.
+    pub epsilon_per_query: f64,
+    /// ε the project may spend at each trust in all.
+    pub epsilon_budget: f64,
+}
+
+impl Default for DemoDp {
+    fn default() -> Self {
+        DemoDp {
+            epsilon_per_query: 1.0,
+            epsilon_budget: 20.0,
+        }
+    }
 }
 
 impl Default for DemoOptions {
@@ -70,6 +90,7 @@ impl Default for DemoOptions {
             unprotected: false,
             node_deadline_ms: 30_000,
             quorum: Quorum::All,
+            dp: None,
         }
     }
 }
@@ -89,6 +110,12 @@ pub struct DemoInfo {
     pub data_dir: PathBuf,
     /// The trusts' codes.
     pub trusts: Vec<String>,
+    /// With `--dp`: the ε a query spends at each trust.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon_per_query: Option<f64>,
+    /// With `--dp`: the ε the project may spend at each trust in all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon_budget: Option<f64>,
 }
 
 /// A running demo federation; dropping it stops everything and removes its files.
@@ -157,7 +184,7 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
             .issue(&format!("{trust} node"), &hosts)
             .and_then(|c| c.write(&pki, &format!("node-{trust}")))
             .map_err(step("making a node certificate"))?;
-        let policy = write_policy(&dir, trust, options.unprotected)?;
+        let policy = write_policy(&dir, trust, options.unprotected, options.dp)?;
         trustql_policies::approve(&policy, "Demo Controller", &schema)
             .map_err(step("approving a demo policy"))?;
         let config = NodeConfig {
@@ -208,8 +235,9 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
             token_sha256: token_hash(&token),
             projects: vec![PROJECT.into()],
         }],
-        // The federation repeats the trusts' own rules on the totals.
-        disclosure: if options.unprotected {
+        // The federation repeats the trusts' own rules on the totals; with DP, the noise is
+        // the protection and the totals are left as the trusts' noise made them.
+        disclosure: if options.unprotected || options.dp.is_some() {
             TotalsConfig::default()
         } else {
             TotalsConfig {
@@ -232,6 +260,8 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
         ca: ca_path,
         data_dir,
         trusts,
+        epsilon_per_query: options.dp.map(|d| d.epsilon_per_query),
+        epsilon_budget: options.dp.map(|d| d.epsilon_budget),
     };
     Ok(Federation {
         info,
@@ -260,7 +290,12 @@ fn trusts_in(data: &Path) -> Result<Vec<String>, DemoError> {
     Ok(trusts)
 }
 
-fn write_policy(dir: &Path, trust: &str, unprotected: bool) -> Result<PathBuf, DemoError> {
+fn write_policy(
+    dir: &Path,
+    trust: &str,
+    unprotected: bool,
+    dp: Option<DemoDp>,
+) -> Result<PathBuf, DemoError> {
     let disclosure = if unprotected {
         "min_patients = 1\nrounding = \"none\"\nwithhold_whole_margin_cells = false"
     } else {
@@ -279,6 +314,19 @@ fn write_policy(dir: &Path, trust: &str, unprotected: bool) -> Result<PathBuf, D
             ""
         }
     );
+    let text = match dp {
+        None => text,
+        Some(dp) => format!(
+            "{text}dp = {{ epsilon_budget = {:?}, epsilon_per_query = {:?} }}\n\n\
+             # Differential privacy: each patient brings at most these rows of a table.\n[dp]\n\
+             default_rows_per_patient = 1\n\
+             rows_per_patient = {{ sim_av_tumour = 3, sim_sact_regimen = 5, sim_rtds_episode = 5, \
+             sim_rtds_prescription = 10 }}\n\
+             bounds = {{ \"sim_av_tumour.age\" = [0, 110], \"sim_sact_regimen.height_at_start_of_regimen\" \
+             = [1.0, 2.2], \"sim_sact_regimen.weight_at_start_of_regimen\" = [30.0, 200.0] }}\n",
+            dp.epsilon_budget, dp.epsilon_per_query
+        ),
+    };
     let path = dir.join("policies").join(format!("{trust}.toml"));
     std::fs::create_dir_all(dir.join("policies")).map_err(step("writing the demo policies"))?;
     std::fs::write(&path, text).map_err(step("writing the demo policies"))?;
@@ -290,6 +338,36 @@ fn random_token() -> String {
     let _ = rand::rngs::OsRng.try_fill_bytes(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// The showcase queries `trustql demo --dp` runs: (title, SQL).
+pub const DP_SHOWCASE: &[(&str, &str)] = &[
+    (
+        "Tumours by stage (noisy counts; every stage code is released, present or not)",
+        "SELECT stage_best AS stage, COUNT(*) AS tumours FROM sim_av_tumour \
+         GROUP BY stage_best ORDER BY stage",
+    ),
+    (
+        "Mean age at diagnosis by stage (a noisy sum of ages clamped to 0–110 over a noisy count)",
+        "SELECT stage_best AS stage, COUNT(*) AS tumours, AVG(age) AS mean_age \
+         FROM sim_av_tumour GROUP BY stage_best ORDER BY stage",
+    ),
+    (
+        "Tumours by site (sites have no public code list, so a site is released only where its \
+         noisy patient count passes a threshold)",
+        "SELECT site_icd10_o2_3char AS site, COUNT(*) AS tumours FROM sim_av_tumour \
+         GROUP BY site_icd10_o2_3char ORDER BY tumours DESC LIMIT 10",
+    ),
+    (
+        "SACT regimens by intent of treatment",
+        "SELECT intent_of_treatment AS intent, COUNT(*) AS regimens FROM sim_sact_regimen \
+         GROUP BY intent_of_treatment ORDER BY intent",
+    ),
+    (
+        "The first query again (a repeat: each trust returns the same release at no cost)",
+        "SELECT stage_best AS stage, COUNT(*) AS tumours FROM sim_av_tumour \
+         GROUP BY stage_best ORDER BY stage",
+    ),
+];
 
 /// The showcase queries `trustql demo` runs: (title, SQL).
 pub const SHOWCASE: &[(&str, &str)] = &[

@@ -11,4 +11,4 @@ mod error;
 mod merger;
 
 pub use error::MergeError;
-pub use merger::{Merger, Prepared, SiteStates, TotalsRules};
+pub use merger::{AggregateOutput, Merger, Prepared, SiteStates, TotalsRules};

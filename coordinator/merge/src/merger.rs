@@ -68,6 +68,7 @@ pub struct Merger {
 /// A query planned at the coordinator, ready to merge answers into.
 #[derive(Debug, Clone)]
 pub struct Prepared {
+    outputs: Vec<AggregateOutput>,
     plan: Arc<dyn ExecutionPlan>,
     partial: Arc<dyn ExecutionPlan>,
     partial_schema: SchemaRef,
@@ -127,6 +128,7 @@ impl Merger {
             )
             .into());
         }
+        let outputs = aggregate_outputs(&plan);
         let mut distinct = HashSet::new();
         let rules = self.rules;
         let plan = plan
@@ -144,6 +146,7 @@ impl Merger {
             .map_err(|_| engine("could not plan the merge"))?;
         let partial = single_partial(&physical)?;
         Ok(Prepared {
+            outputs,
             partial_schema: partial.schema(),
             plan: physical,
             partial,
@@ -182,6 +185,11 @@ impl Prepared {
     /// The result's schema.
     pub fn schema(&self) -> SchemaRef {
         self.plan.schema()
+    }
+
+    /// The aggregates that reach the result as they are, with their result column.
+    pub fn aggregate_outputs(&self) -> &[AggregateOutput] {
+        &self.outputs
     }
 
     /// Whether the query counts distinct values (summed over trusts, see the notes).
@@ -233,6 +241,77 @@ impl Prepared {
         RecordBatch::try_new(self.partial_schema.clone(), arrays)
             .map_err(|_| shape("its columns do not fit together".into()))
     }
+}
+
+/// An aggregate expression that is a column of the result unchanged (perhaps renamed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AggregateOutput {
+    /// Its index among the query's aggregate expressions.
+    pub aggregate: usize,
+    /// The result column holding it.
+    pub column: String,
+    /// The aggregate function, lower case (`count`, `sum`, `avg` …).
+    pub function: String,
+}
+
+/// Which result columns are aggregates passed through unchanged: through ORDER BY, LIMIT and
+/// HAVING to the projection above the aggregate.
+fn aggregate_outputs(plan: &LogicalPlan) -> Vec<AggregateOutput> {
+    let Some(aggregate) = aggregate_of(plan) else {
+        return Vec::new();
+    };
+    let mut node = plan;
+    let projection = loop {
+        match node {
+            LogicalPlan::Projection(p) => break Some(p),
+            LogicalPlan::Sort(_) | LogicalPlan::Limit(_) | LogicalPlan::Filter(_) => {
+                match node.inputs().first() {
+                    Some(input) => node = input,
+                    None => break None,
+                }
+            }
+            _ => break None,
+        }
+    };
+    let names: Vec<(String, Option<Expr>)> = match projection {
+        Some(p) => p
+            .schema
+            .fields()
+            .iter()
+            .zip(&p.expr)
+            .map(|(f, e)| (f.name().clone(), Some(e.clone())))
+            .collect(),
+        None => aggregate
+            .schema
+            .fields()
+            .iter()
+            .map(|f| (f.name().clone(), None))
+            .collect(),
+    };
+    let keys = aggregate.group_expr.len();
+    let mut outputs = Vec::new();
+    for (a, expr) in aggregate.aggr_expr.iter().enumerate() {
+        let produced = aggregate.schema.field(keys + a).name();
+        let function = match expr.clone().unalias_nested().data {
+            Expr::AggregateFunction(f) => f.func.name().to_lowercase(),
+            _ => continue,
+        };
+        let column = names.iter().find_map(|(name, e)| match e {
+            None => (name == produced).then(|| name.clone()),
+            Some(e) => match e.clone().unalias_nested().data {
+                Expr::Column(c) if c.name == *produced => Some(name.clone()),
+                _ => None,
+            },
+        });
+        if let Some(column) = column {
+            outputs.push(AggregateOutput {
+                aggregate: a,
+                column,
+                function,
+            });
+        }
+    }
+    outputs
 }
 
 /// Rewrites the query's aggregate for merging: COUNT(DISTINCT x) arrives as one count per

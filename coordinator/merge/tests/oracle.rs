@@ -88,6 +88,7 @@ async fn federated_with(
         researcher: "alice".into(),
         project: "p1".into(),
         sql: sql.into(),
+        ..Default::default()
     };
     let mut states = Vec::new();
     for engine in &fed.engines {
@@ -164,6 +165,7 @@ async fn an_answer_of_the_wrong_shape_is_named_not_merged() {
                 researcher: "alice".into(),
                 project: "p1".into(),
                 sql: "SELECT gender, COUNT(*) FROM sim_av_tumour GROUP BY gender".into(),
+                ..Default::default()
             },
             TODAY,
         )

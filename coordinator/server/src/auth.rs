@@ -3,11 +3,10 @@
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataMap;
 
+pub use trustql_wire::{EPSILON_HEADER, PREVIEW_HEADER, PROJECT_HEADER};
+
 use crate::config::ResearcherEntry;
 use crate::error::CoordinatorError;
-
-/// The gRPC header naming the project a query is for.
-pub const PROJECT_HEADER: &str = "x-trustql-project";
 
 /// SHA-256 (hex) of a token, as `coordinator.toml` stores it.
 pub fn token_hash(token: &str) -> String {
@@ -18,12 +17,16 @@ pub fn token_hash(token: &str) -> String {
 }
 
 /// An authenticated researcher and the project of this call.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Caller {
     /// Their name.
     pub researcher: String,
     /// The project the call is for.
     pub project: String,
+    /// The ε asked for, when less than the project's default (differential privacy).
+    pub epsilon: Option<f64>,
+    /// Only preview the cost and noise.
+    pub preview: bool,
 }
 
 /// The known researchers.
@@ -78,9 +81,39 @@ impl Researchers {
                 )));
             }
         };
+        // An empty value means "the project's default", so a client can unset it.
+        let epsilon = match metadata
+            .get(EPSILON_HEADER)
+            .map(|v| v.to_str().map(str::trim))
+        {
+            None | Some(Ok("")) => None,
+            Some(value) => Some(
+                value
+                    .ok()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .filter(|e| e.is_finite() && *e > 0.0)
+                    .ok_or_else(|| {
+                        CoordinatorError::BadHeader(format!(
+                            "{EPSILON_HEADER} must be a positive number, such as 0.5"
+                        ))
+                    })?,
+            ),
+        };
+        let preview = match metadata.get(PREVIEW_HEADER).map(|v| v.to_str()) {
+            None => false,
+            Some(Ok(v)) if v.eq_ignore_ascii_case("true") || v == "1" => true,
+            Some(Ok(v)) if v.eq_ignore_ascii_case("false") || v == "0" => false,
+            Some(_) => {
+                return Err(CoordinatorError::BadHeader(format!(
+                    "{PREVIEW_HEADER} must be true or false"
+                )));
+            }
+        };
         Ok(Caller {
             researcher: entry.name.clone(),
             project,
+            epsilon,
+            preview,
         })
     }
 }

@@ -22,7 +22,7 @@ pub enum CoordinatorError {
         /// What to tell the researcher.
         message: String,
         /// Per-trust report, when nodes were asked.
-        coverage: Option<Coverage>,
+        coverage: Option<Box<Coverage>>,
     },
     /// Too few trusts answered.
     #[error(
@@ -36,11 +36,14 @@ pub enum CoordinatorError {
         /// Trusts needed.
         needed: usize,
         /// The report.
-        coverage: Coverage,
+        coverage: Box<Coverage>,
     },
     /// The merge failed.
     #[error("{0}")]
     Merge(MergeError),
+    /// A TrustQL header of the call is malformed.
+    #[error("{0}")]
+    BadHeader(String),
     /// The result expired or belongs to someone else.
     #[error("no such result: run the query again")]
     UnknownResult,
@@ -74,6 +77,7 @@ impl CoordinatorError {
             }
             CoordinatorError::NoQuorum { .. } => Status::unavailable(self.to_string()),
             CoordinatorError::UnknownResult => Status::not_found(self.to_string()),
+            CoordinatorError::BadHeader(_) => Status::invalid_argument(self.to_string()),
             CoordinatorError::Merge(_) => Status::internal(self.to_string()),
             CoordinatorError::Config(_) | CoordinatorError::Tls(_) => {
                 Status::internal("the coordinator is misconfigured")

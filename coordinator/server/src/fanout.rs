@@ -21,7 +21,7 @@ const MAX_ANSWER_BYTES: usize = 64 << 20;
 #[derive(Debug)]
 pub enum Outcome {
     /// The node's protected states.
-    Answered(SiteStates),
+    Answered(Box<SiteStates>),
     /// Anything else, with the reason.
     Not(TrustStatus, String),
 }
@@ -87,20 +87,28 @@ impl NodeLink {
             Ok(response) => response.into_inner(),
             Err(status) => return from_status(&status),
         };
-        let stream = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(
+        let mut stream = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(
             stream.map_err(|status| arrow_flight::error::FlightError::Tonic(Box::new(status))),
         );
-        let batches: Vec<_> = match stream.try_collect().await {
-            Ok(b) => b,
-            Err(arrow_flight::error::FlightError::Tonic(status)) => {
-                return from_status(status.as_ref());
+        let mut batches = Vec::new();
+        loop {
+            match stream.try_next().await {
+                Ok(Some(batch)) => batches.push(batch),
+                Ok(None) => break,
+                Err(arrow_flight::error::FlightError::Tonic(status)) => {
+                    return from_status(status.as_ref());
+                }
+                Err(_) => return garbage("its answer could not be decoded"),
             }
-            Err(_) => return garbage("its answer could not be decoded"),
-        };
-        let Some(first) = batches.first() else {
+        }
+        // An answer with no groups (a preview, or everything withheld) is a schema alone.
+        let Some(schema) = batches
+            .first()
+            .map(|b| b.schema())
+            .or_else(|| stream.schema().cloned())
+        else {
             return garbage("its answer was empty");
         };
-        let schema = first.schema();
         let Some(meta) = schema
             .metadata()
             .get(ANSWER_META_KEY)
@@ -112,11 +120,11 @@ impl NodeLink {
             return garbage("its answer was for another trust or request");
         }
         match concat_batches(&schema, &batches) {
-            Ok(batch) => Outcome::Answered(SiteStates {
+            Ok(batch) => Outcome::Answered(Box::new(SiteStates {
                 trust: self.trust.clone(),
                 batch,
                 meta,
-            }),
+            })),
             Err(_) => garbage("its answer's batches did not fit together"),
         }
     }

@@ -1,5 +1,6 @@
 //! One federated query: plan, fan out, merge, report coverage.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -7,9 +8,11 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use rand::TryRngCore;
 use tonic::transport::Identity;
-use trustql_merge::{Merger, SiteStates};
+use trustql_merge::{AggregateOutput, Merger, SiteStates};
 use trustql_schemas::TrustSchema;
-use trustql_wire::{Coverage, SiteRequest, TrustCoverage, TrustStatus, Withheld};
+use trustql_wire::{
+    AnswerMeta, Coverage, OutputNoise, SiteRequest, TrustCoverage, TrustStatus, Withheld,
+};
 
 use crate::auth::{Caller, Researchers};
 use trustql_policies::Rounding;
@@ -87,6 +90,8 @@ impl Coordinator {
             researcher: caller.researcher.clone(),
             project: caller.project.clone(),
             sql: sql.to_string(),
+            epsilon: caller.epsilon,
+            preview: caller.preview,
         };
         let outcomes = futures::future::join_all(
             self.links
@@ -97,11 +102,13 @@ impl Coordinator {
 
         let mut trusts = Vec::with_capacity(outcomes.len());
         let mut states = Vec::new();
+        let mut noise = NoiseSum::default();
         for (link, outcome) in self.links.iter().zip(outcomes) {
             let line = match outcome {
                 Outcome::Answered(site) => match prepared.conform(&site) {
                     Ok(batch) => {
                         states.push(batch);
+                        noise.add(&site.meta);
                         answered(&site)
                     }
                     Err(e) => not(link.trust(), TrustStatus::Failed, e.to_string()),
@@ -130,6 +137,17 @@ impl Coordinator {
             )),
             Rounding::Midpoint6 => notes.push("merged counts are rounded by midpoint-6".into()),
         }
+        let noise = noise.outputs(prepared.aggregate_outputs());
+        if trusts.iter().any(|t| t.dp.is_some()) {
+            notes.push(
+                "values carry differential-privacy noise from each trust; counts can come out \
+                 negative, and a mean is a noisy sum over a noisy count"
+                    .into(),
+            );
+        }
+        if caller.preview {
+            notes.push("a preview: nothing ran and no budget was spent".into());
+        }
         if answered_count < total {
             let missing: Vec<&str> = trusts
                 .iter()
@@ -146,6 +164,7 @@ impl Coordinator {
             complete: answered_count == total,
             trusts,
             notes,
+            noise,
         };
         let needed = match self.quorum {
             Quorum::All => total,
@@ -160,17 +179,21 @@ impl Coordinator {
             if refused > 0 && answered_count + refused == total {
                 return Err(CoordinatorError::Refused {
                     message: format!("{refused} of {total} trusts refused this query"),
-                    coverage: Some(coverage),
+                    coverage: Some(Box::new(coverage)),
                 });
             }
             return Err(CoordinatorError::NoQuorum {
                 answered: answered_count,
                 total,
                 needed,
-                coverage,
+                coverage: Box::new(coverage),
             });
         }
-        let batches = self.merger.merge(&prepared, states).await?;
+        let batches = if caller.preview {
+            Vec::new()
+        } else {
+            self.merger.merge(&prepared, states).await?
+        };
         let schema = Arc::new(
             prepared.schema().as_ref().clone().with_metadata(
                 [(
@@ -212,6 +235,7 @@ fn answered(site: &SiteStates) -> TrustCoverage {
         reason: None,
         released: site.meta.released,
         withheld: site.meta.withheld.clone(),
+        dp: site.meta.dp.clone(),
     }
 }
 
@@ -222,6 +246,53 @@ fn not(trust: &str, status: TrustStatus, reason: String) -> TrustCoverage {
         reason: Some(reason),
         released: 0,
         withheld: Withheld::default(),
+        dp: None,
+    }
+}
+
+/// Noise variance per aggregate, summed over the trusts that answered.
+#[derive(Default)]
+struct NoiseSum {
+    /// aggregate index → (variance, largest Laplace scale, trusts).
+    by_aggregate: HashMap<usize, (f64, f64, usize)>,
+}
+
+impl NoiseSum {
+    fn add(&mut self, meta: &AnswerMeta) {
+        let Some(dp) = &meta.dp else { return };
+        for noise in &dp.noise {
+            let Some(aggregate) = meta.columns.get(noise.column).and_then(|c| c.aggregate) else {
+                continue;
+            };
+            let entry = self.by_aggregate.entry(aggregate).or_default();
+            // Laplace(b) has variance 2b².
+            entry.0 += 2.0 * noise.scale * noise.scale;
+            entry.1 = entry.1.max(noise.scale);
+            entry.2 += 1;
+        }
+    }
+
+    /// Noise of the result columns that are a COUNT or SUM (a mean's is not one number).
+    fn outputs(&self, outputs: &[AggregateOutput]) -> Vec<OutputNoise> {
+        outputs
+            .iter()
+            .filter(|o| o.function == "count" || o.function == "sum")
+            .filter_map(|o| {
+                let (variance, scale, trusts) = *self.by_aggregate.get(&o.aggregate)?;
+                let sd = variance.sqrt();
+                // One trust: the exact Laplace interval b·ln(20); several: the normal one.
+                let ci95 = if trusts == 1 {
+                    scale * 20f64.ln()
+                } else {
+                    1.96 * sd
+                };
+                Some(OutputNoise {
+                    column: o.column.clone(),
+                    sd,
+                    ci95,
+                })
+            })
+            .collect()
     }
 }
 

@@ -14,7 +14,7 @@ mod federation;
 mod flight_sql;
 mod server;
 
-pub use auth::{PROJECT_HEADER, token_hash};
+pub use auth::{EPSILON_HEADER, PREVIEW_HEADER, PROJECT_HEADER, token_hash};
 pub use config::{CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, TlsFiles, TotalsConfig};
 pub use error::CoordinatorError;
 pub use federation::{Coordinator, FederatedAnswer};

@@ -22,7 +22,7 @@ pub enum Decision {
 }
 
 /// What the node records about one request; the log adds sequence and chain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
     /// When (RFC 3339, UTC).
     pub time: String,
@@ -46,6 +46,9 @@ pub struct AuditEntry {
     pub withheld: Withheld,
     /// SHA-256 of the policy the request was evaluated under.
     pub policy_hash: String,
+    /// ε charged to the project's privacy budget by this answer (differential privacy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
 }
 
 impl AuditEntry {
@@ -63,12 +66,13 @@ impl AuditEntry {
             released: 0,
             withheld: Withheld::default(),
             policy_hash: policy_hash.to_string(),
+            epsilon: None,
         }
     }
 }
 
 /// One line of the log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
     /// 1-based position in the log.
     pub seq: u64,

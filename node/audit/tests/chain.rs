@@ -21,6 +21,7 @@ fn entry(n: usize) -> AuditEntry {
         released: n,
         withheld: Default::default(),
         policy_hash: "cd".repeat(32),
+        epsilon: None,
     }
 }
 

@@ -5,6 +5,15 @@
 
 use serde::{Deserialize, Serialize};
 
+/// gRPC header of a researcher's call naming the project.
+pub const PROJECT_HEADER: &str = "x-trustql-project";
+
+/// gRPC header where a researcher asks for a smaller ε than the project's default.
+pub const EPSILON_HEADER: &str = "x-trustql-epsilon";
+
+/// gRPC header asking only what a query would cost (`true`), running and spending nothing.
+pub const PREVIEW_HEADER: &str = "x-trustql-preview";
+
 /// Schema-metadata key holding the JSON [`AnswerMeta`] of a site answer.
 pub const ANSWER_META_KEY: &str = "trustql.answer";
 
@@ -12,7 +21,7 @@ pub const ANSWER_META_KEY: &str = "trustql.answer";
 pub const PATIENTS_COLUMN: &str = "__trustql_patients";
 
 /// One researcher query, as the coordinator sends it to every node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SiteRequest {
     /// Identifier of the request (the same at every node).
@@ -23,6 +32,12 @@ pub struct SiteRequest {
     pub project: String,
     /// The SQL text.
     pub sql: String,
+    /// For a project in differential-privacy mode: the ε to spend, if less than the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
+    /// Only say what the query would cost and how noisy it would be; run and spend nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preview: bool,
 }
 
 impl SiteRequest {
@@ -78,8 +93,45 @@ pub struct Withheld {
     pub margin_of_withheld: usize,
 }
 
+/// Laplace noise on one column of a site answer.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ColumnNoise {
+    /// Index of the column in the answer.
+    pub column: usize,
+    /// The Laplace scale b (standard deviation b·√2).
+    pub scale: f64,
+}
+
+/// What a differentially private answer cost and how noisy it is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DpMeta {
+    /// ε charged to the project by this answer (0 for a repeat or a preview).
+    pub epsilon_charged: f64,
+    /// δ charged by this answer.
+    pub delta_charged: f64,
+    /// ε the query costs (or cost, when first answered).
+    pub epsilon_cost: f64,
+    /// δ the query costs.
+    pub delta_cost: f64,
+    /// ε the project has left at this trust.
+    pub epsilon_remaining: f64,
+    /// δ the project has left at this trust.
+    pub delta_remaining: f64,
+    /// The answer repeats an earlier release of the same query, at no cost.
+    pub repeat: bool,
+    /// Nothing ran: a preview of cost and noise.
+    pub preview: bool,
+    /// Rows one patient can bring to the aggregate.
+    pub max_rows_per_patient: u64,
+    /// The noisy patient count a group needed to be released (keys without a public code set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<i64>,
+    /// Noise per noisy column.
+    pub noise: Vec<ColumnNoise>,
+}
+
 /// The metadata of a site answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AnswerMeta {
     /// The answering trust.
     pub trust: String,
@@ -95,6 +147,9 @@ pub struct AnswerMeta {
     pub withheld: Withheld,
     /// The columns of the stream.
     pub columns: Vec<AnswerColumn>,
+    /// For a differentially private answer: its cost and noise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp: Option<DpMeta>,
 }
 
 impl AnswerMeta {
@@ -130,7 +185,7 @@ pub enum TrustStatus {
 }
 
 /// One trust's line in the coverage report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrustCoverage {
     /// The trust code.
     pub trust: String,
@@ -143,10 +198,24 @@ pub struct TrustCoverage {
     pub released: usize,
     /// Groups the trust withheld, by reason.
     pub withheld: Withheld,
+    /// For a differentially private answer: its cost and noise at this trust.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp: Option<DpMeta>,
+}
+
+/// The noise in one column of a federated answer, from every trust's noise together.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputNoise {
+    /// The result column.
+    pub column: String,
+    /// Standard deviation of the noise in each value.
+    pub sd: f64,
+    /// Half-width of a 95% interval around each value (±).
+    pub ci95: f64,
 }
 
 /// Which trusts contributed to a federated answer, and what the numbers mean.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Coverage {
     /// The request id every node logged.
     pub request_id: String,
@@ -156,6 +225,9 @@ pub struct Coverage {
     pub complete: bool,
     /// Notes on reading the result.
     pub notes: Vec<String>,
+    /// Noise in each noisy result column (differential privacy), by column.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub noise: Vec<OutputNoise>,
 }
 
 impl Coverage {
@@ -204,14 +276,45 @@ impl std::fmt::Display for Coverage {
                     )?;
                 }
             }
+            if let Some(dp) = &t.dp {
+                if dp.preview {
+                    write!(f, "; would spend ε {}", dp.epsilon_cost)?;
+                } else if dp.repeat {
+                    write!(f, "; a repeat, no ε spent")?;
+                } else {
+                    write!(f, "; spent ε {}", dp.epsilon_charged)?;
+                }
+                if dp.delta_cost > 0.0 && !dp.repeat {
+                    write!(f, " and δ {:e}", dp.delta_cost)?;
+                }
+                write!(f, ", ε {:.4} left", dp.epsilon_remaining)?;
+            }
             if let Some(reason) = &t.reason {
                 write!(f, " — {reason}")?;
             }
             writeln!(f)?;
+        }
+        for n in &self.noise {
+            writeln!(
+                f,
+                "Noise: {} ± {} (95% interval; standard deviation {})",
+                n.column,
+                significant(n.ci95),
+                significant(n.sd)
+            )?;
         }
         for note in &self.notes {
             writeln!(f, "Note: {note}")?;
         }
         Ok(())
     }
+}
+
+/// A noise figure to three significant digits.
+fn significant(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return format!("{x}");
+    }
+    let digits = (2 - x.abs().log10().floor() as i32).max(0) as usize;
+    format!("{x:.digits$}")
 }

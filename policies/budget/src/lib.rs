@@ -84,6 +84,30 @@ pub struct Ledger {
     state: Mutex<State>,
 }
 
+/// Every project's spend, read without changing the file (safe while a node is writing it).
+pub fn read_spend(path: &Path) -> Result<BTreeMap<String, Spend>, BudgetError> {
+    let text = std::fs::read_to_string(path).map_err(|e| BudgetError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let mut state = State::default();
+    let mut lines = text.split_inclusive('\n').enumerate().peekable();
+    while let Some((number, line)) = lines.next() {
+        match serde_json::from_str::<Charge>(line.trim_end()) {
+            Ok(charge) if line.ends_with('\n') => state.apply(charge),
+            // A last line still being written is not a release yet.
+            _ if lines.peek().is_none() && !line.ends_with('\n') => {}
+            _ => {
+                return Err(BudgetError::Damaged {
+                    path: path.to_path_buf(),
+                    line: number + 1,
+                });
+            }
+        }
+    }
+    Ok(state.spent.into_iter().collect())
+}
+
 impl Ledger {
     /// Opens (or creates) the ledger, replaying it; a torn last line is cut off.
     pub fn open(path: &Path) -> Result<Ledger, BudgetError> {
@@ -148,7 +172,11 @@ impl Ledger {
 
     /// What `project` has spent.
     pub fn spent(&self, project: &str) -> Spend {
-        self.lock_state().spent.get(project).copied().unwrap_or_default()
+        self.lock_state()
+            .spent
+            .get(project)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Every project's spend, by project id.
@@ -281,6 +309,27 @@ mod tests {
         ledger.charge(charge("a", "k2", 0.5)).expect("charge");
         drop(ledger);
         assert_eq!(Ledger::open(&path).expect("reopen").spent("a").epsilon, 1.0);
+    }
+
+    #[test]
+    fn reading_spend_leaves_a_line_being_written_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("budget.ledger");
+        Ledger::open(&path)
+            .expect("open")
+            .charge(charge("a", "k1", 0.5))
+            .expect("charge");
+        let mut file = OpenOptions::new().append(true).open(&path).expect("open");
+        file.write_all(b"{\"at\":").expect("partial write");
+        drop(file);
+        let before = std::fs::read(&path).expect("read");
+        let spend = read_spend(&path).expect("read spend");
+        assert_eq!(spend.get("a").map(|s| s.epsilon), Some(0.5));
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            before,
+            "file untouched"
+        );
     }
 
     #[test]

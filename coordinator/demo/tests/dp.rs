@@ -1,0 +1,221 @@
+//! Differential privacy end to end: nodes add noise and charge their ledgers, the coordinator
+//! merges noisy states and reports the noise, a researcher chooses ε or previews the cost.
+
+#[path = "../../merge/tests/panel/mod.rs"]
+#[allow(dead_code)]
+mod panel;
+
+use std::collections::HashMap;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::compute::{cast, concat_batches};
+use arrow::datatypes::{DataType, Float64Type, Int64Type};
+use trustql_client::{Client, QueryResult};
+use trustql_demo::{DemoDp, DemoOptions, Federation, PROJECT, launch};
+use trustql_wire::TrustStatus;
+
+async fn federation() -> Federation {
+    launch(&DemoOptions {
+        trusts: 3,
+        patients: 6_000,
+        seed: 5,
+        node_deadline_ms: 10_000,
+        dp: Some(DemoDp {
+            epsilon_per_query: 1.0,
+            epsilon_budget: 5.0,
+        }),
+        ..DemoOptions::default()
+    })
+    .await
+    .expect("launch")
+}
+
+async fn client(fed: &Federation) -> Client {
+    let ca = std::fs::read(&fed.info.ca).expect("ca");
+    Client::connect(&fed.info.url, Some(&ca), &fed.info.token, Some(PROJECT))
+        .await
+        .expect("connect")
+}
+
+fn one(result: &QueryResult) -> RecordBatch {
+    concat_batches(&result.schema, &result.batches).expect("concat")
+}
+
+/// Column 0 as text → column `value` as f64.
+fn by_key(batch: &RecordBatch, value: usize) -> HashMap<String, f64> {
+    let keys = cast(batch.column(0), &DataType::Utf8).expect("cast");
+    let keys = keys.as_string::<i32>();
+    let values = cast(batch.column(value), &DataType::Float64).expect("cast");
+    let values = values.as_primitive::<Float64Type>();
+    (0..batch.num_rows())
+        .map(|r| {
+            let key = if keys.is_null(r) {
+                "<null>"
+            } else {
+                keys.value(r)
+            };
+            (key.to_string(), values.value(r))
+        })
+        .collect()
+}
+
+async fn exact(fed: &Federation, sql: &str) -> RecordBatch {
+    let ctx = panel::union(&fed.info.data_dir, &fed.info.trusts).await;
+    let batches = ctx
+        .sql(sql)
+        .await
+        .expect("sql")
+        .collect()
+        .await
+        .expect("run");
+    concat_batches(&batches[0].schema(), &batches).expect("concat")
+}
+
+#[tokio::test]
+async fn noisy_answers_are_near_the_truth_and_say_how_noisy() {
+    let fed = federation().await;
+    assert_eq!(fed.info.epsilon_per_query, Some(1.0));
+    assert_eq!(fed.info.epsilon_budget, Some(5.0));
+    let mut client = client(&fed).await;
+    let sql = "SELECT stage_best AS stage, COUNT(*) AS tumours, AVG(age) AS mean_age \
+               FROM sim_av_tumour GROUP BY stage_best ORDER BY stage";
+    let result = client.query(sql).await.expect("answered");
+    let coverage = result.coverage.clone().expect("coverage");
+    assert!(coverage.complete);
+    for t in &coverage.trusts {
+        let dp = t.dp.as_ref().expect("each trust reports its spend");
+        assert_eq!(dp.epsilon_charged, 1.0);
+        assert_eq!(dp.epsilon_remaining, 4.0);
+    }
+    let noise = coverage
+        .noise
+        .iter()
+        .find(|n| n.column == "tumours")
+        .expect("the noise of `tumours` is reported");
+    assert!(noise.sd > 0.0 && noise.ci95 > noise.sd);
+
+    let got = one(&result);
+    let truth = exact(&fed, sql).await;
+    let counts = by_key(&got, 1);
+    let true_counts = by_key(&truth, 1);
+    for (stage, value) in &true_counts {
+        let noisy = counts.get(stage).copied().unwrap_or_else(|| {
+            panic!("stage {stage} is in the public code set and must be released")
+        });
+        // Eight standard deviations: this fails by chance far less than once in a million.
+        assert!(
+            (noisy - value).abs() < 8.0 * noise.sd,
+            "stage {stage}: {noisy} vs {value} (sd {})",
+            noise.sd
+        );
+    }
+    // The biggest stage's mean age is a ratio of large noisy numbers: close to the truth.
+    let (stage, _) = true_counts
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .expect("a stage");
+    let mean = by_key(&got, 2)[stage];
+    let true_mean = by_key(&truth, 2)[stage];
+    assert!((mean - true_mean).abs() < 10.0, "{mean} vs {true_mean}");
+}
+
+#[tokio::test]
+async fn non_public_keys_are_thresholded_and_ordered_after_merging() {
+    let fed = federation().await;
+    let mut client = client(&fed).await;
+    let sql = "SELECT site_icd10_o2_3char AS site, COUNT(*) AS tumours FROM sim_av_tumour \
+               GROUP BY site_icd10_o2_3char ORDER BY tumours DESC LIMIT 5";
+    let result = client.query(sql).await.expect("answered");
+    let got = one(&result);
+    let coverage = result.coverage.expect("coverage");
+    let released: usize = coverage.trusts.iter().map(|t| t.released).sum();
+    assert!(released > 0, "common sites should pass the threshold");
+    assert!(got.num_rows() > 0, "released groups must reach the result");
+    for t in &coverage.trusts {
+        let dp = t.dp.as_ref().expect("dp");
+        assert!(dp.threshold.is_some());
+        assert!(dp.delta_charged > 0.0);
+    }
+    let truth = by_key(&exact(&fed, sql).await, 1);
+    let top = by_key(&got, 1);
+    assert!(
+        top.keys().any(|site| truth.contains_key(site)),
+        "the noisy top sites should overlap the true top sites"
+    );
+}
+
+#[tokio::test]
+async fn a_researcher_can_ask_for_less_epsilon_preview_and_run_out() {
+    let fed = federation().await;
+    let mut client = client(&fed).await;
+    let sql = "SELECT COUNT(*) AS n FROM sim_av_patient";
+
+    client.set_preview(true);
+    let preview = client.query(sql).await.expect("preview");
+    assert!(preview.batches.iter().all(|b| b.num_rows() == 0));
+    let coverage = preview.coverage.expect("coverage");
+    for t in &coverage.trusts {
+        let dp = t.dp.as_ref().expect("dp");
+        assert!(dp.preview);
+        assert_eq!(dp.epsilon_cost, 1.0);
+        assert_eq!(dp.epsilon_remaining, 5.0, "a preview spends nothing");
+    }
+    assert!(coverage.noise.iter().any(|n| n.column == "n"));
+    client.set_preview(false);
+
+    client.set_epsilon(Some(0.5));
+    let half = client.query(sql).await.expect("answered");
+    for t in half.coverage.expect("coverage").trusts {
+        assert_eq!(t.dp.expect("dp").epsilon_charged, 0.5);
+    }
+    client.set_epsilon(None);
+    for age in [30, 40, 50, 60] {
+        client
+            .query(&format!(
+                "SELECT COUNT(*) FROM sim_av_tumour WHERE age > {age}"
+            ))
+            .await
+            .expect("within budget");
+    }
+    // 0.5 + 4 × 1.0 spent of 5.0: 0.5 left, a query at 1.0 is refused everywhere.
+    let err = client
+        .query("SELECT COUNT(*) FROM sim_av_tumour WHERE age > 70")
+        .await
+        .expect_err("over budget");
+    let text = err.to_string();
+    assert!(text.contains("privacy-budget"), "{text}");
+    assert!(text.contains("ε 0.5000"), "{text}");
+
+    client.set_epsilon(Some(0.0));
+    let err = client.query(sql).await.expect_err("a zero ε is malformed");
+    assert!(err.to_string().contains("x-trustql-epsilon"), "{err}");
+}
+
+#[tokio::test]
+async fn refused_shapes_say_why() {
+    let fed = federation().await;
+    let mut client = client(&fed).await;
+    let err = client
+        .query("SELECT MAX(gleason_combined) FROM sim_av_tumour")
+        .await
+        .expect_err("MAX is not available with DP");
+    assert!(err.to_string().contains("differential privacy"), "{err}");
+    let result = client
+        .query("SELECT COUNT(*) FROM sim_av_patient")
+        .await
+        .expect("answered");
+    let coverage = result.coverage.clone().expect("coverage");
+    assert!(
+        coverage
+            .trusts
+            .iter()
+            .all(|t| t.status == TrustStatus::Answered)
+    );
+    let count = |batch: &RecordBatch| {
+        let n = cast(batch.column(0), &DataType::Int64).expect("cast");
+        n.as_primitive::<Int64Type>().value(0)
+    };
+    let noisy = count(&one(&result));
+    let truth = count(&exact(&fed, "SELECT COUNT(*) FROM sim_av_patient").await);
+    assert!((noisy - truth).abs() < 100, "{noisy} vs {truth}");
+}

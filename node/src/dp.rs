@@ -1,0 +1,313 @@
+//! Answering a project in differential-privacy mode: bounded, noisy, and charged before release.
+//!
+//! The query is rewritten so each patient brings a bounded number of rows, runs as the usual
+//! reduced partial aggregation, and every state gets OpenDP noise calibrated to what one
+//! patient can change. The release is written to the budget ledger (fsync'd) before it is
+//! returned; a repeat of the same query is answered from the ledger at no cost, so asking again
+//! cannot average the noise away.
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::StreamWriter;
+use datafusion::common::Column;
+use datafusion::functions_aggregate::expr_fn::count_distinct;
+use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
+use sha2::{Digest, Sha256};
+use trustql_budget::Charge;
+use trustql_policies::{
+    ColumnRole, Noisy, ProjectDp, Refusal, Rule, Selection, Vetted, add_noise, bound_contributions,
+    now_rfc3339,
+};
+use trustql_wire::{ANSWER_META_KEY, AnswerMeta, ColumnKind, ColumnNoise, DpMeta, SiteRequest};
+
+use crate::engine::{SiteAnswer, SiteEngine, fingerprint, partial_reduce};
+use crate::error::NodeError;
+
+/// Room for floating-point sums of ε when comparing with the budget.
+const SLACK: f64 = 1e-9;
+
+impl SiteEngine {
+    /// Answers a request of a project in differential-privacy mode.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn answer_dp(
+        &self,
+        request: &SiteRequest,
+        project: &str,
+        dp: ProjectDp,
+        aggregate: &Aggregate,
+        optimized: &LogicalPlan,
+        vetted: &Vetted,
+        patient_key: &Column,
+        deadline: tokio::time::Instant,
+    ) -> Result<SiteAnswer, NodeError> {
+        let policy = &self.policy.policy;
+        let epsilon = match request.epsilon {
+            None => dp.epsilon_per_query,
+            Some(e) if e.is_finite() && e > 0.0 && e <= dp.epsilon_per_query + SLACK => e,
+            Some(_) => {
+                return Err(Refusal::new(
+                    Rule::Budget,
+                    format!(
+                        "a query of this project may spend ε above 0 and at most {} at this trust",
+                        dp.epsilon_per_query
+                    ),
+                )
+                .into());
+            }
+        };
+        let bounded = bound_contributions(&self.schema, &policy.dp, aggregate, optimized, vetted)?;
+        let keys = aggregate.group_expr.len();
+        let public = bounded.public_domain.as_ref().filter(|domain| {
+            let size = domain
+                .iter()
+                .fold(1usize, |n, codes| n.saturating_mul(codes.len() + 1));
+            size <= policy.query.max_groups
+        });
+        let selection = match public {
+            Some(domain) => Selection::Public(domain),
+            None => Selection::Threshold,
+        };
+        let delta = if public.is_none() && keys > 0 {
+            dp.delta_per_query
+        } else {
+            0.0
+        };
+        let plan_fingerprint = fingerprint(optimized);
+        let query_key = query_key(&plan_fingerprint, epsilon, &self.policy.hash);
+        let Some(ledger) = self.ledger.clone() else {
+            return Err(NodeError::Budget(
+                "this node keeps no budget ledger, so it cannot answer in DP mode".into(),
+            ));
+        };
+
+        // Check, release and record as one step: two queries may not both pass the check.
+        let _turn = self.dp_turn.lock().await;
+        let spent = ledger.spent(project);
+        let left = (
+            (dp.epsilon_budget - spent.epsilon).max(0.0),
+            (dp.delta_budget - spent.delta).max(0.0),
+        );
+        if !request.preview
+            && let Some(bytes) = ledger.cached(project, &query_key)
+        {
+            return repeat(&bytes, request, left, plan_fingerprint);
+        }
+        if !request.preview && (epsilon > left.0 + SLACK || delta > left.1 + SLACK * 1e-6) {
+            return Err(Refusal::new(
+                Rule::Budget,
+                format!(
+                    "project {project} has ε {:.4} and δ {:e} left at trust {}; this query needs \
+                     ε {epsilon} and δ {delta:e} (ask for a smaller ε with the \
+                     x-trustql-epsilon header, or ask the data controller for more budget)",
+                    left.0, left.1, self.trust
+                ),
+            )
+            .into());
+        }
+
+        let mut aggr_expr = bounded.aggregate.aggr_expr.clone();
+        aggr_expr.push(
+            count_distinct(Expr::Column(patient_key.clone())).alias(trustql_wire::PATIENTS_COLUMN),
+        );
+        let partial = Aggregate::try_new(
+            bounded.aggregate.input.clone(),
+            bounded.aggregate.group_expr.clone(),
+            aggr_expr,
+        )
+        .map(LogicalPlan::Aggregate)
+        .map_err(|_| NodeError::Execution)?;
+        let physical = self
+            .ctx
+            .state()
+            .create_physical_plan(&partial)
+            .await
+            .map_err(|_| NodeError::Execution)?;
+        let reduce = partial_reduce(&physical)?;
+        let (batch, columns, roles) = self.run(reduce, deadline, !request.preview).await?;
+
+        // How much one patient can move each column, over all groups together.
+        let m = bounded.max_rows as f64;
+        let mut noisy = Vec::new();
+        let mut key_columns = Vec::new();
+        let mut patients = None;
+        for (index, (column, role)) in columns.iter().zip(&roles).enumerate() {
+            let sensitivity = match column.kind {
+                ColumnKind::Key => {
+                    key_columns.push(index);
+                    continue;
+                }
+                ColumnKind::GroupingId => return Err(NodeError::Execution),
+                ColumnKind::Patients => {
+                    patients = Some(index);
+                    m
+                }
+                ColumnKind::DistinctCount => m,
+                ColumnKind::State => match role {
+                    ColumnRole::Sum { .. } => {
+                        let clamp = column
+                            .aggregate
+                            .and_then(|a| bounded.clamp.get(a).copied().flatten())
+                            .ok_or(NodeError::Execution)?;
+                        m * clamp
+                    }
+                    _ => m,
+                },
+            };
+            noisy.push(Noisy {
+                column: index,
+                sensitivity,
+            });
+        }
+        let patients = patients.ok_or(NodeError::Execution)?;
+        let released = add_noise(
+            &batch,
+            &key_columns,
+            patients,
+            &noisy,
+            bounded.max_rows,
+            selection,
+            epsilon,
+            delta,
+            policy.query.max_groups,
+        )?;
+        let report = released.report;
+        let (charged, remaining) = if request.preview {
+            ((0.0, 0.0), left)
+        } else {
+            (
+                (epsilon, delta),
+                ((left.0 - epsilon).max(0.0), (left.1 - delta).max(0.0)),
+            )
+        };
+        let dp_meta = DpMeta {
+            epsilon_charged: charged.0,
+            delta_charged: charged.1,
+            epsilon_cost: epsilon,
+            delta_cost: delta,
+            epsilon_remaining: remaining.0,
+            delta_remaining: remaining.1,
+            repeat: false,
+            preview: request.preview,
+            max_rows_per_patient: bounded.max_rows,
+            threshold: report.threshold,
+            noise: noisy
+                .iter()
+                .zip(&report.scales)
+                .map(|(n, scale)| ColumnNoise {
+                    column: n.column,
+                    scale: *scale,
+                })
+                .collect(),
+        };
+        let batch = if request.preview {
+            released.batch.slice(0, 0)
+        } else {
+            released.batch
+        };
+        // Nothing is said about groups not released: their number would tell how many rare
+        // groups exist.
+        let meta = AnswerMeta {
+            trust: self.trust.clone(),
+            request_id: request.request_id.clone(),
+            policy_version: policy.policy.version.clone(),
+            policy_hash: self.policy.hash.clone(),
+            released: batch.num_rows(),
+            withheld: Default::default(),
+            columns,
+            dp: Some(dp_meta),
+        };
+        let batch = with_meta(batch, &meta)?;
+        let answer = SiteAnswer {
+            batch,
+            meta,
+            plan_fingerprint,
+        };
+        if request.preview {
+            return Ok(answer);
+        }
+        let charge = Charge {
+            at: now_rfc3339(),
+            project: project.to_string(),
+            researcher: request.researcher.clone(),
+            request_id: request.request_id.clone(),
+            query_key,
+            epsilon,
+            delta,
+            answer: encode(&answer.batch)?,
+        };
+        tokio::task::spawn_blocking(move || ledger.charge(charge))
+            .await
+            .map_err(|_| NodeError::Budget("the ledger write did not finish".into()))??;
+        Ok(answer)
+    }
+}
+
+/// What identifies a release for the cache: the normalised plan, the ε and the policy.
+fn query_key(plan_fingerprint: &str, epsilon: f64, policy_hash: &str) -> String {
+    let digest = Sha256::digest(format!("{plan_fingerprint}|{epsilon:?}|{policy_hash}"));
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The earlier release of the same query, re-addressed to this request, at no cost.
+fn repeat(
+    bytes: &[u8],
+    request: &SiteRequest,
+    left: (f64, f64),
+    plan_fingerprint: String,
+) -> Result<SiteAnswer, NodeError> {
+    let batch = decode(bytes)?;
+    let mut meta = batch
+        .schema()
+        .metadata()
+        .get(ANSWER_META_KEY)
+        .and_then(|m| AnswerMeta::from_json(m).ok())
+        .ok_or_else(|| NodeError::Budget("a recorded answer has no metadata".into()))?;
+    meta.request_id = request.request_id.clone();
+    if let Some(dp) = meta.dp.as_mut() {
+        dp.epsilon_charged = 0.0;
+        dp.delta_charged = 0.0;
+        dp.epsilon_remaining = left.0;
+        dp.delta_remaining = left.1;
+        dp.repeat = true;
+    }
+    let batch = with_meta(batch, &meta)?;
+    Ok(SiteAnswer {
+        batch,
+        meta,
+        plan_fingerprint,
+    })
+}
+
+fn with_meta(batch: RecordBatch, meta: &AnswerMeta) -> Result<RecordBatch, NodeError> {
+    let schema = batch
+        .schema()
+        .as_ref()
+        .clone()
+        .with_metadata([(ANSWER_META_KEY.to_string(), meta.to_json())].into());
+    // Not `with_schema`: that refuses to replace metadata a cached answer already carries.
+    RecordBatch::try_new(Arc::new(schema), batch.columns().to_vec())
+        .map_err(|_| NodeError::Execution)
+}
+
+fn encode(batch: &RecordBatch) -> Result<Vec<u8>, NodeError> {
+    let mut bytes = Vec::new();
+    let mut writer =
+        StreamWriter::try_new(&mut bytes, &batch.schema()).map_err(|_| NodeError::Execution)?;
+    writer.write(batch).map_err(|_| NodeError::Execution)?;
+    writer.finish().map_err(|_| NodeError::Execution)?;
+    drop(writer);
+    Ok(bytes)
+}
+
+fn decode(bytes: &[u8]) -> Result<RecordBatch, NodeError> {
+    let reader = StreamReader::try_new(bytes, None)
+        .map_err(|_| NodeError::Budget("a recorded answer cannot be read".into()))?;
+    let schema = reader.schema();
+    let batches = reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| NodeError::Budget("a recorded answer cannot be read".into()))?;
+    arrow::compute::concat_batches(&schema, &batches)
+        .map_err(|_| NodeError::Budget("a recorded answer cannot be read".into()))
+}

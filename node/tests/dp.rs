@@ -1,0 +1,347 @@
+//! Differential privacy at the node: noisy answers charged to a durable ledger before release,
+//! free repeats, refusals when the budget is spent, previews that spend nothing.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Int64Type};
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use trustql_budget::Ledger;
+use trustql_node::{Limits, NodeError, SiteAnswer, SiteEngine};
+use trustql_policies::{Rule, approve, load_approved};
+use trustql_schemas::table_path;
+use trustql_wire::{ColumnKind, SiteRequest};
+
+const TODAY: i32 = 20_415;
+
+/// p1 is in DP mode with ε 1 per query and 3 in all; p2 is not.
+fn dp_policy(dir: &Path) -> trustql_policies::ApprovedPolicy {
+    let path = dir.join("policy.toml");
+    let tables = common::ALL_TABLES;
+    let text = format!(
+        r#"[policy]
+version = "dp-test"
+trust = "TQ01"
+
+[dp]
+default_rows_per_patient = 1
+rows_per_patient = {{ sim_av_tumour = 3, sim_sact_regimen = 4 }}
+bounds = {{ "sim_av_tumour.age" = [0, 100] }}
+
+[[project]]
+id = "p1"
+researchers = ["alice"]
+tables = {tables}
+expires = "2099-12-31"
+dp = {{ epsilon_budget = 3.0, epsilon_per_query = 1.0 }}
+
+[[project]]
+id = "p2"
+researchers = ["alice"]
+tables = {tables}
+expires = "2099-12-31"
+"#
+    );
+    std::fs::write(&path, text).expect("write policy");
+    approve(&path, "Test Controller", &common::schema()).expect("approve");
+    load_approved(&path, &common::schema()).expect("load")
+}
+
+async fn engine(dir: &Path) -> SiteEngine {
+    let fed = dir.join("fed");
+    if !fed.exists() {
+        common::synth(dir, 3000);
+    }
+    let policy = dp_policy(dir);
+    let ledger = Ledger::open(&dir.join("state/budget.ledger")).expect("ledger");
+    SiteEngine::open(
+        "TQ01",
+        common::schema(),
+        policy,
+        &fed.join("TQ01"),
+        &Limits::default(),
+    )
+    .await
+    .expect("engine opens")
+    .with_ledger(Arc::new(ledger))
+}
+
+fn request(project: &str, sql: &str) -> SiteRequest {
+    SiteRequest {
+        request_id: "r".into(),
+        researcher: "alice".into(),
+        project: project.into(),
+        sql: sql.into(),
+        ..Default::default()
+    }
+}
+
+async fn ask(engine: &SiteEngine, sql: &str) -> SiteAnswer {
+    match engine.answer(&request("p1", sql), TODAY).await {
+        Ok(a) => a,
+        Err(e) => panic!("{sql} should be answered: {e}"),
+    }
+}
+
+/// Exact per-group values from plain DataFusion over the same Parquet.
+async fn exact(dir: &Path, sql: &str) -> HashMap<String, i64> {
+    let ctx = SessionContext::new();
+    for table in common::schema().tables() {
+        let path = table_path(&dir.join("fed/TQ01"), &table.name);
+        ctx.register_parquet(
+            table.name.as_str(),
+            path.to_str().expect("path"),
+            ParquetReadOptions::default(),
+        )
+        .await
+        .expect("register");
+    }
+    let batches = ctx
+        .sql(sql)
+        .await
+        .expect("sql")
+        .collect()
+        .await
+        .expect("run");
+    let mut out = HashMap::new();
+    for b in batches {
+        let keys = cast(b.column(0), &DataType::Utf8).expect("cast");
+        let values = cast(b.column(1), &DataType::Int64).expect("cast");
+        for r in 0..b.num_rows() {
+            let key = keys.as_string::<i32>();
+            let key = if key.is_null(r) {
+                "<null>"
+            } else {
+                key.value(r)
+            };
+            out.insert(key.to_string(), values.as_primitive::<Int64Type>().value(r));
+        }
+    }
+    out
+}
+
+/// (group key, value of the first state column) of a site answer.
+fn released(batch: &RecordBatch, state: usize) -> HashMap<String, i64> {
+    let keys = cast(batch.column(0), &DataType::Utf8).expect("cast");
+    let keys = keys.as_string::<i32>();
+    let values = cast(batch.column(state), &DataType::Int64).expect("cast");
+    let values = values.as_primitive::<Int64Type>();
+    (0..batch.num_rows())
+        .map(|r| {
+            let key = if keys.is_null(r) {
+                "<null>"
+            } else {
+                keys.value(r)
+            };
+            (key.to_string(), values.value(r))
+        })
+        .collect()
+}
+
+fn state_column(answer: &SiteAnswer) -> usize {
+    answer
+        .meta
+        .columns
+        .iter()
+        .position(|c| c.kind == ColumnKind::State)
+        .expect("a state column")
+}
+
+const BY_STAGE: &str = "SELECT stage_best, COUNT(*) FROM sim_av_tumour GROUP BY stage_best";
+
+#[tokio::test]
+async fn noisy_counts_cover_every_public_code_and_are_charged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path()).await;
+    let answer = ask(&engine, BY_STAGE).await;
+    let dp = answer.meta.dp.clone().expect("a DP answer");
+    assert_eq!(dp.epsilon_charged, 1.0);
+    assert_eq!(dp.delta_charged, 0.0, "public keys need no δ");
+    assert_eq!(dp.epsilon_remaining, 2.0);
+    assert_eq!(dp.max_rows_per_patient, 3);
+    // Two noisy columns (the count and the patients) share ε = 1 over sensitivity 3.
+    assert_eq!(dp.noise.len(), 2);
+    for n in &dp.noise {
+        assert!((n.scale - 6.0).abs() < 1e-6, "scale {}", n.scale);
+    }
+    let stages = common::schema()
+        .code_set("stage")
+        .expect("stage codes")
+        .codes
+        .len();
+    assert_eq!(
+        answer.batch.num_rows(),
+        stages + 1,
+        "every stage code and null is released, present or not"
+    );
+    let noisy = released(&answer.batch, state_column(&answer));
+    let truth = exact(dir.path(), BY_STAGE).await;
+    let mut differs = false;
+    for (stage, value) in &noisy {
+        let true_value = truth.get(stage).copied().unwrap_or(0);
+        differs |= *value != true_value;
+        // Laplace(6) beyond 20 scales happens with probability e^-20.
+        assert!(
+            (value - true_value).abs() < 120,
+            "stage {stage}: {value} vs {true_value}"
+        );
+    }
+    assert!(differs, "no noise was added");
+    assert_eq!(engine.ledger().expect("ledger").spent("p1").epsilon, 1.0);
+}
+
+#[tokio::test]
+async fn a_repeat_costs_nothing_and_a_changed_query_costs_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path()).await;
+    let first = ask(&engine, BY_STAGE).await;
+    // Same plan, different spelling.
+    let again = ask(
+        &engine,
+        "select   stage_best , count(*) from sim_av_tumour group by stage_best",
+    )
+    .await;
+    let dp = again.meta.dp.clone().expect("dp");
+    assert!(dp.repeat);
+    assert_eq!(dp.epsilon_charged, 0.0);
+    assert_eq!(dp.epsilon_remaining, 2.0);
+    assert_eq!(
+        first.batch.columns(),
+        again.batch.columns(),
+        "the same release"
+    );
+    let ledger = engine.ledger().expect("ledger");
+    assert_eq!(ledger.spent("p1").epsilon, 1.0);
+
+    let changed = ask(
+        &engine,
+        "SELECT stage_best, COUNT(*) FROM sim_av_tumour WHERE age > 50 GROUP BY stage_best",
+    )
+    .await;
+    assert!(!changed.meta.dp.expect("dp").repeat);
+    assert_eq!(ledger.spent("p1").epsilon, 2.0);
+
+    // Asking for a different ε is a different release, and costs that ε.
+    let mut smaller = request("p1", BY_STAGE);
+    smaller.epsilon = Some(0.25);
+    let answer = engine.answer(&smaller, TODAY).await.expect("answer");
+    assert_eq!(answer.meta.dp.expect("dp").epsilon_charged, 0.25);
+    assert_eq!(ledger.spent("p1").epsilon, 2.25);
+}
+
+#[tokio::test]
+async fn a_spent_budget_refuses_and_says_what_is_left() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path()).await;
+    for age in [40, 50, 60] {
+        ask(
+            &engine,
+            &format!("SELECT COUNT(*) FROM sim_av_tumour WHERE age > {age}"),
+        )
+        .await;
+    }
+    let err = engine
+        .answer(
+            &request("p1", "SELECT COUNT(*) FROM sim_av_tumour WHERE age > 70"),
+            TODAY,
+        )
+        .await
+        .expect_err("the budget is spent");
+    match err {
+        NodeError::Refused(r) => {
+            assert_eq!(r.rule, Rule::Budget);
+            assert!(r.reason.contains("ε 0.0000"), "{}", r.reason);
+        }
+        other => panic!("expected a budget refusal, got {other}"),
+    }
+    // A repeat of a paid query is still answered.
+    ask(&engine, "SELECT COUNT(*) FROM sim_av_tumour WHERE age > 40").await;
+
+    let mut greedy = request("p1", "SELECT COUNT(*) FROM sim_av_patient");
+    greedy.epsilon = Some(2.0);
+    match engine.answer(&greedy, TODAY).await {
+        Err(NodeError::Refused(r)) => assert_eq!(r.rule, Rule::Budget),
+        other => panic!("more than ε per query must be refused: {:?}", other.err()),
+    }
+}
+
+#[tokio::test]
+async fn the_ledger_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let before = {
+        let engine = engine(dir.path()).await;
+        ask(&engine, BY_STAGE).await
+    };
+    let engine = engine(dir.path()).await;
+    let ledger = engine.ledger().expect("ledger");
+    assert_eq!(ledger.spent("p1").epsilon, 1.0);
+    let after = ask(&engine, BY_STAGE).await;
+    assert!(after.meta.dp.clone().expect("dp").repeat);
+    assert_eq!(before.batch.columns(), after.batch.columns());
+    assert_eq!(ledger.spent("p1").epsilon, 1.0);
+}
+
+#[tokio::test]
+async fn a_preview_runs_and_spends_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path()).await;
+    let mut preview = request("p1", BY_STAGE);
+    preview.preview = true;
+    let answer = engine.answer(&preview, TODAY).await.expect("preview");
+    assert_eq!(answer.batch.num_rows(), 0);
+    let dp = answer.meta.dp.expect("dp");
+    assert!(dp.preview);
+    assert_eq!(dp.epsilon_charged, 0.0);
+    assert_eq!(dp.epsilon_cost, 1.0);
+    assert_eq!(dp.noise.len(), 2);
+    assert_eq!(engine.ledger().expect("ledger").spent("p1").epsilon, 0.0);
+}
+
+#[tokio::test]
+async fn keys_without_a_code_set_pass_a_threshold_and_spend_delta() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path()).await;
+    let sql = "SELECT age / 5, COUNT(DISTINCT patientid) FROM sim_av_tumour GROUP BY age / 5";
+    let answer = ask(&engine, sql).await;
+    let dp = answer.meta.dp.clone().expect("dp");
+    let threshold = dp.threshold.expect("a threshold");
+    assert!(threshold > 20, "threshold {threshold}");
+    assert!(dp.delta_charged > 0.0);
+    // No group with only a handful of patients comes out.
+    let truth = exact(dir.path(), sql).await;
+    let keys = released(&answer.batch, 1);
+    assert!(!keys.is_empty(), "common age bands should pass");
+    assert!(
+        keys.len() < truth.len(),
+        "rare bands at the extremes should not"
+    );
+    for band in keys.keys() {
+        let patients = truth.get(band).copied().unwrap_or(0);
+        assert!(
+            patients >= 3,
+            "band {band} with {patients} patient(s) was released"
+        );
+    }
+    assert_eq!(
+        answer.meta.withheld,
+        Default::default(),
+        "nothing said about rare groups"
+    );
+}
+
+#[tokio::test]
+async fn projects_outside_dp_mode_are_unchanged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path()).await;
+    let answer = engine
+        .answer(&request("p2", BY_STAGE), TODAY)
+        .await
+        .expect("answer");
+    assert!(answer.meta.dp.is_none());
+    assert_eq!(engine.ledger().expect("ledger").spent("p2").epsilon, 0.0);
+}

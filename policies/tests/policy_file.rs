@@ -42,7 +42,7 @@ fn errors(policy: &Policy) -> Vec<String> {
 
 #[test]
 fn examples_lint_clean() {
-    for name in ["standard.toml", "midpoint6.toml", "strict.toml"] {
+    for name in ["standard.toml", "midpoint6.toml", "strict.toml", "dp.toml"] {
         let text = std::fs::read_to_string(example(name)).expect("example");
         let policy = Policy::from_toml(&text).expect(name);
         assert!(errors(&policy).is_empty(), "{name}: {:?}", errors(&policy));
@@ -182,4 +182,61 @@ fn a_policy_with_errors_cannot_be_approved() {
     assert!(!approval_path(&path).exists());
     let err = approve(&path, "  ", &schema()).expect_err("no approver");
     assert!(matches!(err, PolicyError::Invalid(_)));
+}
+
+#[test]
+fn dp_settings_are_linted_and_described() {
+    let text = std::fs::read_to_string(example("dp.toml")).expect("example");
+    let policy = Policy::from_toml(&text).expect("dp example");
+    let dp = policy
+        .project("ics-population-health")
+        .and_then(|p| p.dp)
+        .expect("a DP project");
+    assert_eq!(dp.epsilon_per_query, 0.5);
+    assert_eq!(policy.dp.rows_per_patient("sim_av_tumour"), 3);
+    assert_eq!(policy.dp.rows_per_patient("sim_sact_cycle"), 1);
+    let described = policy.describe();
+    assert!(
+        described.contains("ε 0.5 per query, 20 in all"),
+        "{described}"
+    );
+    assert!(
+        described.contains("sim_av_tumour.age [0, 110]"),
+        "{described}"
+    );
+    assert!(
+        described.contains("noisy patient count passes a threshold"),
+        "{described}"
+    );
+
+    let has = |p: &Policy, needle: &str| errors(p).iter().any(|e| e.contains(needle));
+    let mut p = policy.clone();
+    p.projects[0].dp = Some(trustql_policies::ProjectDp {
+        epsilon_per_query: 2.0,
+        ..dp
+    });
+    p.projects[0].dp.as_mut().expect("dp").epsilon_budget = 1.0;
+    assert!(has(&p, "epsilon_per_query exceeds epsilon_budget"));
+    let mut p = policy.clone();
+    p.projects[0].dp.as_mut().expect("dp").epsilon_budget = f64::NAN;
+    assert!(has(&p, "must be positive"));
+    let mut p = policy.clone();
+    p.projects[0].dp.as_mut().expect("dp").delta_per_query = 0.5;
+    assert!(has(&p, "delta_per_query"));
+    let mut p = policy.clone();
+    p.dp.bounds
+        .insert("sim_av_tumour.stage_best".into(), [0.0, 1.0]);
+    assert!(has(&p, "only numeric columns"));
+    let mut p = policy.clone();
+    p.dp.bounds.insert("sim_av_tumour.age".into(), [5.0, 5.0]);
+    assert!(has(&p, "lower < upper"));
+    let mut p = policy.clone();
+    p.dp.bounds.insert("sim_av_tumour.nope".into(), [0.0, 1.0]);
+    assert!(has(&p, "not a `table.column`"));
+    let mut p = policy.clone();
+    p.dp.rows_per_patient.insert("sim_av_gene".into(), 2);
+    assert!(has(&p, "sim_av_gene"));
+    let mut p = policy;
+    p.dp.rows_per_patient.insert("sim_av_tumour".into(), 0);
+    assert!(has(&p, "at least 1"));
 }

@@ -172,3 +172,80 @@ fn a_served_demo_answers_trustql_query_in_every_format() {
     demo.kill().expect("stop the demo");
     let _ = demo.wait();
 }
+
+#[test]
+fn a_served_dp_demo_previews_spends_and_prints_the_noise() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let info_path = dir.path().join("info.json");
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_trustql"))
+        .args([
+            "demo",
+            "--trusts",
+            "2",
+            "--patients",
+            "2000",
+            "--dp",
+            "--epsilon-per-query",
+            "0.5",
+            "--epsilon-budget",
+            "4",
+            "--serve",
+            "--info",
+        ])
+        .arg(&info_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn demo");
+    let info = wait_for(&info_path);
+    assert_eq!(info["epsilon_per_query"], 0.5, "{info}");
+    assert_eq!(info["epsilon_budget"], 4.0, "{info}");
+    let (url, token, ca) = (
+        info["url"].as_str().expect("url"),
+        info["token"].as_str().expect("token"),
+        info["ca"].as_str().expect("ca"),
+    );
+    // Wait until the showcase has finished spending, so the budget left is known.
+    let stdout = demo.stdout.take().expect("stdout");
+    let (serving, showcase_done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("Serving.") {
+                let _ = serving.send(());
+            }
+        }
+    });
+    showcase_done
+        .recv_timeout(Duration::from_secs(300))
+        .expect("the showcase finished");
+    let sql = "SELECT gender, COUNT(*) AS n FROM sim_av_patient GROUP BY gender ORDER BY gender";
+    let query = |extra: &[&str]| {
+        let mut args = vec!["query", "--coordinator", url, "--ca", ca, "--token", token];
+        args.extend_from_slice(extra);
+        args.push(sql);
+        trustql(&args)
+    };
+
+    let preview = query(&["--preview"]);
+    assert!(preview.status.success(), "{}", text(&preview));
+    assert!(
+        text(&preview).contains("would spend ε 0.5"),
+        "{}",
+        text(&preview)
+    );
+    assert!(text(&preview).contains("Noise: n ±"), "{}", text(&preview));
+
+    let spent = query(&["--epsilon", "0.25"]);
+    let out = text(&spent);
+    assert!(spent.status.success(), "{out}");
+    assert!(
+        out.contains("| n ±95% |"),
+        "the noise is printed next to the values: {out}"
+    );
+    assert!(out.contains("spent ε 0.25"), "{out}");
+    // The showcase spent 4 × 0.5 of 4 (its fifth query is a repeat), then 0.25 here.
+    assert!(out.contains("ε 1.7500 left"), "{out}");
+
+    demo.kill().expect("stop the demo");
+    let _ = demo.wait();
+}

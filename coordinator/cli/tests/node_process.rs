@@ -46,7 +46,9 @@ fn site(dir: &Path) -> Site {
         format!(
             "[policy]\nversion = \"kill-test\"\ntrust = \"TQ01\"\n\n[disclosure]\nmin_patients = 5\n\n\
              [query]\nmax_joins = 8\n\n\
-             [[project]]\nid = \"p1\"\nresearchers = [\"alice\"]\ntables = {tables}\nexpires = \"2099-12-31\"\n"
+             [[project]]\nid = \"p1\"\nresearchers = [\"alice\"]\ntables = {tables}\nexpires = \"2099-12-31\"\n\n\
+             [[project]]\nid = \"dp\"\nresearchers = [\"alice\"]\ntables = {tables}\nexpires = \"2099-12-31\"\n\
+             dp = {{ epsilon_budget = 1000.0, epsilon_per_query = 0.01 }}\n"
         ),
     )
     .expect("policy");
@@ -132,6 +134,118 @@ fn ticket(id: &str) -> Ticket {
         }
         .to_ticket(),
     )
+}
+
+/// A differentially private query that no earlier one repeats.
+fn dp_ticket(id: &str, worker: usize, n: usize) -> Ticket {
+    Ticket::new(
+        SiteRequest {
+            request_id: id.into(),
+            researcher: "alice".into(),
+            project: "dp".into(),
+            sql: format!(
+                "SELECT stage_best, COUNT(*) FROM sim_av_tumour \
+                 WHERE age > {n} AND age < {} GROUP BY stage_best",
+                200 + worker
+            ),
+            ..Default::default()
+        }
+        .to_ticket(),
+    )
+}
+
+/// The ledger's lines as JSON; a SIGKILL may have torn the last one (never released), which
+/// the node cuts off when it starts again.
+fn ledger_records(dir: &Path, after_restart: bool) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("state/budget.ledger")).expect("ledger");
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| match serde_json::from_str(l) {
+            Ok(v) => Some(v),
+            Err(_) if !after_restart && i + 1 == lines.len() => None,
+            Err(e) => panic!("ledger line {} is damaged: {e}", i + 1),
+        })
+        .collect()
+}
+
+#[test]
+fn a_sigkill_mid_query_never_releases_an_answer_the_ledger_did_not_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = site(dir.path());
+    let (mut child, addr) = spawn_node(&site);
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let answered: Arc<Mutex<Vec<String>>> = Arc::default();
+    runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for worker in 0..3 {
+            let mut client = client(&site, addr).await;
+            let answered = answered.clone();
+            tasks.push(tokio::spawn(async move {
+                for n in 0.. {
+                    let id = format!("dp{worker}-{n}");
+                    let Ok(response) = client.do_get(dp_ticket(&id, worker, n)).await else {
+                        break;
+                    };
+                    let Ok(messages) = response.into_inner().try_collect::<Vec<_>>().await else {
+                        break;
+                    };
+                    assert!(!messages.is_empty());
+                    answered.lock().expect("lock").push(id);
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        child.kill().expect("SIGKILL the node");
+        for task in tasks {
+            task.await.expect("worker");
+        }
+    });
+    let _ = child.wait();
+
+    let answered = answered.lock().expect("lock").clone();
+    assert!(
+        answered.len() >= 3,
+        "answered before the kill: {}",
+        answered.len()
+    );
+    let ledger = ledger_records(dir.path(), false);
+    for id in &answered {
+        assert!(
+            ledger.iter().any(|r| r["request_id"] == id.as_str()),
+            "answer {id} left the node without being charged"
+        );
+    }
+
+    // The node starts again on the same ledger, and `budget show` reports every charge.
+    let (mut again, _) = spawn_node(&site);
+    again.kill().expect("kill");
+    let _ = again.wait();
+    let charged = ledger_records(dir.path(), true).len();
+    assert!(charged >= answered.len());
+    let shown = trustql(&[
+        "budget",
+        "show",
+        "--config",
+        site.config.to_str().expect("path"),
+        "--project",
+        "dp",
+    ]);
+    assert!(shown.status.success(), "{}", text(&shown));
+    let line = text(&shown)
+        .lines()
+        .find(|l| l.starts_with("dp "))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no line for project dp:\n{}", text(&shown)));
+    let columns: Vec<&str> = line.split_whitespace().collect();
+    let spent: f64 = columns[1].parse().expect("ε spent");
+    assert!(
+        (spent - 0.01 * charged as f64).abs() < 1e-6,
+        "ε spent {spent} for {charged} charges"
+    );
+    assert_eq!(columns[6], charged.to_string(), "releases");
 }
 
 fn audit_records(site: &Site) -> Vec<serde_json::Value> {

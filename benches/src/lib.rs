@@ -1,1 +1,104 @@
 //! TrustQL's benchmarks live in `benches/`; run them with `cargo bench -p trustql-benches`.
+//! This library holds what the comparison harnesses (`src/bin/`) share.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use trustql_schemas::{TrustSchema, table_path};
+
+/// One DataFusion session over the union of every trust's Parquet: the central warehouse a
+/// federation is compared with.
+pub async fn union(schema: &TrustSchema, data: &Path, trusts: &[String]) -> Result<SessionContext> {
+    let ctx = SessionContext::new();
+    for table in schema.tables() {
+        let paths: Vec<String> = trusts
+            .iter()
+            .map(|t| {
+                table_path(&data.join(t), &table.name)
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        let frame = ctx
+            .read_parquet(paths, ParquetReadOptions::default())
+            .await?;
+        ctx.register_table(table.name.as_str(), frame.into_view())?;
+    }
+    Ok(ctx)
+}
+
+/// A Python with `packages`: the given one, or target/py-venv made and filled on first use.
+pub fn python_with(packages: &[&str], given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py-venv");
+    let python = venv.join("bin/python");
+    if !python.exists()
+        && !Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()?
+            .success()
+    {
+        bail!(
+            "could not create a Python virtual environment in {}",
+            venv.display()
+        );
+    }
+    if !Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(packages)
+        .status()?
+        .success()
+    {
+        bail!("could not install {} (pip install {0})", packages.join(" "));
+    }
+    Ok(python)
+}
+
+/// Runs `compare/<script>` with `args`; its stdout is one JSON value.
+pub fn run_python(
+    python: &Path,
+    script: &str,
+    args: &[&Path],
+    extra: &[String],
+) -> Result<serde_json::Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("compare")
+        .join(script);
+    let output = Command::new(python)
+        .arg(&script)
+        .args(args)
+        .args(extra)
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !output.status.success() {
+        bail!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+/// The median of some timings.
+pub fn median(times: &mut [Duration]) -> Duration {
+    percentile(times, 0.5)
+}
+
+/// A percentile (0..=1) of some timings.
+pub fn percentile(times: &mut [Duration], p: f64) -> Duration {
+    times.sort();
+    let index = ((times.len().max(1) as f64 - 1.0) * p).round() as usize;
+    times.get(index).copied().unwrap_or_default()
+}
+
+/// Milliseconds, for reports.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

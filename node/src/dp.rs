@@ -139,8 +139,12 @@ impl SiteEngine {
                     continue;
                 }
                 ColumnKind::GroupingId => return Err(NodeError::Execution),
+                // Measured only to choose groups by threshold; otherwise released as null.
                 ColumnKind::Patients => {
                     patients = Some(index);
+                    if public.is_some() || keys == 0 {
+                        continue;
+                    }
                     m
                 }
                 ColumnKind::DistinctCount => m,

@@ -164,11 +164,25 @@ async fn noisy_counts_cover_every_public_code_and_are_charged() {
     assert_eq!(dp.delta_charged, 0.0, "public keys need no δ");
     assert_eq!(dp.epsilon_remaining, 2.0);
     assert_eq!(dp.max_rows_per_patient, 3);
-    // Two noisy columns (the count and the patients) share ε = 1 over sensitivity 3.
-    assert_eq!(dp.noise.len(), 2);
-    for n in &dp.noise {
-        assert!((n.scale - 6.0).abs() < 1e-6, "scale {}", n.scale);
-    }
+    // One noisy column, the count, spends ε = 1 over sensitivity 3; the patient count is not
+    // needed to choose public groups, so it is not measured and is released as null.
+    assert_eq!(dp.noise.len(), 1);
+    assert!(
+        (dp.noise[0].scale - 3.0).abs() < 1e-6,
+        "scale {}",
+        dp.noise[0].scale
+    );
+    let patients = answer
+        .meta
+        .columns
+        .iter()
+        .position(|c| c.kind == ColumnKind::Patients)
+        .expect("patients column");
+    assert_eq!(
+        answer.batch.column(patients).null_count(),
+        answer.batch.num_rows(),
+        "an unmeasured patient count says nothing"
+    );
     let stages = common::schema()
         .code_set("stage")
         .expect("stage codes")
@@ -298,7 +312,7 @@ async fn a_preview_runs_and_spends_nothing() {
     assert!(dp.preview);
     assert_eq!(dp.epsilon_charged, 0.0);
     assert_eq!(dp.epsilon_cost, 1.0);
-    assert_eq!(dp.noise.len(), 2);
+    assert_eq!(dp.noise.len(), 1);
     assert_eq!(engine.ledger().expect("ledger").spent("p1").epsilon, 0.0);
 }
 

@@ -89,6 +89,7 @@ pub fn add_noise(
         return Err(PolicyError::Noise("nothing to measure".into()));
     }
     let share = epsilon / noisy.len() as f64;
+    let measured = |column: usize| noisy.iter().any(|n| n.column == column);
     let (batch, threshold_mode) = match selection {
         Selection::Public(domain) if !keys.is_empty() => {
             match complete(batch, keys, domain, max_groups)? {
@@ -108,6 +109,7 @@ pub fn add_noise(
     let mut rows: Option<Vec<u32>> = None;
 
     if threshold_mode {
+        // Groups are chosen by the patient count, so it must be among the measured columns.
         let position = noisy
             .iter()
             .position(|n| n.column == patients)
@@ -144,10 +146,17 @@ pub fn add_noise(
         spent += eps;
         scales[position] = scale;
     }
+    // What was not measured says nothing: every column that is neither a key nor noisy is
+    // released as null (the patient count, when groups were not chosen by it).
+    let released = columns.first().map_or(0, |c| c.len());
+    for (i, column) in columns.iter_mut().enumerate() {
+        if !keys.contains(&i) && !measured(i) {
+            *column = arrow::array::new_null_array(batch.column(i).data_type(), released);
+        }
+    }
     // The patients column is released with the type it had.
     columns[patients] =
         cast(&columns[patients], batch.column(patients).data_type()).map_err(arrow_error)?;
-    let released = columns.first().map_or(0, |c| c.len());
     let batch = RecordBatch::try_new(batch.schema(), columns).map_err(arrow_error)?;
     Ok(Released {
         batch,

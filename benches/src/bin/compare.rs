@@ -6,15 +6,14 @@
 //! `cargo run --release -p trustql-benches --bin compare -- [--patients N] [--repeats R]`
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Parser;
-use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use trustql_benches::{median, ms, percentile, python_with, run_python, union};
 use trustql_client::Client;
 use trustql_demo::{DemoOptions, launch};
-use trustql_schemas::{TrustSchema, table_path};
+use trustql_schemas::TrustSchema;
 
 /// Command-line options.
 #[derive(Parser)]
@@ -86,21 +85,6 @@ const PANEL: &[(&str, &str)] = &[
     ),
 ];
 
-fn median(times: &mut [Duration]) -> Duration {
-    times.sort();
-    times[times.len() / 2]
-}
-
-fn percentile(times: &mut [Duration], p: f64) -> Duration {
-    times.sort();
-    let index = ((times.len() as f64 - 1.0) * p).round() as usize;
-    times[index]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -125,28 +109,12 @@ async fn main() -> Result<()> {
     )
     .await?;
 
-    let union = SessionContext::new();
-    for table in schema.tables() {
-        let paths: Vec<String> = federation
-            .info
-            .trusts
-            .iter()
-            .map(|t| {
-                table_path(&federation.info.data_dir.join(t), &table.name)
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect();
-        let frame = union
-            .read_parquet(paths, ParquetReadOptions::default())
-            .await?;
-        union.register_table(table.name.as_str(), frame.into_view())?;
-    }
+    let union = union(&schema, &federation.info.data_dir, &federation.info.trusts).await?;
 
     let duckdb = if args.no_duckdb {
         None
     } else {
-        Some(duckdb_python(args.python.as_deref())?)
+        Some(python_with(&["duckdb"], args.python.as_deref())?)
     };
     let panel_json = federation.work_dir().join("panel.json");
     let tables: Vec<&str> = schema.tables().iter().map(|t| t.name.as_str()).collect();
@@ -237,48 +205,16 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// A Python with duckdb: the given one, or target/py-venv made and filled on first use.
-fn duckdb_python(given: Option<&Path>) -> Result<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p.to_path_buf());
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py-venv");
-    let python = venv.join("bin/python");
-    if !python.exists()
-        && !Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()?
-            .success()
-    {
-        bail!("could not create a Python virtual environment for DuckDB");
-    }
-    if !Command::new(&python)
-        .args(["-m", "pip", "install", "--quiet", "duckdb"])
-        .status()?
-        .success()
-    {
-        bail!("could not install duckdb (pip install duckdb)");
-    }
-    Ok(python)
-}
-
 fn run_duckdb(
     python: &Path,
     data: &Path,
     panel: &Path,
     repeats: usize,
 ) -> Result<serde_json::Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("compare/duckdb_panel.py");
-    let output = Command::new(python)
-        .arg(script)
-        .arg(data)
-        .arg(panel)
-        .arg(repeats.to_string())
-        .output()
-        .context("running DuckDB")?;
-    if !output.status.success() {
-        bail!("DuckDB failed: {}", String::from_utf8_lossy(&output.stderr));
-    }
-    Ok(serde_json::from_slice(&output.stdout)?)
+    run_python(
+        python,
+        "duckdb_panel.py",
+        &[data, panel],
+        &[repeats.to_string()],
+    )
 }

@@ -60,7 +60,24 @@ pub struct DemoOptions {
     pub quorum: Quorum,
     /// Run the demo project in differential-privacy mode with this budget at every trust.
     pub dp: Option<DemoDp>,
+    /// The coordinator's totals rules, instead of the ones that go with the nodes' policies.
+    pub totals: Option<TotalsConfig>,
 }
+
+/// With `--dp`: most rows of a table one patient brings to an aggregate (others: 1).
+pub const DP_ROWS_PER_PATIENT: &[(&str, u32)] = &[
+    ("sim_av_tumour", 3),
+    ("sim_sact_regimen", 5),
+    ("sim_rtds_episode", 5),
+    ("sim_rtds_prescription", 10),
+];
+
+/// With `--dp`: the clamping bounds of the summable columns, `table.column`.
+pub const DP_BOUNDS: &[(&str, f64, f64)] = &[
+    ("sim_av_tumour.age", 0.0, 110.0),
+    ("sim_sact_regimen.height_at_start_of_regimen", 1.0, 2.2),
+    ("sim_sact_regimen.weight_at_start_of_regimen", 30.0, 200.0),
+];
 
 /// The demo project's privacy budget at each trust (`trustql demo --dp`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -91,6 +108,7 @@ impl Default for DemoOptions {
             node_deadline_ms: 30_000,
             quorum: Quorum::All,
             dp: None,
+            totals: None,
         }
     }
 }
@@ -237,7 +255,9 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
         }],
         // The federation repeats the trusts' own rules on the totals; with DP, the noise is
         // the protection and the totals are left as the trusts' noise made them.
-        disclosure: if options.unprotected || options.dp.is_some() {
+        disclosure: if let Some(totals) = options.totals {
+            totals
+        } else if options.unprotected || options.dp.is_some() {
             TotalsConfig::default()
         } else {
             TotalsConfig {
@@ -316,16 +336,25 @@ fn write_policy(
     );
     let text = match dp {
         None => text,
-        Some(dp) => format!(
-            "{text}dp = {{ epsilon_budget = {:?}, epsilon_per_query = {:?} }}\n\n\
-             # Differential privacy: each patient brings at most these rows of a table.\n[dp]\n\
-             default_rows_per_patient = 1\n\
-             rows_per_patient = {{ sim_av_tumour = 3, sim_sact_regimen = 5, sim_rtds_episode = 5, \
-             sim_rtds_prescription = 10 }}\n\
-             bounds = {{ \"sim_av_tumour.age\" = [0, 110], \"sim_sact_regimen.height_at_start_of_regimen\" \
-             = [1.0, 2.2], \"sim_sact_regimen.weight_at_start_of_regimen\" = [30.0, 200.0] }}\n",
-            dp.epsilon_budget, dp.epsilon_per_query
-        ),
+        Some(dp) => {
+            let rows: Vec<String> = DP_ROWS_PER_PATIENT
+                .iter()
+                .map(|(table, n)| format!("{table} = {n}"))
+                .collect();
+            let bounds: Vec<String> = DP_BOUNDS
+                .iter()
+                .map(|(column, lower, upper)| format!("\"{column}\" = [{lower:?}, {upper:?}]"))
+                .collect();
+            format!(
+                "{text}dp = {{ epsilon_budget = {:?}, epsilon_per_query = {:?} }}\n\n\
+                 # Differential privacy: each patient brings at most these rows of a table.\n[dp]\n\
+                 default_rows_per_patient = 1\nrows_per_patient = {{ {} }}\nbounds = {{ {} }}\n",
+                dp.epsilon_budget,
+                dp.epsilon_per_query,
+                rows.join(", "),
+                bounds.join(", ")
+            )
+        }
     };
     let path = dir.join("policies").join(format!("{trust}.toml"));
     std::fs::create_dir_all(dir.join("policies")).map_err(step("writing the demo policies"))?;

@@ -219,3 +219,45 @@ async fn refused_shapes_say_why() {
     let truth = count(&exact(&fed, "SELECT COUNT(*) FROM sim_av_patient").await);
     assert!((noisy - truth).abs() < 100, "{noisy} vs {truth}");
 }
+
+#[tokio::test]
+async fn the_federation_totals_rules_do_not_drop_or_round_noisy_answers() {
+    use trustql_coordinator::TotalsConfig;
+    use trustql_policies::Rounding;
+    let fed = launch(&DemoOptions {
+        trusts: 2,
+        patients: 4_000,
+        seed: 8,
+        node_deadline_ms: 10_000,
+        dp: Some(DemoDp::default()),
+        totals: Some(TotalsConfig {
+            min_patients: 10,
+            rounding: Rounding::Base,
+            rounding_base: 5,
+        }),
+        ..DemoOptions::default()
+    })
+    .await
+    .expect("launch");
+    let mut client = client(&fed).await;
+    let result = client
+        .query("SELECT gender, COUNT(*) AS n FROM sim_av_patient GROUP BY gender")
+        .await
+        .expect("answered");
+    let got = one(&result);
+    let genders = trustql_schemas::TrustSchema::cancer()
+        .expect("schema")
+        .code_set("gender")
+        .expect("gender codes")
+        .codes
+        .len();
+    // Public codes are all released: the patient counts the totals rule would need are not
+    // released by DP nodes, and the noise is the protection.
+    assert_eq!(got.num_rows(), genders + 1);
+    let coverage = result.coverage.expect("coverage");
+    assert!(
+        !coverage.notes.iter().any(|n| n.contains("rounded")),
+        "{:?}",
+        coverage.notes
+    );
+}

@@ -35,6 +35,9 @@ pub struct FederatedAnswer {
 /// The coordinator's query engine (no data: the schema, the links, the merger).
 pub struct Coordinator {
     merger: Merger,
+    /// Without the federation's totals rules: for answers that are all differentially
+    /// private, whose noise is the protection (and whose patient counts are not released).
+    dp_merger: Merger,
     schema: TrustSchema,
     links: Vec<NodeLink>,
     deadline: Duration,
@@ -59,6 +62,7 @@ impl Coordinator {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Coordinator {
             merger: Merger::new(&schema, config.disclosure.rules())?,
+            dp_merger: Merger::new(&schema, TotalsConfig::default().rules())?,
             totals: config.disclosure,
             schema,
             links,
@@ -100,6 +104,20 @@ impl Coordinator {
         )
         .await;
 
+        // Answers that are all differentially private merge without the totals rules.
+        let all_dp = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Answered(site) => Some(site.meta.dp.is_some()),
+                Outcome::Not(..) => None,
+            })
+            .reduce(|a, b| a && b)
+            .unwrap_or(false);
+        let (merger, prepared) = if all_dp {
+            (&self.dp_merger, self.dp_merger.prepare(sql).await?)
+        } else {
+            (&self.merger, prepared)
+        };
         let mut trusts = Vec::with_capacity(outcomes.len());
         let mut states = Vec::new();
         let mut noise = NoiseSum::default();
@@ -123,13 +141,14 @@ impl Coordinator {
         if prepared.counts_distinct() {
             notes.push(DISTINCT_NOTE.to_string());
         }
-        if self.totals.min_patients > 1 {
+        if self.totals.min_patients > 1 && !all_dp {
             notes.push(format!(
                 "totals with fewer than {} patients across the trusts are withheld",
                 self.totals.min_patients
             ));
         }
         match self.totals.rounding {
+            _ if all_dp => {}
             Rounding::None => {}
             Rounding::Base => notes.push(format!(
                 "merged counts are rounded to the nearest {}",
@@ -192,7 +211,7 @@ impl Coordinator {
         let batches = if caller.preview {
             Vec::new()
         } else {
-            self.merger.merge(&prepared, states).await?
+            merger.merge(&prepared, states).await?
         };
         let schema = Arc::new(
             prepared.schema().as_ref().clone().with_metadata(

@@ -8,7 +8,9 @@
 
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
+use arrow::array::{ArrayRef, AsArray, Float64Array, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Float64Type};
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use datafusion::common::Column;
@@ -17,10 +19,12 @@ use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
 use sha2::{Digest, Sha256};
 use trustql_budget::Charge;
 use trustql_policies::{
-    ColumnRole, Noisy, ProjectDp, Refusal, Rule, Selection, Vetted, add_noise, bound_contributions,
-    now_rfc3339,
+    BoundedQuery, Clamp, ColumnRole, MOMENT_AGGREGATES, Noisy, ProjectDp, Refusal, Rule, Selection,
+    Vetted, add_noise, bound_contributions, now_rfc3339,
 };
-use trustql_wire::{ANSWER_META_KEY, AnswerMeta, ColumnKind, ColumnNoise, DpMeta, SiteRequest};
+use trustql_wire::{
+    ANSWER_META_KEY, AnswerColumn, AnswerMeta, ColumnKind, ColumnNoise, DpMeta, SiteRequest,
+};
 
 use crate::engine::{SiteAnswer, SiteEngine, fingerprint, partial_reduce};
 use crate::error::NodeError;
@@ -148,16 +152,26 @@ impl SiteEngine {
                     m
                 }
                 ColumnKind::DistinctCount => m,
-                ColumnKind::State => match role {
-                    ColumnRole::Sum { .. } => {
-                        let clamp = column
-                            .aggregate
-                            .and_then(|a| bounded.clamp.get(a).copied().flatten())
-                            .ok_or(NodeError::Execution)?;
-                        m * clamp
+                ColumnKind::State => {
+                    let a = column.aggregate.ok_or(NodeError::Execution)?;
+                    let clamp = bounded.clamp.get(a).copied().flatten();
+                    let moments = bounded
+                        .functions
+                        .get(a)
+                        .is_some_and(|f| MOMENT_AGGREGATES.contains(&f.as_str()));
+                    match (moments, state_suffix(&column.name), role, clamp) {
+                        // Moments about the centre: n, Σy and Σy², |y| ≤ half the range.
+                        (true, "count", _, Some(_)) => m,
+                        (true, "mean", _, Some(c)) => m * c.half_width(),
+                        (true, "m2", _, Some(c)) => m * c.half_width().powi(2),
+                        (true, ..) => return Err(NodeError::Execution),
+                        (false, _, ColumnRole::Sum { .. }, Some(c)) => m * c.max_abs(),
+                        (false, _, ColumnRole::Sum { .. }, None) => {
+                            return Err(NodeError::Execution);
+                        }
+                        (false, ..) => m,
                     }
-                    _ => m,
-                },
+                }
             };
             noisy.push(Noisy {
                 column: index,
@@ -165,6 +179,8 @@ impl SiteEngine {
             });
         }
         let patients = patients.ok_or(NodeError::Execution)?;
+        let moments = moment_columns(&columns, &bounded)?;
+        let batch = to_sums(&batch, &moments)?;
         let released = add_noise(
             &batch,
             &key_columns,
@@ -177,6 +193,7 @@ impl SiteEngine {
             policy.query.max_groups,
         )?;
         let report = released.report;
+        let released_batch = from_sums(&released.batch, &moments)?;
         let (charged, remaining) = if request.preview {
             ((0.0, 0.0), left)
         } else {
@@ -206,9 +223,9 @@ impl SiteEngine {
                 .collect(),
         };
         let batch = if request.preview {
-            released.batch.slice(0, 0)
+            released_batch.slice(0, 0)
         } else {
-            released.batch
+            released_batch
         };
         // Nothing is said about groups not released: their number would tell how many rare
         // groups exist.
@@ -246,6 +263,112 @@ impl SiteEngine {
             .map_err(|_| NodeError::Budget("the ledger write did not finish".into()))??;
         Ok(answer)
     }
+}
+
+/// `count` of a state column named `avg(x)[count]`.
+fn state_suffix(name: &str) -> &str {
+    name.rsplit_once('[')
+        .map(|(_, s)| s.trim_end_matches(']'))
+        .unwrap_or_default()
+}
+
+/// The (count, mean, m2) columns of each VAR/STDDEV aggregate, with its clamping range.
+fn moment_columns(
+    columns: &[AnswerColumn],
+    bounded: &BoundedQuery,
+) -> Result<Vec<([usize; 3], Clamp)>, NodeError> {
+    let mut out = Vec::new();
+    for (a, function) in bounded.functions.iter().enumerate() {
+        if !MOMENT_AGGREGATES.contains(&function.as_str()) {
+            continue;
+        }
+        let find = |suffix: &str| {
+            columns
+                .iter()
+                .position(|c| {
+                    c.kind == ColumnKind::State
+                        && c.aggregate == Some(a)
+                        && state_suffix(&c.name) == suffix
+                })
+                .ok_or(NodeError::Execution)
+        };
+        let clamp = bounded
+            .clamp
+            .get(a)
+            .copied()
+            .flatten()
+            .ok_or(NodeError::Execution)?;
+        out.push(([find("count")?, find("mean")?, find("m2")?], clamp));
+    }
+    Ok(out)
+}
+
+fn floats(array: &ArrayRef) -> Result<Vec<f64>, NodeError> {
+    let array = cast(array, &DataType::Float64).map_err(|_| NodeError::Execution)?;
+    Ok(array
+        .as_primitive::<Float64Type>()
+        .iter()
+        .map(|v| v.unwrap_or(0.0))
+        .collect())
+}
+
+fn replace(batch: &RecordBatch, values: Vec<(usize, Vec<f64>)>) -> Result<RecordBatch, NodeError> {
+    let mut columns = batch.columns().to_vec();
+    for (index, v) in values {
+        columns[index] = Arc::new(Float64Array::from(v));
+    }
+    RecordBatch::try_new(batch.schema(), columns).map_err(|_| NodeError::Execution)
+}
+
+/// DataFusion's variance state (n, mean, m2) as moments about the range's centre c:
+/// Σ(x−c) = n·(mean−c) in the mean column and Σ(x−c)² = m2 + n·(mean−c)² in the m2 column,
+/// sums whose sensitivity the clamping bounds.
+fn to_sums(batch: &RecordBatch, moments: &[([usize; 3], Clamp)]) -> Result<RecordBatch, NodeError> {
+    let mut values = Vec::new();
+    for ([count, mean, m2], clamp) in moments {
+        let n = floats(batch.column(*count))?;
+        let means = floats(batch.column(*mean))?;
+        let m2s = floats(batch.column(*m2))?;
+        let c = clamp.centre();
+        let s1: Vec<f64> = n.iter().zip(&means).map(|(n, m)| n * (m - c)).collect();
+        let s2: Vec<f64> = n
+            .iter()
+            .zip(&means)
+            .zip(&m2s)
+            .map(|((n, m), q)| q + n * (m - c) * (m - c))
+            .collect();
+        values.push((*mean, s1));
+        values.push((*m2, s2));
+    }
+    replace(batch, values)
+}
+
+/// Noisy moments back into DataFusion's variance state; m2 cannot be negative (post-processing).
+fn from_sums(
+    batch: &RecordBatch,
+    moments: &[([usize; 3], Clamp)],
+) -> Result<RecordBatch, NodeError> {
+    let mut values = Vec::new();
+    for ([count, mean, m2], clamp) in moments {
+        // The noisy count is a denominator, already at least 1.
+        let n: Vec<f64> = floats(batch.column(*count))?
+            .into_iter()
+            .map(|n| n.max(1.0))
+            .collect();
+        let s1 = floats(batch.column(*mean))?;
+        let s2 = floats(batch.column(*m2))?;
+        let c = clamp.centre();
+        let means = n.iter().zip(&s1).map(|(n, s)| s / n + c).collect();
+        let m2s = n
+            .iter()
+            .zip(&s1)
+            .zip(&s2)
+            .map(|((n, s), q)| (q - s * s / n).max(0.0))
+            .collect();
+        values.push((*mean, means));
+        values.push((*m2, m2s));
+    }
+    replace(batch, values)
 }
 
 /// What identifies a release for the cache: the normalised plan, the ε and the policy.
@@ -314,4 +437,51 @@ fn decode(bytes: &[u8]) -> Result<RecordBatch, NodeError> {
         .map_err(|_| NodeError::Budget("a recorded answer cannot be read".into()))?;
     arrow::compute::concat_batches(&schema, &batches)
         .map_err(|_| NodeError::Budget("a recorded answer cannot be read".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::UInt64Array;
+    use arrow::datatypes::{Field, Schema};
+
+    /// Without noise, moments about the centre turn back into the same variance state.
+    #[test]
+    fn variance_states_round_trip_through_moments() {
+        let schema = Schema::new(vec![
+            Field::new("var(x)[count]", DataType::UInt64, true),
+            Field::new("var(x)[mean]", DataType::Float64, true),
+            Field::new("var(x)[m2]", DataType::Float64, true),
+        ]);
+        let batch = RecordBatch::try_new(
+            Arc::new(schema),
+            vec![
+                Arc::new(UInt64Array::from(vec![4, 10])),
+                Arc::new(Float64Array::from(vec![62.5, 40.0])),
+                Arc::new(Float64Array::from(vec![1250.0, 90.0])),
+            ],
+        )
+        .expect("batch");
+        let moments = [(
+            [0, 1, 2],
+            Clamp {
+                lower: 0.0,
+                upper: 110.0,
+            },
+        )];
+        let sums = to_sums(&batch, &moments).expect("to sums");
+        // Σ(x−55) = 4 × 7.5; Σ(x−55)² = 1250 + 4 × 7.5².
+        assert_eq!(sums.column(1).as_primitive::<Float64Type>().value(0), 30.0);
+        assert_eq!(
+            sums.column(2).as_primitive::<Float64Type>().value(0),
+            1475.0
+        );
+        let back = from_sums(&sums, &moments).expect("from sums");
+        for (column, expected) in [(1, [62.5, 40.0]), (2, [1250.0, 90.0])] {
+            let got = back.column(column).as_primitive::<Float64Type>();
+            for (row, want) in expected.iter().enumerate() {
+                assert!((got.value(row) - want).abs() < 1e-9, "{column}/{row}");
+            }
+        }
+    }
 }

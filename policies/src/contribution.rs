@@ -2,7 +2,7 @@
 //!
 //! Every table the query reads is cut to at most `rows_per_patient` rows per patient (a
 //! `ROW_NUMBER()` over the table's patient key), joins must be on identifier keys so a patient's
-//! rows only ever meet that patient's rows, and SUM/AVG arguments are clamped to the policy's
+//! rows only ever meet that patient's rows, and SUM/AVG/VAR/STDDEV arguments are clamped to the policy's
 //! bounds. The product of the table bounds is then the most rows one patient brings to the
 //! aggregate; with the clamping bounds it gives each state's sensitivity, which the noise is
 //! calibrated to.
@@ -23,8 +23,46 @@ use crate::policy::DpRules;
 use crate::refusal::{Refusal, Rule};
 use crate::vet::Vetted;
 
-/// Aggregates a DP query may use: their states are noisy counts and sums.
-pub const DP_AGGREGATES: [&str; 3] = ["count", "sum", "avg"];
+/// Aggregates a DP query may use: their states are noisy counts and sums (VAR and STDDEV
+/// through noisy moments: the count, and sums of the centred value and of its square).
+pub const DP_AGGREGATES: [&str; 7] = [
+    "count",
+    "sum",
+    "avg",
+    "var",
+    "var_pop",
+    "stddev",
+    "stddev_pop",
+];
+
+/// Aggregates whose states are DataFusion's (count, mean, m2) of a variance.
+pub const MOMENT_AGGREGATES: [&str; 4] = ["var", "var_pop", "stddev", "stddev_pop"];
+
+/// The range an aggregate's argument is clamped to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Clamp {
+    /// Lower bound.
+    pub lower: f64,
+    /// Upper bound.
+    pub upper: f64,
+}
+
+impl Clamp {
+    /// The largest absolute value one row adds to a sum.
+    pub fn max_abs(&self) -> f64 {
+        self.lower.abs().max(self.upper.abs())
+    }
+
+    /// The middle of the range, around which moments are taken.
+    pub fn centre(&self) -> f64 {
+        (self.lower + self.upper) / 2.0
+    }
+
+    /// Half the width of the range: the largest distance from the centre.
+    pub fn half_width(&self) -> f64 {
+        (self.upper - self.lower) / 2.0
+    }
+}
 
 const ROW_COLUMN: &str = "__trustql_row";
 
@@ -35,9 +73,11 @@ pub struct BoundedQuery {
     pub aggregate: Aggregate,
     /// Most rows one patient can bring to the aggregate.
     pub max_rows: u64,
-    /// Per aggregate expression: the largest absolute value one row adds to its sum state
-    /// (`None` for COUNT, whose rows add one).
-    pub clamp: Vec<Option<f64>>,
+    /// Per aggregate expression: the range its argument is clamped to (`None` for COUNT,
+    /// whose rows add one).
+    pub clamp: Vec<Option<Clamp>>,
+    /// Per aggregate expression: its function, lower case.
+    pub functions: Vec<String>,
     /// Per GROUP BY key, its public codes, when every key is a column with a code set.
     pub public_domain: Option<Vec<Vec<String>>>,
 }
@@ -74,9 +114,10 @@ pub fn bound_contributions(
     }
 
     let mut clamp = Vec::with_capacity(aggregate.aggr_expr.len());
+    let mut functions = Vec::with_capacity(aggregate.aggr_expr.len());
     let mut aggr_expr = Vec::with_capacity(aggregate.aggr_expr.len());
     for (i, expr) in aggregate.aggr_expr.iter().enumerate() {
-        let (expr, bound) = clamp_argument(
+        let (expr, bound, function) = clamp_argument(
             expr,
             vetted.argument_sources.get(i),
             rules,
@@ -84,6 +125,7 @@ pub fn bound_contributions(
         )?;
         aggr_expr.push(expr);
         clamp.push(bound);
+        functions.push(function);
     }
 
     let mut max_rows: u64 = 1;
@@ -129,6 +171,7 @@ pub fn bound_contributions(
         aggregate,
         max_rows,
         clamp,
+        functions,
         public_domain,
     })
 }
@@ -180,13 +223,13 @@ fn shape_problem(optimized: &LogicalPlan) -> Option<&'static str> {
     problem
 }
 
-/// The aggregate with its argument clamped to the policy's bounds, and the per-row bound.
+/// The aggregate with its argument clamped to the policy's bounds, the range, and its function.
 fn clamp_argument(
     expr: &Expr,
     source: Option<&Option<String>>,
     rules: &DpRules,
     input: &DFSchema,
-) -> Result<(Expr, Option<f64>), Refusal> {
+) -> Result<(Expr, Option<Clamp>, String), Refusal> {
     let (inner, alias) = match expr {
         Expr::Alias(a) => (a.expr.as_ref(), Some(a.name.clone())),
         other => (other, None),
@@ -202,13 +245,13 @@ fn clamp_argument(
         return Err(Refusal::new(
             Rule::Aggregate,
             format!(
-                "{} is not available with differential privacy; use COUNT, SUM or AVG",
+                "{} is not available with differential privacy; use COUNT, SUM, AVG, VAR or STDDEV",
                 name.to_uppercase()
             ),
         ));
     }
     if name == "count" {
-        return Ok((expr.clone(), None));
+        return Ok((expr.clone(), None, name));
     }
     if params.distinct {
         return Err(Refusal::new(
@@ -244,11 +287,22 @@ fn clamp_argument(
             "the aggregate has no argument",
         ));
     };
-    // The bounds take the column's type, so the states keep the type the coordinator plans
-    // (an integer bound truncates towards zero, which only tightens it).
+    // The bounds take the column's type, so the states keep the type the coordinator plans;
+    // for an integer column they are rounded inwards, so every clamped value lies within them.
     let ty = argument
         .get_type(input)
         .map_err(|_| Refusal::new(Rule::Unsupported, "the argument's type is unknown"))?;
+    let (lower, upper) = if ty.is_integer() {
+        (lower.ceil(), upper.floor())
+    } else {
+        (lower, upper)
+    };
+    if lower > upper {
+        return Err(Refusal::new(
+            Rule::Aggregate,
+            format!("the bounds this trust sets for `{source}` hold no whole number"),
+        ));
+    }
     let typed = |x: f64| {
         Expr::Cast(Cast::new(
             Box::new(lit(ScalarValue::Float64(Some(x)))),
@@ -268,7 +322,7 @@ fn clamp_argument(
     // Keep the researcher's name: the state columns are named after it, and the coordinator
     // matches them by name.
     let clamped = clamped.alias(alias.unwrap_or_else(|| expr.schema_name().to_string()));
-    Ok((clamped, Some(lower.abs().max(upper.abs()))))
+    Ok((clamped, Some(Clamp { lower, upper }), name))
 }
 
 /// A table scan cut to at most its bound of rows per patient; the bound (1 for the patient table).

@@ -25,7 +25,9 @@ mod vet;
 pub use approval::{
     Approval, ApprovedPolicy, approval_path, approve, content_hash, load_approved, load_checked,
 };
-pub use contribution::{BoundedQuery, DP_AGGREGATES, bound_contributions};
+pub use contribution::{
+    BoundedQuery, Clamp, DP_AGGREGATES, MOMENT_AGGREGATES, bound_contributions,
+};
 pub use date::{now_rfc3339, parse_date, today};
 pub use disclosure::{ColumnRole, DisclosureReport, Protected, protect, round};
 pub use error::PolicyError;

@@ -53,8 +53,8 @@ pub struct DpRules {
     pub rows_per_patient: BTreeMap<String, u32>,
     /// The bound for tables not listed in `rows_per_patient`.
     pub default_rows_per_patient: u32,
-    /// `[lower, upper]` clamping bounds for SUM and AVG, by `table.column`; a column without
-    /// bounds cannot be summed in DP mode.
+    /// `[lower, upper]` clamping bounds for SUM, AVG, VAR and STDDEV, by `table.column`; a
+    /// column without bounds cannot be summed in DP mode.
     pub bounds: BTreeMap<String, [f64; 2]>,
 }
 
@@ -566,7 +566,7 @@ impl Policy {
             let _ = writeln!(
                 out,
                 "  - noise from OpenDP's Laplace mechanism replaces suppression and rounding; \
-                 COUNT, SUM and AVG only"
+                 COUNT, SUM, AVG, VAR and STDDEV only"
             );
             let _ = writeln!(
                 out,

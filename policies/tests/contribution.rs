@@ -147,7 +147,11 @@ async fn each_patient_brings_at_most_the_bound_of_rows() {
 #[tokio::test]
 async fn sums_are_clamped_to_the_policy_bounds() {
     let (bounded, batch) = run("SELECT SUM(age), AVG(age) FROM sim_av_tumour").await;
-    assert_eq!(bounded.clamp, vec![Some(50.0), Some(50.0)]);
+    let range = Some(trustql_policies::Clamp {
+        lower: 0.0,
+        upper: 50.0,
+    });
+    assert_eq!(bounded.clamp, vec![range, range]);
     // Two of patient 1's tumours at 90 → 50 each, then 40 and 30.
     assert_eq!(int(&batch, 0, 0), 170);
     assert_eq!(

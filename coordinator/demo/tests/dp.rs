@@ -77,8 +77,8 @@ async fn noisy_answers_are_near_the_truth_and_say_how_noisy() {
     assert_eq!(fed.info.epsilon_per_query, Some(1.0));
     assert_eq!(fed.info.epsilon_budget, Some(5.0));
     let mut client = client(&fed).await;
-    let sql = "SELECT stage_best AS stage, COUNT(*) AS tumours, AVG(age) AS mean_age \
-               FROM sim_av_tumour GROUP BY stage_best ORDER BY stage";
+    let sql = "SELECT stage_best AS stage, COUNT(*) AS tumours, AVG(age) AS mean_age, \
+               STDDEV(age) AS sd_age FROM sim_av_tumour GROUP BY stage_best ORDER BY stage";
     let result = client.query(sql).await.expect("answered");
     let coverage = result.coverage.clone().expect("coverage");
     assert!(coverage.complete);
@@ -117,6 +117,10 @@ async fn noisy_answers_are_near_the_truth_and_say_how_noisy() {
     let mean = by_key(&got, 2)[stage];
     let true_mean = by_key(&truth, 2)[stage];
     assert!((mean - true_mean).abs() < 10.0, "{mean} vs {true_mean}");
+    // STDDEV from noisy moments (count, Σ(x−c), Σ(x−c)²) merged by DataFusion.
+    let sd = by_key(&got, 3)[stage];
+    let true_sd = by_key(&truth, 3)[stage];
+    assert!((sd - true_sd).abs() < 8.0, "{sd} vs {true_sd}");
 }
 
 #[tokio::test]

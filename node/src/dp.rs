@@ -79,7 +79,12 @@ impl SiteEngine {
             0.0
         };
         let plan_fingerprint = fingerprint(optimized);
-        let query_key = query_key(&plan_fingerprint, epsilon, &self.policy.hash);
+        let query_key = query_key(
+            &plan_fingerprint,
+            epsilon,
+            &self.policy.hash,
+            &self.data_version,
+        );
         let Some(ledger) = self.ledger.clone() else {
             return Err(NodeError::Budget(
                 "this node keeps no budget ledger, so it cannot answer in DP mode".into(),
@@ -371,9 +376,12 @@ fn from_sums(
     replace(batch, values)
 }
 
-/// What identifies a release for the cache: the normalised plan, the ε and the policy.
-fn query_key(plan_fingerprint: &str, epsilon: f64, policy_hash: &str) -> String {
-    let digest = Sha256::digest(format!("{plan_fingerprint}|{epsilon:?}|{policy_hash}"));
+/// What identifies a release for the cache: the normalised plan, the ε, the policy and the
+/// data (new data is a new release, and costs again).
+fn query_key(plan_fingerprint: &str, epsilon: f64, policy_hash: &str, data: &str) -> String {
+    let digest = Sha256::digest(format!(
+        "{plan_fingerprint}|{epsilon:?}|{policy_hash}|{data}"
+    ));
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 

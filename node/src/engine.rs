@@ -66,6 +66,8 @@ pub struct SiteEngine {
     pub(crate) ledger: Option<Arc<Ledger>>,
     /// One DP release at a time, so the budget check, the release and its record are atomic.
     pub(crate) dp_turn: tokio::sync::Mutex<()>,
+    /// SHA-256 of the data files' names, sizes and modification times.
+    pub(crate) data_version: String,
 }
 
 impl SiteEngine {
@@ -109,8 +111,18 @@ impl SiteEngine {
             .execution
             .skip_partial_aggregation_probe_ratio_threshold = 1.0;
         let ctx = locked_session(config, runtime);
+        // Which files, of which size and age: a DP release is only repeated over the same data.
+        let mut data_version = Sha256::new();
         for table in schema.tables() {
             let path = table_path(data_dir, &table.name);
+            if let Ok(meta) = std::fs::metadata(&path) {
+                let modified = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                data_version.update(format!("{}|{}|{modified};", table.name, meta.len()));
+            }
             let path = path.to_str().ok_or_else(|| {
                 NodeError::Config(format!("{} is not a UTF-8 path", path.display()))
             })?;
@@ -122,6 +134,11 @@ impl SiteEngine {
                 })?;
         }
         Ok(SiteEngine {
+            data_version: data_version
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
             trust: trust.to_string(),
             schema,
             policy,

@@ -359,3 +359,25 @@ async fn projects_outside_dp_mode_are_unchanged() {
     assert!(answer.meta.dp.is_none());
     assert_eq!(engine.ledger().expect("ledger").spent("p2").epsilon, 0.0);
 }
+
+#[tokio::test]
+async fn new_data_is_a_new_release() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let engine = engine(dir.path()).await;
+        ask(&engine, BY_STAGE).await;
+    }
+    // The trust reloads its tumours (same bytes, a new file): the old release is not reused.
+    let tumours = table_path(&dir.path().join("fed/TQ01"), "sim_av_tumour");
+    let file = std::fs::File::options()
+        .write(true)
+        .open(&tumours)
+        .expect("open");
+    file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(60))
+        .expect("touch");
+    drop(file);
+    let engine = engine(dir.path()).await;
+    let answer = ask(&engine, BY_STAGE).await;
+    assert!(!answer.meta.dp.expect("dp").repeat);
+    assert_eq!(engine.ledger().expect("ledger").spent("p1").epsilon, 2.0);
+}

@@ -14,8 +14,7 @@ use arrow::datatypes::{DataType, Float64Type};
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use datafusion::common::Column;
-use datafusion::functions_aggregate::expr_fn::count_distinct;
-use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
+use datafusion::logical_expr::{Aggregate, LogicalPlan};
 use sha2::{Digest, Sha256};
 use trustql_budget::Charge;
 use trustql_policies::{
@@ -26,7 +25,7 @@ use trustql_wire::{
     ANSWER_META_KEY, AnswerColumn, AnswerMeta, ColumnKind, ColumnNoise, DpMeta, SiteRequest,
 };
 
-use crate::engine::{SiteAnswer, SiteEngine, fingerprint, partial_reduce};
+use crate::engine::{SiteAnswer, SiteEngine, fingerprint};
 use crate::error::NodeError;
 
 /// Room for floating-point sums of ε when comparing with the budget.
@@ -116,25 +115,9 @@ impl SiteEngine {
             .into());
         }
 
-        let mut aggr_expr = bounded.aggregate.aggr_expr.clone();
-        aggr_expr.push(
-            count_distinct(Expr::Column(patient_key.clone())).alias(trustql_wire::PATIENTS_COLUMN),
-        );
-        let partial = Aggregate::try_new(
-            bounded.aggregate.input.clone(),
-            bounded.aggregate.group_expr.clone(),
-            aggr_expr,
-        )
-        .map(LogicalPlan::Aggregate)
-        .map_err(|_| NodeError::Execution)?;
-        let physical = self
-            .ctx
-            .state()
-            .create_physical_plan(&partial)
-            .await
-            .map_err(|_| NodeError::Execution)?;
-        let reduce = partial_reduce(&physical)?;
-        let (batch, columns, roles) = self.run(reduce, deadline, !request.preview).await?;
+        let (batch, columns, roles) = self
+            .run_partial(&bounded.aggregate, patient_key, deadline, !request.preview)
+            .await?;
 
         // How much one patient can move each column, over all groups together.
         let m = bounded.max_rows as f64;

@@ -219,24 +219,9 @@ impl SiteEngine {
             .into());
         }
 
-        let mut aggr_expr = aggregate.aggr_expr.clone();
-        aggr_expr.push(count_distinct(Expr::Column(patient_key.clone())).alias(PATIENTS_COLUMN));
-        let partial_plan = Aggregate::try_new(
-            aggregate.input.clone(),
-            aggregate.group_expr.clone(),
-            aggr_expr,
-        )
-        .map(LogicalPlan::Aggregate)
-        .map_err(|_| NodeError::Execution)?;
-
-        let physical = self
-            .ctx
-            .state()
-            .create_physical_plan(&partial_plan)
-            .await
-            .map_err(|_| NodeError::Execution)?;
-        let reduce = partial_reduce(&physical)?;
-        let (batch, columns, roles) = self.run(reduce, deadline, true).await?;
+        let (batch, columns, roles) = self
+            .run_partial(aggregate, &patient_key, deadline, true)
+            .await?;
 
         let (batch, roles) = self
             .add_top_contributions(deadline, aggregate, &patient_key, batch, roles, &columns)
@@ -441,9 +426,37 @@ impl SiteEngine {
         concat_batches(&schema, &batches).map_err(|_| NodeError::Execution)
     }
 
+    /// Runs `aggregate` with the distinct-patient count added, as the partial half of
+    /// DataFusion's aggregation reduced to one row per group (without `execute`, no rows).
+    pub(crate) async fn run_partial(
+        &self,
+        aggregate: &Aggregate,
+        patient_key: &Column,
+        deadline: tokio::time::Instant,
+        execute: bool,
+    ) -> Result<(RecordBatch, Vec<AnswerColumn>, Vec<ColumnRole>), NodeError> {
+        let mut aggr_expr = aggregate.aggr_expr.clone();
+        aggr_expr.push(count_distinct(Expr::Column(patient_key.clone())).alias(PATIENTS_COLUMN));
+        let partial_plan = Aggregate::try_new(
+            aggregate.input.clone(),
+            aggregate.group_expr.clone(),
+            aggr_expr,
+        )
+        .map(LogicalPlan::Aggregate)
+        .map_err(|_| NodeError::Execution)?;
+        let physical = self
+            .ctx
+            .state()
+            .create_physical_plan(&partial_plan)
+            .await
+            .map_err(|_| NodeError::Execution)?;
+        let reduce = partial_reduce(&physical)?;
+        self.run(reduce, deadline, execute).await
+    }
+
     /// Runs the reduced partial aggregate (or, without `execute`, takes no rows); finishes
     /// distinct sets into counts.
-    pub(crate) async fn run(
+    async fn run(
         &self,
         plan: Arc<AggregateExec>,
         deadline: tokio::time::Instant,

@@ -1,12 +1,9 @@
 //! `trustql demo` and `trustql query` as a user runs them.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{text, trustql};
+use common::{serve_demo, text, trustql};
 
 #[test]
 fn the_demo_runs_its_showcase_with_coverage() {
@@ -41,39 +38,11 @@ fn the_demo_runs_its_showcase_with_coverage() {
     );
 }
 
-fn wait_for(path: &Path) -> serde_json::Value {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(120) {
-        if let Ok(text) = std::fs::read_to_string(path)
-            && let Ok(value) = serde_json::from_str(&text)
-        {
-            return value;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("the demo never wrote {}", path.display());
-}
-
 #[test]
 fn a_served_demo_answers_trustql_query_in_every_format() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let info_path = dir.path().join("info.json");
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_trustql"))
-        .args([
-            "demo",
-            "--trusts",
-            "2",
-            "--patients",
-            "2000",
-            "--serve",
-            "--info",
-        ])
-        .arg(&info_path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn demo");
-    let info = wait_for(&info_path);
+    let demo = serve_demo(dir.path(), &["--trusts", "2", "--patients", "2000"]);
+    let info = &demo.info;
     for key in ["url", "token", "project", "ca", "data_dir", "trusts"] {
         assert!(info.get(key).is_some(), "info has {key}: {info}");
     }
@@ -82,9 +51,6 @@ fn a_served_demo_answers_trustql_query_in_every_format() {
         info["token"].as_str().expect("token"),
         info["ca"].as_str().expect("ca"),
     );
-    // Drain the demo's output so it never blocks on a full pipe.
-    let stdout = demo.stdout.take().expect("stdout");
-    std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
 
     let sql = "SELECT gender, COUNT(*) AS n FROM sim_av_patient GROUP BY gender ORDER BY gender";
     let json = trustql(&[
@@ -168,18 +134,14 @@ fn a_served_demo_answers_trustql_query_in_every_format() {
     ]);
     assert!(!bad_token.status.success());
     assert!(text(&bad_token).contains("token"), "{}", text(&bad_token));
-
-    demo.kill().expect("stop the demo");
-    let _ = demo.wait();
 }
 
 #[test]
 fn a_served_dp_demo_previews_spends_and_prints_the_noise() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let info_path = dir.path().join("info.json");
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_trustql"))
-        .args([
-            "demo",
+    let demo = serve_demo(
+        dir.path(),
+        &[
             "--trusts",
             "2",
             "--patients",
@@ -189,15 +151,9 @@ fn a_served_dp_demo_previews_spends_and_prints_the_noise() {
             "0.5",
             "--epsilon-budget",
             "4",
-            "--serve",
-            "--info",
-        ])
-        .arg(&info_path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn demo");
-    let info = wait_for(&info_path);
+        ],
+    );
+    let info = &demo.info;
     assert_eq!(info["epsilon_per_query"], 0.5, "{info}");
     assert_eq!(info["epsilon_budget"], 4.0, "{info}");
     let (url, token, ca) = (
@@ -206,18 +162,13 @@ fn a_served_dp_demo_previews_spends_and_prints_the_noise() {
         info["ca"].as_str().expect("ca"),
     );
     // Wait until the showcase has finished spending, so the budget left is known.
-    let stdout = demo.stdout.take().expect("stdout");
-    let (serving, showcase_done) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.starts_with("Serving.") {
-                let _ = serving.send(());
-            }
-        }
-    });
-    showcase_done
-        .recv_timeout(Duration::from_secs(300))
-        .expect("the showcase finished");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !demo
+        .lines
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        .expect("the showcase finished")
+        .starts_with("Serving.")
+    {}
     let sql = "SELECT gender, COUNT(*) AS n FROM sim_av_patient GROUP BY gender ORDER BY gender";
     let query = |extra: &[&str]| {
         let mut args = vec!["query", "--coordinator", url, "--ca", ca, "--token", token];
@@ -245,7 +196,4 @@ fn a_served_dp_demo_previews_spends_and_prints_the_noise() {
     assert!(out.contains("spent ε 0.25"), "{out}");
     // The showcase spent 4 × 0.5 of 4 (its fifth query is a repeat), then 0.25 here.
     assert!(out.contains("ε 1.7500 left"), "{out}");
-
-    demo.kill().expect("stop the demo");
-    let _ = demo.wait();
 }

@@ -176,41 +176,9 @@ fn a_sigkill_mid_query_never_releases_an_answer_the_ledger_did_not_record() {
     let site = site(dir.path());
     let (mut child, addr) = spawn_node(&site);
 
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let answered: Arc<Mutex<Vec<String>>> = Arc::default();
-    runtime.block_on(async {
-        let mut tasks = Vec::new();
-        for worker in 0..3 {
-            let mut client = client(&site, addr).await;
-            let answered = answered.clone();
-            tasks.push(tokio::spawn(async move {
-                for n in 0.. {
-                    let id = format!("dp{worker}-{n}");
-                    let Ok(response) = client.do_get(dp_ticket(&id, worker, n)).await else {
-                        break;
-                    };
-                    let Ok(messages) = response.into_inner().try_collect::<Vec<_>>().await else {
-                        break;
-                    };
-                    assert!(!messages.is_empty());
-                    answered.lock().expect("lock").push(id);
-                }
-            }));
-        }
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        child.kill().expect("SIGKILL the node");
-        for task in tasks {
-            task.await.expect("worker");
-        }
+    let answered = hammer_then_kill(&site, addr, &mut child, |worker, n| {
+        dp_ticket(&format!("dp{worker}-{n}"), worker, n)
     });
-    let _ = child.wait();
-
-    let answered = answered.lock().expect("lock").clone();
-    assert!(
-        answered.len() >= 3,
-        "answered before the kill: {}",
-        answered.len()
-    );
     let ledger = ledger_records(dir.path(), false);
     for id in &answered {
         assert!(
@@ -248,31 +216,28 @@ fn a_sigkill_mid_query_never_releases_an_answer_the_ledger_did_not_record() {
     assert_eq!(columns[6], charged.to_string(), "releases");
 }
 
-fn audit_records(site: &Site) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(site.audit.join("audit.jsonl"))
-        .expect("audit log")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("whole JSON record"))
-        .collect()
-}
-
-#[test]
-fn a_sigkill_mid_query_leaves_a_verifiable_log_with_every_answer_on_record() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let site = site(dir.path());
-    let (mut child, addr) = spawn_node(&site);
-
+/// Three workers ask queries (`make(worker, n)`, whose request id is returned when answered)
+/// until the node is SIGKILLed 1.5 s in; the ids of the answers that arrived.
+fn hammer_then_kill(
+    site: &Site,
+    addr: SocketAddr,
+    child: &mut Child,
+    make: fn(usize, usize) -> Ticket,
+) -> Vec<String> {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let answered: Arc<Mutex<Vec<String>>> = Arc::default();
     runtime.block_on(async {
         let mut tasks = Vec::new();
         for worker in 0..3 {
-            let mut client = client(&site, addr).await;
+            let mut client = client(site, addr).await;
             let answered = answered.clone();
             tasks.push(tokio::spawn(async move {
                 for n in 0.. {
-                    let id = format!("w{worker}-{n}");
-                    let Ok(response) = client.do_get(ticket(&id)).await else {
+                    let ticket = make(worker, n);
+                    let id = SiteRequest::from_ticket(&ticket.ticket)
+                        .expect("a site request")
+                        .request_id;
+                    let Ok(response) = client.do_get(ticket).await else {
                         break;
                     };
                     let Ok(messages) = response.into_inner().try_collect::<Vec<_>>().await else {
@@ -290,13 +255,32 @@ fn a_sigkill_mid_query_leaves_a_verifiable_log_with_every_answer_on_record() {
         }
     });
     let _ = child.wait();
-
     let answered = answered.lock().expect("lock").clone();
     assert!(
         answered.len() >= 3,
         "queries were answered before the kill: {}",
         answered.len()
     );
+    answered
+}
+
+fn audit_records(site: &Site) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(site.audit.join("audit.jsonl"))
+        .expect("audit log")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("whole JSON record"))
+        .collect()
+}
+
+#[test]
+fn a_sigkill_mid_query_leaves_a_verifiable_log_with_every_answer_on_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = site(dir.path());
+    let (mut child, addr) = spawn_node(&site);
+
+    let answered = hammer_then_kill(&site, addr, &mut child, |worker, n| {
+        ticket(&format!("w{worker}-{n}"))
+    });
     let verified = trustql(&["audit", "verify", site.audit.to_str().expect("path")]);
     assert!(verified.status.success(), "{}", text(&verified));
     let records = audit_records(&site);

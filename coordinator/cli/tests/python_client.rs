@@ -4,8 +4,10 @@
 //! its own virtual environment and installs the two packages there.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+
+mod common;
+use common::serve_demo;
 
 fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("TRUSTQL_PYTHON") {
@@ -44,34 +46,15 @@ fn python() -> PathBuf {
 fn a_python_adbc_client_browses_and_queries_over_tls_with_a_token() {
     let python = python();
     let dir = tempfile::tempdir().expect("tempdir");
-    let info = dir.path().join("info.json");
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_trustql"))
-        .args([
-            "demo",
-            "--trusts",
-            "2",
-            "--patients",
-            "3000",
-            "--serve",
-            "--info",
-        ])
-        .arg(&info)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn demo");
-    let start = Instant::now();
-    while !info.exists() && start.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let demo = serve_demo(dir.path(), &["--trusts", "2", "--patients", "3000"]);
+    let info = demo.info_path.clone();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/flight_sql_client.py");
     let output = Command::new(&python)
         .arg(&script)
         .arg(&info)
         .output()
         .expect("run python");
-    demo.kill().expect("stop demo");
-    let _ = demo.wait();
+    drop(demo);
     assert!(
         output.status.success(),
         "{}{}",

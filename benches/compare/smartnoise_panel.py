@@ -5,8 +5,8 @@ TrustQL's nodes.
 Usage: python smartnoise_panel.py DATA_DIR PANEL_JSON REPEATS
 PANEL_JSON: {"epsilon", "delta", "trusts", "tables": {table: {"pid", "max_ids", "columns"}},
              "queries": [[name, table, sql], ...]}
-Prints one JSON object: {name: {"seconds": [...], "rows": [[key, n], ...]}} (rows of the last
-run; the key is null for a query without GROUP BY).
+Prints one JSON object: {name: {"seconds": [...], "runs": [[[key, n], ...], ...]}} (the rows of
+every run; the key is null for a query without GROUP BY).
 """
 
 import json
@@ -49,7 +49,7 @@ def main(data_dir, panel_path, repeats):
     for name, table, sql in panel["queries"]:
         sql = sql.replace(f"FROM {table}", f"FROM cancer.{table}")
         seconds = []
-        rows = []
+        runs = []
         for _ in range(repeats):
             start = time.perf_counter()
             result = readers[table].execute(sql)
@@ -57,8 +57,8 @@ def main(data_dir, panel_path, repeats):
             header, body = result[0], result[1:]
             n = header.index("n")
             key = 0 if n > 0 else None
-            rows = [[None if key is None else r[key], r[n]] for r in body]
-        out[name] = {"seconds": seconds, "rows": rows}
+            runs.append([[None if key is None else r[key], r[n]] for r in body])
+        out[name] = {"seconds": seconds, "runs": runs}
     print(json.dumps(out, default=str))
 
 

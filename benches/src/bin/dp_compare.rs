@@ -209,7 +209,7 @@ async fn main() -> Result<()> {
         // A repeat is answered from each node's ledger: a slightly different ε makes each run
         // a new release, so every run does the whole work. The first run warms the caches.
         let mut times = Vec::with_capacity(args.repeats);
-        let mut last = Vec::new();
+        let mut errors = Vec::with_capacity(args.repeats);
         for run in 0..=args.repeats {
             client.set_epsilon(Some(args.epsilon * (1.0 - run as f64 * 1e-9)));
             let start = Instant::now();
@@ -219,10 +219,10 @@ async fn main() -> Result<()> {
                 .with_context(|| format!("TrustQL: {sql}"))?;
             if run > 0 {
                 times.push(start.elapsed());
+                errors.push(mean_absolute_error(&exact, &counts(&result.batches)?));
             }
-            last = result.batches;
         }
-        let trustql_error = mean_absolute_error(&exact, &counts(&last)?);
+        let trustql_error = errors.iter().sum::<f64>() / errors.len() as f64;
         let sn = &smartnoise[*name];
         let mut sn_times: Vec<Duration> = sn["seconds"]
             .as_array()
@@ -231,22 +231,31 @@ async fn main() -> Result<()> {
             .filter_map(serde_json::Value::as_f64)
             .map(Duration::from_secs_f64)
             .collect();
-        let sn_rows: HashMap<String, f64> = sn["rows"]
+        let sn_errors: Vec<f64> = sn["runs"]
             .as_array()
             .context("SmartNoise rows")?
             .iter()
-            .filter_map(|row| {
-                let key = match &row[0] {
-                    // A query without GROUP BY has no key.
-                    serde_json::Value::Null if exact.contains_key("<all>") => "<all>".to_string(),
-                    serde_json::Value::Null => "<null>".to_string(),
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                Some((key, row[1].as_f64()?))
+            .filter_map(|run| {
+                let rows: HashMap<String, f64> = run
+                    .as_array()?
+                    .iter()
+                    .filter_map(|row| {
+                        let key = match &row[0] {
+                            // A query without GROUP BY has no key.
+                            serde_json::Value::Null if exact.contains_key("<all>") => {
+                                "<all>".to_string()
+                            }
+                            serde_json::Value::Null => "<null>".to_string(),
+                            serde_json::Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        };
+                        Some((key, row[1].as_f64()?))
+                    })
+                    .collect();
+                Some(mean_absolute_error(&exact, &rows))
             })
             .collect();
-        let sn_error = mean_absolute_error(&exact, &sn_rows);
+        let sn_error = sn_errors.iter().sum::<f64>() / sn_errors.len().max(1) as f64;
         report.push((
             *name,
             ms(median(&mut times)),
@@ -269,8 +278,8 @@ async fn main() -> Result<()> {
     }
     println!(
         "\nErrors are mean absolute errors of the count n over the exact answer's groups (a group \
-         not released counts as 0), from one run each. TrustQL spends ε {} at each of {} trusts; \
-         SmartNoise spends ε {} once over the union.",
+         not released counts as 0), averaged over the runs. TrustQL spends ε {} at each of {} \
+         trusts, each adding its own noise; SmartNoise spends ε {} once over the union.",
         args.epsilon,
         federation.info.trusts.len(),
         args.epsilon

@@ -89,11 +89,12 @@ pub fn query(args: &QueryArgs) -> Result<bool> {
 pub fn print_result(result: &QueryResult, format: Format) -> Result<()> {
     match format {
         Format::Table => {
-            let batches = result
-                .batches
-                .iter()
-                .map(|b| with_noise_columns(b, result.coverage.as_ref()))
-                .collect::<Result<Vec<_>>>()?;
+            let mut offset = 0;
+            let mut batches = Vec::with_capacity(result.batches.len());
+            for batch in &result.batches {
+                batches.push(with_noise_columns(batch, offset, result.coverage.as_ref())?);
+                offset += batch.num_rows();
+            }
             let table = arrow::util::pretty::pretty_format_batches(&batches)
                 .context("cannot format the result")?;
             println!("{table}");
@@ -135,9 +136,13 @@ pub fn print_result(result: &QueryResult, format: Format) -> Result<()> {
     Ok(())
 }
 
-/// The batch with a `± 95%` column after each column that carries noise, so the reader sees
-/// each value with its uncertainty.
-fn with_noise_columns(batch: &RecordBatch, coverage: Option<&Coverage>) -> Result<RecordBatch> {
+/// The batch (whose first row is row `offset` of the result) with a `± 95%` column after each
+/// column that carries noise, so the reader sees each value with its uncertainty.
+fn with_noise_columns(
+    batch: &RecordBatch,
+    offset: usize,
+    coverage: Option<&Coverage>,
+) -> Result<RecordBatch> {
     let Some(coverage) = coverage.filter(|c| !c.noise.is_empty()) else {
         return Ok(batch.clone());
     };
@@ -150,14 +155,16 @@ fn with_noise_columns(batch: &RecordBatch, coverage: Option<&Coverage>) -> Resul
             fields.push(Field::new(
                 format!("{} ±95%", field.name()),
                 DataType::Float64,
-                false,
+                true,
             ));
-            columns.push(Arc::new(Float64Array::from(vec![
-                (noise.ci95 * 10.0)
-                    .round()
-                    / 10.0;
-                batch.num_rows()
-            ])));
+            let values: Float64Array = (0..batch.num_rows())
+                .map(|row| {
+                    noise
+                        .ci95_at(offset + row)
+                        .map(|ci| (ci * 10.0).round() / 10.0)
+                })
+                .collect();
+            columns.push(Arc::new(values));
         }
     }
     RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)

@@ -92,7 +92,8 @@ async fn noisy_answers_are_near_the_truth_and_say_how_noisy() {
         .iter()
         .find(|n| n.column == "tumours")
         .expect("the noise of `tumours` is reported");
-    assert!(noise.sd > 0.0 && noise.ci95 > noise.sd);
+    let (sd, ci95) = (noise.sd.expect("sd"), noise.ci95.expect("ci95"));
+    assert!(sd > 0.0 && ci95 > sd);
 
     let got = one(&result);
     let truth = exact(&fed, sql).await;
@@ -104,9 +105,9 @@ async fn noisy_answers_are_near_the_truth_and_say_how_noisy() {
         });
         // Eight standard deviations: this fails by chance far less than once in a million.
         assert!(
-            (noisy - value).abs() < 8.0 * noise.sd,
+            (noisy - value).abs() < 8.0 * sd,
             "stage {stage}: {noisy} vs {value} (sd {})",
-            noise.sd
+            sd
         );
     }
     // The biggest stage's mean age is a ratio of large noisy numbers: close to the truth.
@@ -117,6 +118,34 @@ async fn noisy_answers_are_near_the_truth_and_say_how_noisy() {
     let mean = by_key(&got, 2)[stage];
     let true_mean = by_key(&truth, 2)[stage];
     assert!((mean - true_mean).abs() < 10.0, "{mean} vs {true_mean}");
+    // Each mean has its own interval (delta method), narrow for the biggest stage, and wide
+    // or unknown for stages with few tumours.
+    let means = coverage
+        .noise
+        .iter()
+        .find(|n| n.column == "mean_age")
+        .expect("the noise of `mean_age` is reported");
+    assert_eq!(means.ci95_by_row.len(), got.num_rows());
+    let keys = cast(got.column(0), &DataType::Utf8).expect("cast");
+    let keys = keys.as_string::<i32>();
+    let row = (0..got.num_rows())
+        .find(|&r| !keys.is_null(r) && keys.value(r) == stage.as_str())
+        .expect("the biggest stage's row");
+    let ci = means
+        .ci95_at(row)
+        .expect("an interval for the biggest stage");
+    assert!(ci > 0.0 && ci < 10.0, "± {ci}");
+    // The noisy mean lies within a few intervals of the truth.
+    assert!(
+        (mean - true_mean).abs() < 4.0 * ci,
+        "{mean} vs {true_mean} ± {ci}"
+    );
+    let widest = means
+        .ci95_by_row
+        .iter()
+        .flatten()
+        .fold(0.0f64, |a, b| a.max(*b));
+    assert!(widest > ci, "rare stages are less certain");
     // STDDEV from noisy moments (count, Σ(x−c), Σ(x−c)²) merged by DataFusion.
     let sd = by_key(&got, 3)[stage];
     let true_sd = by_key(&truth, 3)[stage];

@@ -69,6 +69,7 @@ pub struct Merger {
 #[derive(Debug, Clone)]
 pub struct Prepared {
     outputs: Vec<AggregateOutput>,
+    key_outputs: Option<Vec<String>>,
     plan: Arc<dyn ExecutionPlan>,
     partial: Arc<dyn ExecutionPlan>,
     partial_schema: SchemaRef,
@@ -128,7 +129,7 @@ impl Merger {
             )
             .into());
         }
-        let outputs = aggregate_outputs(&plan);
+        let (key_outputs, outputs) = result_columns(&plan);
         let mut distinct = HashSet::new();
         let rules = self.rules;
         let plan = plan
@@ -147,6 +148,7 @@ impl Merger {
         let partial = single_partial(&physical)?;
         Ok(Prepared {
             outputs,
+            key_outputs,
             partial_schema: partial.schema(),
             plan: physical,
             partial,
@@ -190,6 +192,17 @@ impl Prepared {
     /// The aggregates that reach the result as they are, with their result column.
     pub fn aggregate_outputs(&self) -> &[AggregateOutput] {
         &self.outputs
+    }
+
+    /// The schema of the states every node's answer is conformed to (keys first).
+    pub fn partial_schema(&self) -> SchemaRef {
+        self.partial_schema.clone()
+    }
+
+    /// The result column of each GROUP BY key, in the order of the states' key columns (which
+    /// come first); `None` unless every key reaches the result unchanged.
+    pub fn key_outputs(&self) -> Option<&[String]> {
+        self.key_outputs.as_deref()
     }
 
     /// Whether the query counts distinct values (summed over trusts, see the notes).
@@ -252,13 +265,16 @@ pub struct AggregateOutput {
     pub column: String,
     /// The aggregate function, lower case (`count`, `sum`, `avg` …).
     pub function: String,
+    /// The name its partial states carry (`<state>[count]`, `<state>[sum]` …).
+    pub state: String,
 }
 
-/// Which result columns are aggregates passed through unchanged: through ORDER BY, LIMIT and
-/// HAVING to the projection above the aggregate.
-fn aggregate_outputs(plan: &LogicalPlan) -> Vec<AggregateOutput> {
+/// Which result columns are the GROUP BY keys (all of them, or `None`) and which are
+/// aggregates, passed through unchanged: through ORDER BY, LIMIT and HAVING to the projection
+/// above the aggregate.
+fn result_columns(plan: &LogicalPlan) -> (Option<Vec<String>>, Vec<AggregateOutput>) {
     let Some(aggregate) = aggregate_of(plan) else {
-        return Vec::new();
+        return (None, Vec::new());
     };
     let mut node = plan;
     let projection = loop {
@@ -288,7 +304,19 @@ fn aggregate_outputs(plan: &LogicalPlan) -> Vec<AggregateOutput> {
             .map(|f| (f.name().clone(), None))
             .collect(),
     };
+    let result_column = |produced: &str| {
+        names.iter().find_map(|(name, e)| match e {
+            None => (name == produced).then(|| name.clone()),
+            Some(e) => match e.clone().unalias_nested().data {
+                Expr::Column(c) if c.name == produced => Some(name.clone()),
+                _ => None,
+            },
+        })
+    };
     let keys = aggregate.group_expr.len();
+    let key_outputs = (0..keys)
+        .map(|k| result_column(aggregate.schema.field(k).name()))
+        .collect::<Option<Vec<_>>>();
     let mut outputs = Vec::new();
     for (a, expr) in aggregate.aggr_expr.iter().enumerate() {
         let produced = aggregate.schema.field(keys + a).name();
@@ -296,22 +324,16 @@ fn aggregate_outputs(plan: &LogicalPlan) -> Vec<AggregateOutput> {
             Expr::AggregateFunction(f) => f.func.name().to_lowercase(),
             _ => continue,
         };
-        let column = names.iter().find_map(|(name, e)| match e {
-            None => (name == produced).then(|| name.clone()),
-            Some(e) => match e.clone().unalias_nested().data {
-                Expr::Column(c) if c.name == *produced => Some(name.clone()),
-                _ => None,
-            },
-        });
-        if let Some(column) = column {
+        if let Some(column) = result_column(produced) {
             outputs.push(AggregateOutput {
                 aggregate: a,
                 column,
                 function,
+                state: produced.clone(),
             });
         }
     }
-    outputs
+    (key_outputs, outputs)
 }
 
 /// Rewrites the query's aggregate for merging: COUNT(DISTINCT x) arrives as one count per

@@ -1,6 +1,5 @@
 //! One federated query: plan, fan out, merge, report coverage.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,11 +7,9 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use rand::TryRngCore;
 use tonic::transport::Identity;
-use trustql_merge::{AggregateOutput, Merger, SiteStates};
+use trustql_merge::{Merger, SiteStates};
 use trustql_schemas::TrustSchema;
-use trustql_wire::{
-    AnswerMeta, Coverage, OutputNoise, SiteRequest, TrustCoverage, TrustStatus, Withheld,
-};
+use trustql_wire::{Coverage, SiteRequest, TrustCoverage, TrustStatus, Withheld};
 
 use crate::auth::{Caller, Researchers};
 use trustql_policies::Rounding;
@@ -20,6 +17,7 @@ use trustql_policies::Rounding;
 use crate::config::{CoordinatorConfig, Quorum, TotalsConfig};
 use crate::error::CoordinatorError;
 use crate::fanout::{NodeLink, Outcome};
+use crate::noise::{NoiseSum, mean_intervals};
 
 /// A merged, protected answer and its coverage.
 #[derive(Debug, Clone)]
@@ -121,10 +119,14 @@ impl Coordinator {
         let mut trusts = Vec::with_capacity(outcomes.len());
         let mut states = Vec::new();
         let mut noise = NoiseSum::default();
+        let mut noisy_states = Vec::new();
         for (link, outcome) in self.links.iter().zip(outcomes) {
             let line = match outcome {
                 Outcome::Answered(site) => match prepared.conform(&site) {
                     Ok(batch) => {
+                        if site.meta.dp.is_some() {
+                            noisy_states.push((batch.clone(), site.meta.clone()));
+                        }
                         states.push(batch);
                         noise.add(&site.meta);
                         answered(&site)
@@ -178,7 +180,7 @@ impl Coordinator {
                 missing.join(", ")
             ));
         }
-        let coverage = Coverage {
+        let mut coverage = Coverage {
             request_id: request.request_id.clone(),
             complete: answered_count == total,
             trusts,
@@ -213,6 +215,9 @@ impl Coordinator {
         } else {
             merger.merge(&prepared, states).await?
         };
+        coverage
+            .noise
+            .extend(mean_intervals(&prepared, &noisy_states, &batches));
         let schema = Arc::new(
             prepared.schema().as_ref().clone().with_metadata(
                 [(
@@ -266,52 +271,6 @@ fn not(trust: &str, status: TrustStatus, reason: String) -> TrustCoverage {
         released: 0,
         withheld: Withheld::default(),
         dp: None,
-    }
-}
-
-/// Noise variance per aggregate, summed over the trusts that answered.
-#[derive(Default)]
-struct NoiseSum {
-    /// aggregate index → (variance, largest Laplace scale, trusts).
-    by_aggregate: HashMap<usize, (f64, f64, usize)>,
-}
-
-impl NoiseSum {
-    fn add(&mut self, meta: &AnswerMeta) {
-        let Some(dp) = &meta.dp else { return };
-        for noise in &dp.noise {
-            let Some(aggregate) = meta.columns.get(noise.column).and_then(|c| c.aggregate) else {
-                continue;
-            };
-            let entry = self.by_aggregate.entry(aggregate).or_default();
-            // Laplace(b) has variance 2b².
-            entry.0 += 2.0 * noise.scale * noise.scale;
-            entry.1 = entry.1.max(noise.scale);
-            entry.2 += 1;
-        }
-    }
-
-    /// Noise of the result columns that are a COUNT or SUM (a mean's is not one number).
-    fn outputs(&self, outputs: &[AggregateOutput]) -> Vec<OutputNoise> {
-        outputs
-            .iter()
-            .filter(|o| o.function == "count" || o.function == "sum")
-            .filter_map(|o| {
-                let (variance, scale, trusts) = *self.by_aggregate.get(&o.aggregate)?;
-                let sd = variance.sqrt();
-                // One trust: the exact Laplace interval b·ln(20); several: the normal one.
-                let ci95 = if trusts == 1 {
-                    scale * 20f64.ln()
-                } else {
-                    1.96 * sd
-                };
-                Some(OutputNoise {
-                    column: o.column.clone(),
-                    sd,
-                    ci95,
-                })
-            })
-            .collect()
     }
 }
 

@@ -12,6 +12,7 @@ mod error;
 mod fanout;
 mod federation;
 mod flight_sql;
+mod noise;
 mod server;
 
 pub use auth::{EPSILON_HEADER, PREVIEW_HEADER, PROJECT_HEADER, token_hash};

@@ -208,10 +208,27 @@ pub struct TrustCoverage {
 pub struct OutputNoise {
     /// The result column.
     pub column: String,
-    /// Standard deviation of the noise in each value.
-    pub sd: f64,
-    /// Half-width of a 95% interval around each value (±).
-    pub ci95: f64,
+    /// Standard deviation of the noise in each value (a COUNT or SUM: the same for every row).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sd: Option<f64>,
+    /// Half-width of a 95% interval around each value (±), when the same for every row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ci95: Option<f64>,
+    /// Half-width of a 95% interval per row, in result order, when it differs by row (a mean:
+    /// noisy sum over noisy count, by the delta method); null where it cannot be told.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ci95_by_row: Vec<Option<f64>>,
+}
+
+impl OutputNoise {
+    /// The ± of row `row` (0-based, in result order), if known.
+    pub fn ci95_at(&self, row: usize) -> Option<f64> {
+        if self.ci95_by_row.is_empty() {
+            self.ci95
+        } else {
+            self.ci95_by_row.get(row).copied().flatten()
+        }
+    }
 }
 
 /// Which trusts contributed to a federated answer, and what the numbers mean.
@@ -295,13 +312,20 @@ impl std::fmt::Display for Coverage {
             writeln!(f)?;
         }
         for n in &self.noise {
-            writeln!(
-                f,
-                "Noise: {} ± {} (95% interval; standard deviation {})",
-                n.column,
-                significant(n.ci95),
-                significant(n.sd)
-            )?;
+            match (n.ci95, n.sd) {
+                (Some(ci), Some(sd)) => writeln!(
+                    f,
+                    "Noise: {} ± {} (95% interval; standard deviation {})",
+                    n.column,
+                    significant(ci),
+                    significant(sd)
+                )?,
+                _ => writeln!(
+                    f,
+                    "Noise: {} has a 95% interval per value (noisy sum over noisy count)",
+                    n.column
+                )?,
+            }
         }
         for note in &self.notes {
             writeln!(f, "Note: {note}")?;

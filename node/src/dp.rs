@@ -207,6 +207,10 @@ impl SiteEngine {
                 .map(|(n, scale)| ColumnNoise {
                     column: n.column,
                     scale: *scale,
+                    centre: moments
+                        .iter()
+                        .find(|([_, mean, m2], _)| n.column == *mean || n.column == *m2)
+                        .map(|(_, clamp)| clamp.centre()),
                 })
                 .collect(),
         };

@@ -150,6 +150,17 @@ async fn noisy_answers_are_near_the_truth_and_say_how_noisy() {
     let sd = by_key(&got, 3)[stage];
     let true_sd = by_key(&truth, 3)[stage];
     assert!((sd - true_sd).abs() < 8.0, "{sd} vs {true_sd}");
+    let sd_ci = coverage
+        .noise
+        .iter()
+        .find(|n| n.column == "sd_age")
+        .and_then(|n| n.ci95_at(row))
+        .expect("an interval for the standard deviation");
+    assert!(sd_ci > 0.0 && sd_ci < 10.0, "± {sd_ci}");
+    assert!(
+        (sd - true_sd).abs() < 4.0 * sd_ci,
+        "{sd} vs {true_sd} ± {sd_ci}"
+    );
 }
 
 #[tokio::test]
@@ -293,4 +304,71 @@ async fn the_federation_totals_rules_do_not_drop_or_round_noisy_answers() {
         "{:?}",
         coverage.notes
     );
+}
+
+#[tokio::test]
+async fn the_reported_intervals_hold_the_truth_about_95_times_in_100() {
+    let fed = launch(&DemoOptions {
+        trusts: 3,
+        patients: 6_000,
+        seed: 9,
+        node_deadline_ms: 10_000,
+        dp: Some(DemoDp {
+            epsilon_per_query: 1.0,
+            epsilon_budget: 1_000.0,
+        }),
+        ..DemoOptions::default()
+    })
+    .await
+    .expect("launch");
+    let mut client = client(&fed).await;
+    let sql = "SELECT stage_best AS stage, COUNT(*) AS n, AVG(age) AS mean_age, \
+               STDDEV(age) AS sd_age FROM sim_av_tumour GROUP BY stage_best";
+    let truth = exact(&fed, sql).await;
+    let truth: Vec<HashMap<String, f64>> = (1..=3).map(|c| by_key(&truth, c)).collect();
+    let columns = ["n", "mean_age", "sd_age"];
+    let (mut inside, mut total) = ([0usize; 3], [0usize; 3]);
+    for run in 0..40 {
+        // A slightly different ε each time: a new release, not the ledger's repeat.
+        client.set_epsilon(Some(1.0 - run as f64 * 1e-6));
+        let result = client.query(sql).await.expect("answered");
+        let got = one(&result);
+        let coverage = result.coverage.expect("coverage");
+        let keys = cast(got.column(0), &DataType::Utf8).expect("cast");
+        let keys = keys.as_string::<i32>();
+        for (c, name) in columns.iter().enumerate() {
+            let noise = coverage
+                .noise
+                .iter()
+                .find(|n| n.column == *name)
+                .unwrap_or_else(|| panic!("noise of {name}"));
+            let values = cast(got.column(c + 1), &DataType::Float64).expect("cast");
+            let values = values.as_primitive::<Float64Type>();
+            for row in 0..got.num_rows() {
+                let key = if keys.is_null(row) {
+                    "<null>"
+                } else {
+                    keys.value(row)
+                };
+                // Groups with hundreds of tumours, where the delta method is sound.
+                let (Some(want), Some(ci)) = (truth[c].get(key), noise.ci95_at(row)) else {
+                    continue;
+                };
+                if truth[0].get(key).copied().unwrap_or(0.0) < 300.0 {
+                    continue;
+                }
+                total[c] += 1;
+                inside[c] += usize::from((values.value(row) - want).abs() <= ci);
+            }
+        }
+    }
+    for (c, name) in columns.iter().enumerate() {
+        assert!(total[c] >= 40, "{name}: only {} values checked", total[c]);
+        let share = inside[c] as f64 / total[c] as f64;
+        assert!(
+            (0.85..=0.995).contains(&share),
+            "{name}: the 95% interval held the truth {:.1}% of the time (too wide or too narrow)",
+            share * 100.0
+        );
+    }
 }

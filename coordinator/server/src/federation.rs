@@ -17,7 +17,7 @@ use trustql_policies::Rounding;
 use crate::config::{CoordinatorConfig, Quorum, TotalsConfig};
 use crate::error::CoordinatorError;
 use crate::fanout::{NodeLink, Outcome};
-use crate::noise::{NoiseSum, mean_intervals};
+use crate::noise::{NoiseSum, value_intervals};
 
 /// A merged, protected answer and its coverage.
 #[derive(Debug, Clone)]
@@ -217,7 +217,7 @@ impl Coordinator {
         };
         coverage
             .noise
-            .extend(mean_intervals(&prepared, &noisy_states, &batches));
+            .extend(value_intervals(&prepared, &noisy_states, &batches));
         let schema = Arc::new(
             prepared.schema().as_ref().clone().with_metadata(
                 [(

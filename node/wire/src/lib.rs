@@ -100,6 +100,10 @@ pub struct ColumnNoise {
     pub column: usize,
     /// The Laplace scale b (standard deviation b·√2).
     pub scale: f64,
+    /// For the mean and m2 of a VAR/STDDEV state: the centre c its noisy moments Σ(x−c) and
+    /// Σ(x−c)² were taken about (the scale is theirs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub centre: Option<f64>,
 }
 
 /// What a differentially private answer cost and how noisy it is.

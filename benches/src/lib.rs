@@ -102,3 +102,47 @@ pub fn percentile(times: &mut [Duration], p: f64) -> Duration {
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
+
+/// The comparison panel: (name, SQL), representative cancer-registry questions.
+pub const CANCER_PANEL: &[(&str, &str)] = &[
+    (
+        "incidence_site_stage",
+        "SELECT site_icd10_o2_3char, stage_best, COUNT(*) FROM sim_av_tumour GROUP BY site_icd10_o2_3char, stage_best",
+    ),
+    (
+        "incidence_by_year",
+        "SELECT date_part('year', diagnosisdatebest) AS y, COUNT(*) FROM sim_av_tumour GROUP BY 1",
+    ),
+    (
+        "survival_status_by_site",
+        "SELECT t.site_icd10_o2_3char, p.vitalstatus, COUNT(*) FROM sim_av_patient p JOIN sim_av_tumour t ON p.patientid = t.patientid GROUP BY 1, 2",
+    ),
+    (
+        "mean_age_by_site",
+        "SELECT site_icd10_o2_3char, COUNT(*), AVG(age), STDDEV(age) FROM sim_av_tumour GROUP BY site_icd10_o2_3char",
+    ),
+    (
+        "age_bands",
+        "SELECT CASE WHEN age < 50 THEN 'under 50' WHEN age < 70 THEN '50-69' ELSE '70+' END AS band, gender, COUNT(*) FROM sim_av_tumour GROUP BY 1, 2",
+    ),
+    (
+        "regimens_by_intent",
+        "SELECT intent_of_treatment, COUNT(*), COUNT(DISTINCT encore_patient_id) FROM sim_sact_regimen GROUP BY intent_of_treatment",
+    ),
+    (
+        "regimens_by_benchmark",
+        "SELECT benchmark_group, AVG(weight_at_start_of_regimen) FROM sim_sact_regimen GROUP BY benchmark_group",
+    ),
+    (
+        "patient_tumour_regimen",
+        "SELECT t.site_icd10_o2_3char, r.intent_of_treatment, COUNT(*) FROM sim_av_patient p JOIN sim_av_tumour t ON p.patientid = t.patientid JOIN sim_sact_regimen r ON r.encore_patient_id = p.patientid GROUP BY 1, 2",
+    ),
+    (
+        "radiotherapy_by_region",
+        "SELECT treatmentregion, COUNT(*), AVG(rtactualdose) FROM sim_rtds_prescription GROUP BY treatmentregion",
+    ),
+    (
+        "ethnicity_breast",
+        "SELECT p.ethnicity, COUNT(*) FROM sim_av_patient p JOIN sim_av_tumour t ON p.patientid = t.patientid WHERE t.site_icd10_o2_3char = 'C50' GROUP BY p.ethnicity",
+    ),
+];

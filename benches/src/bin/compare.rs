@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use trustql_benches::{median, ms, percentile, python_with, run_python, union};
+use trustql_benches::{CANCER_PANEL, median, ms, percentile, python_with, run_python, union};
 use trustql_client::Client;
 use trustql_demo::{DemoOptions, launch};
 use trustql_schemas::TrustSchema;
@@ -40,50 +40,6 @@ struct Args {
     #[arg(long)]
     no_duckdb: bool,
 }
-
-/// The panel: (name, SQL), representative cancer-registry questions.
-const PANEL: &[(&str, &str)] = &[
-    (
-        "incidence_site_stage",
-        "SELECT site_icd10_o2_3char, stage_best, COUNT(*) FROM sim_av_tumour GROUP BY site_icd10_o2_3char, stage_best",
-    ),
-    (
-        "incidence_by_year",
-        "SELECT date_part('year', diagnosisdatebest) AS y, COUNT(*) FROM sim_av_tumour GROUP BY 1",
-    ),
-    (
-        "survival_status_by_site",
-        "SELECT t.site_icd10_o2_3char, p.vitalstatus, COUNT(*) FROM sim_av_patient p JOIN sim_av_tumour t ON p.patientid = t.patientid GROUP BY 1, 2",
-    ),
-    (
-        "mean_age_by_site",
-        "SELECT site_icd10_o2_3char, COUNT(*), AVG(age), STDDEV(age) FROM sim_av_tumour GROUP BY site_icd10_o2_3char",
-    ),
-    (
-        "age_bands",
-        "SELECT CASE WHEN age < 50 THEN 'under 50' WHEN age < 70 THEN '50-69' ELSE '70+' END AS band, gender, COUNT(*) FROM sim_av_tumour GROUP BY 1, 2",
-    ),
-    (
-        "regimens_by_intent",
-        "SELECT intent_of_treatment, COUNT(*), COUNT(DISTINCT encore_patient_id) FROM sim_sact_regimen GROUP BY intent_of_treatment",
-    ),
-    (
-        "regimens_by_benchmark",
-        "SELECT benchmark_group, AVG(weight_at_start_of_regimen) FROM sim_sact_regimen GROUP BY benchmark_group",
-    ),
-    (
-        "patient_tumour_regimen",
-        "SELECT t.site_icd10_o2_3char, r.intent_of_treatment, COUNT(*) FROM sim_av_patient p JOIN sim_av_tumour t ON p.patientid = t.patientid JOIN sim_sact_regimen r ON r.encore_patient_id = p.patientid GROUP BY 1, 2",
-    ),
-    (
-        "radiotherapy_by_region",
-        "SELECT treatmentregion, COUNT(*), AVG(rtactualdose) FROM sim_rtds_prescription GROUP BY treatmentregion",
-    ),
-    (
-        "ethnicity_breast",
-        "SELECT p.ethnicity, COUNT(*) FROM sim_av_patient p JOIN sim_av_tumour t ON p.patientid = t.patientid WHERE t.site_icd10_o2_3char = 'C50' GROUP BY p.ethnicity",
-    ),
-];
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -120,14 +76,14 @@ async fn main() -> Result<()> {
     let tables: Vec<&str> = schema.tables().iter().map(|t| t.name.as_str()).collect();
     std::fs::write(
         &panel_json,
-        serde_json::to_string(&serde_json::json!({"tables": tables, "queries": PANEL}))?,
+        serde_json::to_string(&serde_json::json!({"tables": tables, "queries": CANCER_PANEL}))?,
     )?;
 
-    let mut federated = vec![Vec::new(); PANEL.len()];
-    let mut datafusion = vec![Vec::new(); PANEL.len()];
-    let mut duck = vec![Vec::new(); PANEL.len()];
+    let mut federated = vec![Vec::new(); CANCER_PANEL.len()];
+    let mut datafusion = vec![Vec::new(); CANCER_PANEL.len()];
+    let mut duck = vec![Vec::new(); CANCER_PANEL.len()];
     // Warm-up: every engine reads every file once.
-    for (_, sql) in PANEL {
+    for (_, sql) in CANCER_PANEL {
         client
             .query(sql)
             .await
@@ -136,7 +92,7 @@ async fn main() -> Result<()> {
     }
     for round in 0..args.repeats {
         println!("round {} of {}", round + 1, args.repeats);
-        for (i, (_, sql)) in PANEL.iter().enumerate() {
+        for (i, (_, sql)) in CANCER_PANEL.iter().enumerate() {
             let start = Instant::now();
             client.query(sql).await?;
             federated[i].push(start.elapsed());
@@ -146,7 +102,7 @@ async fn main() -> Result<()> {
         }
         if let Some(python) = &duckdb {
             let times = run_duckdb(python, &federation.info.data_dir, &panel_json, 1)?;
-            for (i, (name, _)) in PANEL.iter().enumerate() {
+            for (i, (name, _)) in CANCER_PANEL.iter().enumerate() {
                 let secs = times
                     .get(*name)
                     .and_then(|v| v.as_array())
@@ -162,7 +118,7 @@ async fn main() -> Result<()> {
         "\n| query | TrustQL (ms) | DataFusion (ms) | DuckDB (ms) | TrustQL / DataFusion | TrustQL / DuckDB |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
-    for (i, (name, _)) in PANEL.iter().enumerate() {
+    for (i, (name, _)) in CANCER_PANEL.iter().enumerate() {
         let f = ms(median(&mut federated[i]));
         let d = ms(median(&mut datafusion[i]));
         let (k, kr) = if duck[i].is_empty() {

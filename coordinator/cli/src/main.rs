@@ -71,7 +71,7 @@ enum BudgetAction {
     /// Print each project's ε and δ spent and left at this node.
     Show {
         /// The node configuration file (its policy and state directory).
-        #[arg(long)]
+        #[arg(long, default_value = "node.toml")]
         config: PathBuf,
         /// Only this project.
         #[arg(long)]

@@ -30,6 +30,13 @@ pub async fn union(schema: &TrustSchema, data: &Path, trusts: &[String]) -> Resu
     Ok(ctx)
 }
 
+/// The demo researcher's client of a launched federation.
+pub async fn researcher(federation: &trustql_demo::Federation) -> Result<trustql_client::Client> {
+    let info = &federation.info;
+    let ca = std::fs::read(&info.ca)?;
+    Ok(trustql_client::Client::connect(&info.url, Some(&ca), &info.token, None).await?)
+}
+
 /// A Python with `packages`: the given one, or target/py-venv made and filled on first use.
 pub fn python_with(packages: &[&str], given: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = given {

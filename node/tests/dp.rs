@@ -10,7 +10,6 @@ use std::sync::Arc;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Int64Type};
-use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use trustql_budget::Ledger;
 use trustql_node::{Limits, NodeError, SiteAnswer, SiteEngine};
 use trustql_policies::{Rule, approve, load_approved};
@@ -90,17 +89,7 @@ async fn ask(engine: &SiteEngine, sql: &str) -> SiteAnswer {
 
 /// Exact per-group values from plain DataFusion over the same Parquet.
 async fn exact(dir: &Path, sql: &str) -> HashMap<String, i64> {
-    let ctx = SessionContext::new();
-    for table in common::schema().tables() {
-        let path = table_path(&dir.join("fed/TQ01"), &table.name);
-        ctx.register_parquet(
-            table.name.as_str(),
-            path.to_str().expect("path"),
-            ParquetReadOptions::default(),
-        )
-        .await
-        .expect("register");
-    }
+    let ctx = common::plain_session(&dir.join("fed/TQ01")).await;
     let batches = ctx
         .sql(sql)
         .await

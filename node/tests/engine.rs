@@ -12,10 +12,9 @@ use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
-use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use datafusion::prelude::SessionContext;
 use trustql_node::{Limits, NodeError, SiteEngine};
 use trustql_policies::Rule;
-use trustql_schemas::table_path;
 use trustql_wire::{ColumnKind, PATIENTS_COLUMN, SiteRequest};
 
 fn request(sql: &str) -> SiteRequest {
@@ -46,18 +45,7 @@ async fn engine(dir: &std::path::Path, patients: u64, disclosure: &str) -> SiteE
 
 /// A plain DataFusion session over the same files.
 async fn plain(dir: &std::path::Path) -> SessionContext {
-    let ctx = SessionContext::new();
-    for table in common::schema().tables() {
-        let path = table_path(&dir.join("fed/TQ01"), &table.name);
-        ctx.register_parquet(
-            table.name.as_str(),
-            path.to_str().expect("path"),
-            ParquetReadOptions::default(),
-        )
-        .await
-        .expect("register");
-    }
-    ctx
+    common::plain_session(&dir.join("fed/TQ01")).await
 }
 
 /// Finishes the node's states with DataFusion's own Final aggregation of the same query.

@@ -9,12 +9,10 @@ use std::time::Duration;
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Int64Type};
 use arrow_flight::{FlightData, Ticket};
-use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use futures::TryStreamExt;
 use tonic::Code;
 use trustql_audit::{AuditRecord, Decision, LOG_FILE, verify};
 use trustql_node::{Limits, NodeError, RunningNode, start};
-use trustql_schemas::table_path;
 use trustql_wire::{ANSWER_META_KEY, AnswerMeta, SiteRequest};
 
 struct Site {
@@ -90,17 +88,7 @@ fn records(audit: &Path) -> Vec<AuditRecord> {
 }
 
 async fn identifiers(fed: &Path) -> HashSet<i64> {
-    let ctx = SessionContext::new();
-    for table in common::schema().tables() {
-        let path = table_path(&fed.join("TQ01"), &table.name);
-        ctx.register_parquet(
-            table.name.as_str(),
-            path.to_str().expect("path"),
-            ParquetReadOptions::default(),
-        )
-        .await
-        .expect("register");
-    }
+    let ctx = common::plain_session(&fed.join("TQ01")).await;
     let sql = "SELECT patientid FROM sim_av_patient UNION ALL SELECT linknumber FROM sim_av_patient \
                UNION ALL SELECT tumourid FROM sim_av_tumour UNION ALL SELECT merged_regimen_id FROM sim_sact_regimen";
     let batches = ctx

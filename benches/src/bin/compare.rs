@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use trustql_benches::{CANCER_PANEL, median, ms, percentile, python_with, run_python, union};
-use trustql_client::Client;
+use trustql_benches::{
+    CANCER_PANEL, median, ms, percentile, python_with, researcher, run_python, union,
+};
 use trustql_demo::{DemoOptions, launch};
 use trustql_schemas::TrustSchema;
 
@@ -56,14 +57,7 @@ async fn main() -> Result<()> {
         ..DemoOptions::default()
     })
     .await?;
-    let ca = std::fs::read(&federation.info.ca)?;
-    let mut client = Client::connect(
-        &federation.info.url,
-        Some(&ca),
-        &federation.info.token,
-        None,
-    )
-    .await?;
+    let mut client = researcher(&federation).await?;
 
     let union = union(&schema, &federation.info.data_dir, &federation.info.trusts).await?;
 
@@ -142,8 +136,7 @@ async fn main() -> Result<()> {
         ..DemoOptions::default()
     })
     .await?;
-    let ca = std::fs::read(&fanout.info.ca)?;
-    let mut client = Client::connect(&fanout.info.url, Some(&ca), &fanout.info.token, None).await?;
+    let mut client = researcher(&fanout).await?;
     client.query("SELECT COUNT(*) FROM sim_av_patient").await?;
     let mut latencies = Vec::with_capacity(args.fanout_queries);
     for _ in 0..args.fanout_queries {

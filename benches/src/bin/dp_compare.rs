@@ -19,8 +19,7 @@ use clap::Parser;
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Float64Type};
-use trustql_benches::{median, ms, python_with, run_python, union};
-use trustql_client::Client;
+use trustql_benches::{median, ms, python_with, researcher, run_python, union};
 use trustql_demo::{DP_BOUNDS, DP_ROWS_PER_PATIENT, DemoDp, DemoOptions, launch};
 use trustql_schemas::TrustSchema;
 
@@ -169,14 +168,7 @@ async fn main() -> Result<()> {
         ..DemoOptions::default()
     })
     .await?;
-    let ca = std::fs::read(&federation.info.ca)?;
-    let mut client = Client::connect(
-        &federation.info.url,
-        Some(&ca),
-        &federation.info.token,
-        None,
-    )
-    .await?;
+    let mut client = researcher(&federation).await?;
     let central = union(&schema, &federation.info.data_dir, &federation.info.trusts).await?;
 
     let python = python_with(

@@ -28,6 +28,22 @@ pub fn synth(dir: &Path, patients: u64) -> PathBuf {
     out
 }
 
+/// A plain DataFusion session (no TrustQL rules) over one site's Parquet, for exact answers.
+pub async fn plain_session(site: &Path) -> datafusion::prelude::SessionContext {
+    let ctx = datafusion::prelude::SessionContext::new();
+    for table in schema().tables() {
+        let path = trustql_schemas::table_path(site, &table.name);
+        ctx.register_parquet(
+            table.name.as_str(),
+            path.to_str().expect("path"),
+            datafusion::prelude::ParquetReadOptions::default(),
+        )
+        .await
+        .expect("register");
+    }
+    ctx
+}
+
 /// Writes, approves and loads a policy for TQ01 with the given [disclosure] body.
 pub fn policy(dir: &Path, disclosure: &str) -> (PathBuf, ApprovedPolicy) {
     let path = dir.join("policy.toml");

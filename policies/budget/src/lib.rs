@@ -209,8 +209,15 @@ impl Ledger {
         line.push('\n');
         {
             let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-            file.write_all(line.as_bytes()).map_err(io)?;
-            file.sync_data().map_err(io)?;
+            let before = file.metadata().map_err(io)?.len();
+            if let Err(e) = file
+                .write_all(line.as_bytes())
+                .and_then(|()| file.sync_data())
+            {
+                // Leave no half line for the next charge to run into (nothing was released).
+                let _ = file.set_len(before);
+                return Err(io(e));
+            }
         }
         self.lock_state().apply(charge);
         Ok(())

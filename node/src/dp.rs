@@ -91,7 +91,9 @@ impl SiteEngine {
         };
 
         // Check, release and record as one step: two queries may not both pass the check.
-        let _turn = self.dp_turn.lock().await;
+        let _turn = tokio::time::timeout_at(deadline, self.dp_turn.lock())
+            .await
+            .map_err(|_| NodeError::Timeout(self.timeout_ms()))?;
         let spent = ledger.spent(project);
         let left = (
             (dp.epsilon_budget - spent.epsilon).max(0.0),

@@ -156,6 +156,11 @@ impl SiteEngine {
         self
     }
 
+    /// The per-request time limit, in milliseconds.
+    pub(crate) fn timeout_ms(&self) -> u64 {
+        self.timeout.as_millis() as u64
+    }
+
     /// The budget ledger, if the node keeps one.
     pub fn ledger(&self) -> Option<&Arc<Ledger>> {
         self.ledger.as_ref()
@@ -421,7 +426,7 @@ impl SiteEngine {
             datafusion::physical_plan::collect(plan, self.ctx.task_ctx()),
         )
         .await
-        .map_err(|_| NodeError::Timeout(self.timeout.as_millis() as u64))?
+        .map_err(|_| NodeError::Timeout(self.timeout_ms()))?
         .map_err(|e| engine_error(&e))?;
         concat_batches(&schema, &batches).map_err(|_| NodeError::Execution)
     }

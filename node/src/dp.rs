@@ -25,7 +25,7 @@ use trustql_wire::{
     ANSWER_META_KEY, AnswerColumn, AnswerMeta, ColumnKind, ColumnNoise, DpMeta, SiteRequest,
 };
 
-use crate::engine::{SiteAnswer, SiteEngine, fingerprint};
+use crate::engine::{SiteAnswer, SiteEngine, fingerprint, hex};
 use crate::error::NodeError;
 
 /// Room for floating-point sums of ε when comparing with the budget.
@@ -368,10 +368,9 @@ fn from_sums(
 /// What identifies a release for the cache: the normalised plan, the ε, the policy and the
 /// data (new data is a new release, and costs again).
 fn query_key(plan_fingerprint: &str, epsilon: f64, policy_hash: &str, data: &str) -> String {
-    let digest = Sha256::digest(format!(
+    hex(&Sha256::digest(format!(
         "{plan_fingerprint}|{epsilon:?}|{policy_hash}|{data}"
-    ));
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    )))
 }
 
 /// The earlier release of the same query, re-addressed to this request, at no cost.

@@ -134,11 +134,7 @@ impl SiteEngine {
                 })?;
         }
         Ok(SiteEngine {
-            data_version: data_version
-                .finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            data_version: hex(&data_version.finalize()),
             trust: trust.to_string(),
             schema,
             policy,
@@ -656,8 +652,12 @@ fn engine_error(e: &DataFusionError) -> NodeError {
 
 /// SHA-256 of a plan's text, to recognise the same query in the audit log.
 pub fn fingerprint(plan: &LogicalPlan) -> String {
-    Sha256::digest(plan.display_indent().to_string().as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(
+        plan.display_indent().to_string().as_bytes(),
+    ))
+}
+
+/// Lower-case hex of a digest.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

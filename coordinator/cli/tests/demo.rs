@@ -46,45 +46,16 @@ fn a_served_demo_answers_trustql_query_in_every_format() {
     for key in ["url", "token", "project", "ca", "data_dir", "trusts"] {
         assert!(info.get(key).is_some(), "info has {key}: {info}");
     }
-    let (url, token, ca) = (
-        info["url"].as_str().expect("url"),
-        info["token"].as_str().expect("token"),
-        info["ca"].as_str().expect("ca"),
-    );
 
     let sql = "SELECT gender, COUNT(*) AS n FROM sim_av_patient GROUP BY gender ORDER BY gender";
-    let json = trustql(&[
-        "query",
-        "--coordinator",
-        url,
-        "--ca",
-        ca,
-        "--token",
-        token,
-        "--format",
-        "json",
-        sql,
-    ]);
+    let json = demo.query(&["--format", "json", sql]);
     assert!(json.status.success(), "{}", text(&json));
     let value: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON output");
     let rows = value["rows"].as_array().expect("rows");
     assert!(!rows.is_empty() && rows[0].get("n").is_some(), "{value}");
     assert_eq!(value["coverage"]["complete"], true, "{value}");
 
-    let csv = trustql(&[
-        "query",
-        "--coordinator",
-        url,
-        "--ca",
-        ca,
-        "--token",
-        token,
-        "--project",
-        "demo",
-        "--format",
-        "csv",
-        sql,
-    ]);
+    let csv = demo.query(&["--project", "demo", "--format", "csv", sql]);
     assert!(csv.status.success(), "{}", text(&csv));
     let csv_text = String::from_utf8_lossy(&csv.stdout);
     assert!(csv_text.starts_with("gender,n"), "{csv_text}");
@@ -93,45 +64,18 @@ fn a_served_demo_answers_trustql_query_in_every_format() {
         "coverage goes to stderr"
     );
 
-    let table = trustql(&[
-        "query",
-        "--coordinator",
-        url,
-        "--ca",
-        ca,
-        "--token",
-        token,
-        sql,
-    ]);
+    let table = demo.query(&[sql]);
     assert!(
         text(&table).contains("| gender |") && text(&table).contains("Coverage: 2 of 2"),
         "{}",
         text(&table)
     );
 
-    let refused = trustql(&[
-        "query",
-        "--coordinator",
-        url,
-        "--ca",
-        ca,
-        "--token",
-        token,
-        "SELECT linknumber FROM sim_av_patient",
-    ]);
+    let refused = demo.query(&["SELECT linknumber FROM sim_av_patient"]);
     assert!(!refused.status.success());
     assert!(text(&refused).contains("refused"), "{}", text(&refused));
 
-    let bad_token = trustql(&[
-        "query",
-        "--coordinator",
-        url,
-        "--ca",
-        ca,
-        "--token",
-        "nope",
-        sql,
-    ]);
+    let bad_token = demo.query_as("nope", &[sql]);
     assert!(!bad_token.status.success());
     assert!(text(&bad_token).contains("token"), "{}", text(&bad_token));
 }
@@ -156,11 +100,6 @@ fn a_served_dp_demo_previews_spends_and_prints_the_noise() {
     let info = &demo.info;
     assert_eq!(info["epsilon_per_query"], 0.5, "{info}");
     assert_eq!(info["epsilon_budget"], 4.0, "{info}");
-    let (url, token, ca) = (
-        info["url"].as_str().expect("url"),
-        info["token"].as_str().expect("token"),
-        info["ca"].as_str().expect("ca"),
-    );
     // Wait until the showcase has finished spending, so the budget left is known.
     let deadline = Instant::now() + Duration::from_secs(300);
     while !demo
@@ -170,14 +109,7 @@ fn a_served_dp_demo_previews_spends_and_prints_the_noise() {
         .starts_with("Serving.")
     {}
     let sql = "SELECT gender, COUNT(*) AS n FROM sim_av_patient GROUP BY gender ORDER BY gender";
-    let query = |extra: &[&str]| {
-        let mut args = vec!["query", "--coordinator", url, "--ca", ca, "--token", token];
-        args.extend_from_slice(extra);
-        args.push(sql);
-        trustql(&args)
-    };
-
-    let preview = query(&["--preview"]);
+    let preview = demo.query(&["--preview", sql]);
     assert!(preview.status.success(), "{}", text(&preview));
     assert!(
         text(&preview).contains("would spend ε 0.5"),
@@ -186,7 +118,7 @@ fn a_served_dp_demo_previews_spends_and_prints_the_noise() {
     );
     assert!(text(&preview).contains("Noise: n ±"), "{}", text(&preview));
 
-    let spent = query(&["--epsilon", "0.25"]);
+    let spent = demo.query(&["--epsilon", "0.25", sql]);
     let out = text(&spent);
     assert!(spent.status.success(), "{out}");
     assert!(

@@ -33,6 +33,25 @@ pub struct ServedDemo {
     pub lines: std::sync::mpsc::Receiver<String>,
 }
 
+impl ServedDemo {
+    /// `trustql query` against this demo with its own token; `args` end with the SQL.
+    pub fn query(&self, args: &[&str]) -> Output {
+        let token = self.info["token"].as_str().expect("token");
+        self.query_as(token, args)
+    }
+
+    /// `trustql query` against this demo with `token`; `args` end with the SQL.
+    pub fn query_as(&self, token: &str, args: &[&str]) -> Output {
+        let (url, ca) = (
+            self.info["url"].as_str().expect("url"),
+            self.info["ca"].as_str().expect("ca"),
+        );
+        let mut all = vec!["query", "--coordinator", url, "--ca", ca, "--token", token];
+        all.extend_from_slice(args);
+        trustql(&all)
+    }
+}
+
 impl Drop for ServedDemo {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -111,7 +111,9 @@ impl Coordinator {
             })
             .reduce(|a, b| a && b)
             .unwrap_or(false);
-        let (merger, prepared) = if all_dp {
+        // Without totals rules the two mergers plan alike: no need to plan again.
+        let totals = self.totals.min_patients > 1 || self.totals.rounding != Rounding::None;
+        let (merger, prepared) = if all_dp && totals {
             (&self.dp_merger, self.dp_merger.prepare(sql).await?)
         } else {
             (&self.merger, prepared)

@@ -25,7 +25,7 @@ use trustql_wire::{
     ANSWER_META_KEY, AnswerColumn, AnswerMeta, ColumnKind, ColumnNoise, DpMeta, SiteRequest,
 };
 
-use crate::engine::{SiteAnswer, SiteEngine, fingerprint, hex};
+use crate::engine::{SiteAnswer, SiteEngine, Timings, fingerprint, hex};
 use crate::error::NodeError;
 
 /// Room for floating-point sums of ε when comparing with the budget.
@@ -60,6 +60,7 @@ impl SiteEngine {
                 .into());
             }
         };
+        let bounding = tokio::time::Instant::now();
         let bounded = bound_contributions(&self.schema, &policy.dp, aggregate, optimized, vetted)?;
         let keys = aggregate.group_expr.len();
         let public = bounded.public_domain.as_ref().filter(|domain| {
@@ -117,9 +118,13 @@ impl SiteEngine {
             .into());
         }
 
+        let bounding = bounding.elapsed();
+        let executing = tokio::time::Instant::now();
         let (batch, columns, roles) = self
             .run_partial(&bounded.aggregate, patient_key, deadline, !request.preview)
             .await?;
+        let execution = executing.elapsed();
+        let noising = tokio::time::Instant::now();
 
         // How much one patient can move each column, over all groups together.
         let m = bounded.max_rows as f64;
@@ -238,6 +243,11 @@ impl SiteEngine {
             batch,
             meta,
             plan_fingerprint,
+            timings: Timings {
+                vetting: Default::default(),
+                execution,
+                protection: bounding + noising.elapsed(),
+            },
         };
         if request.preview {
             return Ok(answer);
@@ -400,6 +410,7 @@ fn repeat(
         batch,
         meta,
         plan_fingerprint,
+        timings: Timings::default(),
     })
 }
 

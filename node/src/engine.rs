@@ -2,11 +2,11 @@
 //! partial aggregation states.
 //!
 //! Each request is authorised against the project, vetted, planned with an extra
-//! `COUNT(DISTINCT <patient key>)`, and run as the *partial* half of DataFusion's two-phase
-//! aggregation, reduced to exactly one row per group (`PartialReduce` over a coalesce, so
-//! skip-partial aggregation can never emit a row per record). States that hold values
-//! (COUNT(DISTINCT) sets) are finished here into counts; disclosure control then runs on the
-//! per-group states before anything leaves.
+//! distinct-patient count (over input partitioned by patient, see [`crate::patients`]), and
+//! run as the *partial* half of DataFusion's two-phase aggregation, reduced to exactly one row
+//! per group (`PartialReduce` over a coalesce, so skip-partial aggregation can never emit a
+//! row per record). States that hold values (COUNT(DISTINCT) sets) are finished here into
+//! counts; disclosure control then runs on the per-group states before anything leaves.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use datafusion::common::{Column, DataFusionError};
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use datafusion::functions_aggregate::expr_fn::{count_distinct, sum};
+use datafusion::functions_aggregate::expr_fn::sum;
 use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
@@ -42,6 +42,7 @@ use trustql_wire::{
 
 use crate::config::Limits;
 use crate::error::NodeError;
+use crate::patients::{PATIENT_COUNT, by_patient, patient_count};
 
 /// A protected answer, ready to stream, and what the audit log needs to know about it.
 #[derive(Debug, Clone)]
@@ -52,6 +53,19 @@ pub struct SiteAnswer {
     pub meta: AnswerMeta,
     /// SHA-256 of the optimised logical plan.
     pub plan_fingerprint: String,
+    /// Where the node's time went.
+    pub timings: Timings,
+}
+
+/// Where one answer's time went, so the cost of protection can be measured beside the query's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Authorising, parsing, planning and vetting the query.
+    pub vetting: Duration,
+    /// DataFusion running the partial aggregation (with the distinct-patient count).
+    pub execution: Duration,
+    /// Disclosure control, or contribution bounding and noise for differential privacy.
+    pub protection: Duration,
 }
 
 /// The engine of one trust.
@@ -175,7 +189,8 @@ impl SiteEngine {
     /// Answers one site request, or says why not.
     pub async fn answer(&self, request: &SiteRequest, today: i32) -> Result<SiteAnswer, NodeError> {
         // One limit for the whole request, however many plans it runs.
-        let deadline = tokio::time::Instant::now() + self.timeout;
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.timeout;
         let _permit = self
             .permits
             .clone()
@@ -197,8 +212,9 @@ impl SiteEngine {
             )
             .into());
         };
+        let vetting = started.elapsed();
         if let Some(dp) = project.dp {
-            return self
+            let mut answer = self
                 .answer_dp(
                     request,
                     &project.id,
@@ -209,7 +225,9 @@ impl SiteEngine {
                     &patient_key,
                     deadline,
                 )
-                .await;
+                .await?;
+            answer.timings.vetting = vetting;
+            return Ok(answer);
         }
         if request.preview {
             return Err(Refusal::new(
@@ -220,10 +238,13 @@ impl SiteEngine {
             .into());
         }
 
+        let executing = tokio::time::Instant::now();
         let (batch, columns, roles) = self
             .run_partial(aggregate, &patient_key, deadline, true)
             .await?;
+        let execution = executing.elapsed();
 
+        let protecting = tokio::time::Instant::now();
         let (batch, roles) = self
             .add_top_contributions(deadline, aggregate, &patient_key, batch, roles, &columns)
             .await?;
@@ -258,10 +279,16 @@ impl SiteEngine {
             .batch
             .with_schema(Arc::new(schema))
             .map_err(|_| NodeError::Execution)?;
+        let protection = protecting.elapsed();
         Ok(SiteAnswer {
             batch,
             meta,
             plan_fingerprint: fingerprint(&optimized),
+            timings: Timings {
+                vetting,
+                execution,
+                protection,
+            },
         })
     }
 
@@ -437,7 +464,11 @@ impl SiteEngine {
         execute: bool,
     ) -> Result<(RecordBatch, Vec<AnswerColumn>, Vec<ColumnRole>), NodeError> {
         let mut aggr_expr = aggregate.aggr_expr.clone();
-        aggr_expr.push(count_distinct(Expr::Column(patient_key.clone())).alias(PATIENTS_COLUMN));
+        aggr_expr.push(
+            patient_count()
+                .call(vec![Expr::Column(patient_key.clone())])
+                .alias(PATIENTS_COLUMN),
+        );
         let partial_plan = Aggregate::try_new(
             aggregate.input.clone(),
             aggregate.group_expr.clone(),
@@ -451,7 +482,8 @@ impl SiteEngine {
             .create_physical_plan(&partial_plan)
             .await
             .map_err(|_| NodeError::Execution)?;
-        let reduce = partial_reduce(&physical)?;
+        let partitions = self.ctx.state().config().target_partitions();
+        let reduce = partial_reduce(&physical, partitions)?;
         self.run(reduce, deadline, execute).await
     }
 
@@ -488,14 +520,14 @@ impl SiteEngine {
                     name,
                     None,
                 ),
-                Slot::Distinct { patients: true, .. } => (
+                Slot::Patients => (
                     ColumnKind::Patients,
                     ColumnRole::Patients,
-                    distinct_counts(array)?,
+                    array.clone(),
                     PATIENTS_COLUMN.to_string(),
                     None,
                 ),
-                Slot::Distinct { aggregate, .. } => (
+                Slot::Distinct(aggregate) => (
                     ColumnKind::DistinctCount,
                     ColumnRole::Count,
                     distinct_counts(array)?,
@@ -530,7 +562,8 @@ impl SiteEngine {
 enum Slot {
     Key,
     GroupingId,
-    Distinct { patients: bool, aggregate: usize },
+    Patients,
+    Distinct(usize),
     State(ColumnRole, usize),
 }
 
@@ -555,14 +588,15 @@ fn layout(plan: &AggregateExec) -> Result<Vec<Slot>, NodeError> {
     for (i, expr) in plan.aggr_expr().iter().enumerate() {
         let name = expr.fun().name().to_lowercase();
         let states = expr.state_fields().map_err(|_| NodeError::Execution)?;
+        if name == PATIENT_COUNT {
+            slots.push(Slot::Patients);
+            continue;
+        }
         if expr.is_distinct() {
             if name != "count" || states.len() != 1 {
                 return Err(NodeError::Execution);
             }
-            slots.push(Slot::Distinct {
-                patients: expr.name() == PATIENTS_COLUMN,
-                aggregate: i,
-            });
+            slots.push(Slot::Distinct(i));
             continue;
         }
         for state in states {
@@ -604,9 +638,11 @@ fn distinct_counts(array: &ArrayRef) -> Result<ArrayRef, NodeError> {
     Ok(Arc::new(values))
 }
 
-/// Finds the one Partial aggregate and reduces its output to one row per group.
+/// Finds the one Partial aggregate, moves it over input partitioned by patient (into
+/// `partitions` partitions) and reduces its output to one row per group.
 pub(crate) fn partial_reduce(
     plan: &Arc<dyn ExecutionPlan>,
+    partitions: usize,
 ) -> Result<Arc<AggregateExec>, NodeError> {
     let mut partials = Vec::new();
     let mut aggregates = 0;
@@ -631,12 +667,13 @@ pub(crate) fn partial_reduce(
     let Some(agg) = partial.downcast_ref::<AggregateExec>() else {
         return Err(NodeError::Execution);
     };
+    let partial = by_patient(agg, partitions).map_err(|_| NodeError::Execution)?;
     let reduce = AggregateExec::try_new(
         AggregateMode::PartialReduce,
         Arc::new(agg.group_expr().as_final()),
         agg.aggr_expr().to_vec(),
         vec![None; agg.aggr_expr().len()],
-        Arc::new(CoalescePartitionsExec::new(partial.clone())),
+        Arc::new(CoalescePartitionsExec::new(partial)),
         agg.input_schema(),
     )
     .map_err(|_| NodeError::Execution)?;

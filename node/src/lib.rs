@@ -8,11 +8,12 @@ mod config;
 mod dp;
 mod engine;
 mod error;
+mod patients;
 mod server;
 mod service;
 
 pub use config::{LEDGER_FILE, Limits, NodeConfig, TlsConfig};
-pub use engine::{SiteAnswer, SiteEngine, fingerprint};
+pub use engine::{SiteAnswer, SiteEngine, Timings, fingerprint};
 pub use error::NodeError;
 pub use server::{RunningNode, start};
 pub use service::{MAX_REQUEST_BYTES, NodeService};

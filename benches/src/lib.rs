@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use trustql_node::{Limits, SiteEngine};
+use trustql_policies::{approve, load_approved};
 use trustql_schemas::{TrustSchema, table_path};
+use trustql_wire::SiteRequest;
 
 /// One DataFusion session over the union of every trust's Parquet: the central warehouse a
 /// federation is compared with.
@@ -28,6 +31,54 @@ pub async fn union(schema: &TrustSchema, data: &Path, trusts: &[String]) -> Resu
         ctx.register_table(table.name.as_str(), frame.into_view())?;
     }
     Ok(ctx)
+}
+
+/// Generates one trust, TQ01, of `patients` patients into `dir` (seed 7, no shared patients).
+pub fn one_trust(schema: &TrustSchema, patients: u64, dir: &Path) -> Result<()> {
+    let config = trustql_synth::SynthConfig {
+        trusts: 1,
+        patients,
+        seed: 7,
+        shared_share: 0.0,
+        overwrite: true,
+        ..trustql_synth::SynthConfig::default()
+    };
+    trustql_synth::generate(schema, &config, dir)?;
+    Ok(())
+}
+
+/// A node over `dir/TQ01` with its default limits (a ten-minute timeout), under a policy
+/// written to `dir/policy.toml` that lets researcher `r` of project `p` read the panel's tables.
+pub async fn open_node(schema: &TrustSchema, dir: &Path) -> Result<SiteEngine> {
+    let policy_path = dir.join("policy.toml");
+    std::fs::write(
+        &policy_path,
+        "[policy]\nversion = \"bench\"\ntrust = \"TQ01\"\n\n[disclosure]\nmin_patients = 10\n\
+         rounding = \"base\"\nrounding_base = 5\n\n[query]\nmax_groups = 20000\n\n\
+         [[project]]\nid = \"p\"\nresearchers = [\"r\"]\ntables = [\"sim_av_patient\", \
+         \"sim_av_tumour\", \"sim_sact_regimen\", \"sim_rtds_prescription\"]\n\
+         expires = \"2099-12-31\"\n",
+    )?;
+    approve(&policy_path, "Benchmark", schema)?;
+    let policy = load_approved(&policy_path, schema)?;
+    let limits = Limits {
+        query_timeout_ms: 600_000,
+        ..Limits::default()
+    };
+    SiteEngine::open("TQ01", schema.clone(), policy, &dir.join("TQ01"), &limits)
+        .await
+        .context("opening the node")
+}
+
+/// Researcher `r`'s request in project `p` (see [`open_node`]).
+pub fn panel_request(name: &str, sql: &str) -> SiteRequest {
+    SiteRequest {
+        request_id: name.into(),
+        researcher: "r".into(),
+        project: "p".into(),
+        sql: sql.into(),
+        ..Default::default()
+    }
 }
 
 /// The demo researcher's client of a launched federation.

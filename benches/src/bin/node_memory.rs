@@ -15,12 +15,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use trustql_benches::{CANCER_PANEL, ms};
-use trustql_node::{Limits, SiteEngine};
-use trustql_policies::{approve, load_approved, today};
+use trustql_benches::{CANCER_PANEL, ms, one_trust, open_node, panel_request};
+use trustql_policies::today;
 use trustql_schemas::TrustSchema;
-use trustql_synth::{SynthConfig, generate};
-use trustql_wire::SiteRequest;
 
 /// Command-line options.
 #[derive(Parser)]
@@ -43,16 +40,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let schema = TrustSchema::cancer()?;
     if let Some(patients) = args.generate {
-        let config = SynthConfig {
-            trusts: 1,
-            patients,
-            seed: 7,
-            shared_share: 0.0,
-            overwrite: true,
-            ..SynthConfig::default()
-        };
-        generate(&schema, &config, &args.out)?;
-        return Ok(());
+        return one_trust(&schema, patients, &args.out);
     }
     let runtime = tokio::runtime::Runtime::new()?;
     let sizes = [args.tumours / 4, args.tumours];
@@ -104,33 +92,10 @@ fn main() -> Result<()> {
 /// Opens a node over `dir/TQ01` with default limits and answers the panel once to warm up and
 /// once timed: per query the time in ms, or why it failed.
 async fn answer_panel(schema: &TrustSchema, dir: &Path) -> Result<Vec<Result<f64, String>>> {
-    let policy_path = dir.join("policy.toml");
-    std::fs::write(
-        &policy_path,
-        "[policy]\nversion = \"memory\"\ntrust = \"TQ01\"\n\n[disclosure]\nmin_patients = 10\n\
-         rounding = \"base\"\nrounding_base = 5\n\n[query]\nmax_groups = 20000\n\n\
-         [[project]]\nid = \"p\"\nresearchers = [\"r\"]\ntables = [\"sim_av_patient\", \
-         \"sim_av_tumour\", \"sim_sact_regimen\", \"sim_rtds_prescription\"]\n\
-         expires = \"2099-12-31\"\n",
-    )?;
-    approve(&policy_path, "Benchmark", schema)?;
-    let policy = load_approved(&policy_path, schema)?;
-    let limits = Limits {
-        query_timeout_ms: 600_000,
-        ..Limits::default()
-    };
-    let engine = SiteEngine::open("TQ01", schema.clone(), policy, &dir.join("TQ01"), &limits)
-        .await
-        .context("opening the node")?;
+    let engine = open_node(schema, dir).await?;
     let mut times = Vec::new();
     for (name, sql) in CANCER_PANEL {
-        let request = SiteRequest {
-            request_id: (*name).into(),
-            researcher: "r".into(),
-            project: "p".into(),
-            sql: (*sql).into(),
-            ..Default::default()
-        };
+        let request = panel_request(name, sql);
         let _ = engine.answer(&request, today()).await;
         let start = Instant::now();
         let outcome = engine.answer(&request, today()).await;

@@ -113,7 +113,8 @@ fn patients(values: &[ArrayRef]) -> Result<&Int64Array> {
 /// Per group, the patients seen and their number.
 #[derive(Debug, Default)]
 struct PatientGroups {
-    seen: HashSet<(usize, i64), RandomState>,
+    /// Per group, its patients (a set per group keeps each entry at 8 bytes).
+    seen: Vec<HashSet<i64, RandomState>>,
     counts: Vec<i64>,
     emitted: bool,
 }
@@ -130,11 +131,12 @@ impl GroupsAccumulator for PatientGroups {
             return Err(emitted_early());
         }
         self.counts.resize(total_num_groups, 0);
+        self.seen.resize_with(total_num_groups, HashSet::default);
         let ids = patients(values)?;
         for (row, &group) in group_indices.iter().enumerate() {
             let included =
                 ids.is_valid(row) && opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row));
-            if included && self.seen.insert((group, ids.value(row))) {
+            if included && self.seen[group].insert(ids.value(row)) {
                 self.counts[group] += 1;
             }
         }
@@ -150,7 +152,7 @@ impl GroupsAccumulator for PatientGroups {
 
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
         // The ids are not needed once counted: partitions hold disjoint patients.
-        self.seen = HashSet::default();
+        self.seen = Vec::new();
         Ok(vec![self.evaluate(emit_to)?])
     }
 
@@ -180,7 +182,11 @@ impl GroupsAccumulator for PatientGroups {
     }
 
     fn size(&self) -> usize {
-        self.seen.capacity() * (size_of::<(usize, i64)>() + 1)
+        self.seen
+            .iter()
+            .map(|set| set.capacity() * (size_of::<i64>() + 1))
+            .sum::<usize>()
+            + self.seen.capacity() * size_of::<HashSet<i64, RandomState>>()
             + self.counts.capacity() * size_of::<i64>()
     }
 }

@@ -40,7 +40,8 @@ pub enum ColumnRole {
 }
 
 /// Rows that differ only at one key: (grouping mask, that key, the other grouped keys).
-type Bucket<'a> = (Vec<bool>, usize, Vec<&'a [u8]>);
+/// Rows that differ only at one key: (grouped keys, that key, the other grouped keys' ids).
+type Bucket = (u64, usize, Vec<u32>);
 
 /// Why groups were withheld, and how many were released.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -130,8 +131,23 @@ pub fn protect(
         .filter(|(_, r)| **r == ColumnRole::Key)
         .map(|(i, _)| i)
         .collect();
+    if keys.len() > 64 {
+        return Err(Refusal::new(
+            Rule::Unsupported,
+            "a query may group by at most 64 keys",
+        ));
+    }
     let grouped = grouped_masks(batch, roles, &keys)?;
-    let key_rows = key_rows(batch, &keys)?;
+    let ids = key_ids(batch, &keys)?;
+    let n = keys.len();
+    let is_grouped = |row: usize, j: usize| grouped[row] & (1 << j) != 0;
+    // The ids of the keys in `mask`, for one row.
+    let project = |row: usize, mask: u64| -> Vec<u32> {
+        (0..n)
+            .filter(|&j| mask & (1 << j) != 0)
+            .map(|j| ids[row * n + j])
+            .collect()
+    };
 
     let mut verdicts = vec![Verdict::Release; rows];
     for (row, verdict) in verdicts.iter_mut().enumerate() {
@@ -167,55 +183,46 @@ pub fn protect(
     if rules.withhold_whole_margin_cells && !keys.is_empty() {
         // Rows that differ only at key k share a bucket; a bucket of one is a 100% cell
         // (its siblings at k are all 0%).
-        let mut buckets: HashMap<Bucket<'_>, usize> = HashMap::new();
-        let bucket = |row: usize, k: usize| {
-            let rest: Vec<&[u8]> = (0..keys.len())
-                .filter(|&j| j != k && grouped[row][j])
-                .map(|j| key_rows[row][j].as_slice())
-                .collect();
-            (grouped[row].clone(), k, rest)
+        let mut buckets: HashMap<Bucket, usize> = HashMap::new();
+        let bucket = |row: usize, k: usize| -> Bucket {
+            (grouped[row], k, project(row, grouped[row] & !(1 << k)))
         };
-        for (row, mask) in grouped.iter().enumerate() {
-            for k in (0..keys.len()).filter(|&k| mask[k]) {
+        for row in 0..rows {
+            for k in (0..n).filter(|&k| is_grouped(row, k)) {
                 *buckets.entry(bucket(row, k)).or_default() += 1;
             }
         }
-        for row in 0..rows {
-            if verdicts[row] != Verdict::Release {
+        for (row, verdict) in verdicts.iter_mut().enumerate() {
+            if *verdict != Verdict::Release {
                 continue;
             }
-            let alone = (0..keys.len())
-                .filter(|&k| grouped[row][k])
+            let alone = (0..n)
+                .filter(|&k| is_grouped(row, k))
                 .any(|k| buckets.get(&bucket(row, k)) == Some(&1));
             if alone {
-                verdicts[row] = Verdict::WholeMargin;
+                *verdict = Verdict::WholeMargin;
             }
         }
     }
     // Subtotals and totals of anything withheld are withheld too: project every withheld row
     // onto each coarser grouping present, then look each released row up.
-    let masks: HashSet<Vec<bool>> = grouped.iter().cloned().collect();
-    let project = |row: usize, mask: &[bool]| -> Vec<&[u8]> {
-        (0..keys.len())
-            .filter(|&j| mask[j])
-            .map(|j| key_rows[row][j].as_slice())
-            .collect()
-    };
-    let mut margins: HashSet<(Vec<bool>, Vec<&[u8]>)> = HashSet::new();
+    let masks: HashSet<u64> = grouped.iter().copied().collect();
+    let mut margins: HashSet<(u64, Vec<u32>)> = HashSet::new();
     for w in (0..rows).filter(|&r| verdicts[r] != Verdict::Release) {
-        for mask in &masks {
-            let coarser =
-                mask != &grouped[w] && mask.iter().zip(&grouped[w]).all(|(m, g)| !*m || *g);
-            if coarser {
-                margins.insert((mask.clone(), project(w, mask)));
+        for &mask in &masks {
+            // Coarser: a proper subset of the withheld row's grouped keys.
+            if mask != grouped[w] && mask & !grouped[w] == 0 {
+                margins.insert((mask, project(w, mask)));
             }
         }
     }
-    for (a, verdict) in verdicts.iter_mut().enumerate() {
-        if *verdict == Verdict::Release
-            && margins.contains(&(grouped[a].clone(), project(a, &grouped[a])))
-        {
-            *verdict = Verdict::MarginOfWithheld;
+    if !margins.is_empty() {
+        for (a, verdict) in verdicts.iter_mut().enumerate() {
+            if *verdict == Verdict::Release
+                && margins.contains(&(grouped[a], project(a, grouped[a])))
+            {
+                *verdict = Verdict::MarginOfWithheld;
+            }
         }
     }
 
@@ -284,13 +291,14 @@ pub fn round(x: i64, rules: &Disclosure) -> i64 {
     }
 }
 
-/// For each row, which keys are grouped (not rolled up).
+/// For each row, which keys are grouped (not rolled up): bit `j` set when key `j` is.
 fn grouped_masks(
     batch: &RecordBatch,
     roles: &[ColumnRole],
     keys: &[usize],
-) -> Result<Vec<Vec<bool>>, Refusal> {
+) -> Result<Vec<u64>, Refusal> {
     let n = keys.len();
+    let all = (0..n).fold(0u64, |mask, j| mask | (1 << j));
     if let Some(index) = roles.iter().position(|r| *r == ColumnRole::GroupingId) {
         let ids = cast(batch.column(index), &DataType::UInt64).map_err(|_| {
             Refusal::new(Rule::Unsupported, "internal: grouping id is not an integer")
@@ -300,32 +308,35 @@ fn grouped_masks(
             .iter()
             .map(|id| {
                 let id = id.unwrap_or(0);
-                (0..n).map(|i| id & (1 << (n - 1 - i)) == 0).collect()
+                (0..n)
+                    .filter(|&j| id & (1 << (n - 1 - j)) == 0)
+                    .fold(0u64, |mask, j| mask | (1 << j))
             })
             .collect());
     }
-    Ok(vec![vec![true; n]; batch.num_rows()])
+    Ok(vec![all; batch.num_rows()])
 }
 
-/// Key values of each row in a comparable form (one entry per key).
-fn key_rows(batch: &RecordBatch, keys: &[usize]) -> Result<Vec<Vec<Vec<u8>>>, Refusal> {
-    let mut per_key = Vec::with_capacity(keys.len());
-    for &k in keys {
+/// Each key's values as small ids, equal ids for equal values (nulls included), so groups
+/// compare as integers: row `r`'s key `j` is at `r * keys.len() + j`.
+fn key_ids(batch: &RecordBatch, keys: &[usize]) -> Result<Vec<u32>, Refusal> {
+    let rows = batch.num_rows();
+    let n = keys.len();
+    let mut ids = vec![0u32; rows * n];
+    for (j, &k) in keys.iter().enumerate() {
         let column = batch.column(k);
         let converter = RowConverter::new(vec![SortField::new(column.data_type().clone())])
             .map_err(|_| Refusal::new(Rule::Unsupported, "internal: key not comparable"))?;
-        let rows = converter
+        let encoded = converter
             .convert_columns(std::slice::from_ref(column))
             .map_err(|_| Refusal::new(Rule::Unsupported, "internal: key not comparable"))?;
-        per_key.push(
-            (0..batch.num_rows())
-                .map(|r| rows.row(r).as_ref().to_vec())
-                .collect::<Vec<_>>(),
-        );
+        let mut seen: HashMap<&[u8], u32> = HashMap::with_capacity(rows);
+        for r in 0..rows {
+            let next = seen.len() as u32;
+            ids[r * n + j] = *seen.entry(encoded.row(r).data()).or_insert(next);
+        }
     }
-    Ok((0..batch.num_rows())
-        .map(|r| per_key.iter().map(|k| k[r].clone()).collect())
-        .collect())
+    Ok(ids)
 }
 
 #[cfg(test)]

@@ -254,3 +254,22 @@ fn too_many_groups_is_a_refusal() {
     .expect_err("cap");
     assert_eq!(err.rule, Rule::TooManyGroups);
 }
+
+#[test]
+fn more_than_64_keys_is_a_refusal() {
+    let mut columns: Vec<(String, ArrayRef)> = (0..65)
+        .map(|k| (format!("k{k}"), strings(&[Some("a")])))
+        .collect();
+    columns.push(("patients".into(), ints(&[50])));
+    let b = batch(
+        columns
+            .iter()
+            .map(|(n, a)| (n.as_str(), a.clone()))
+            .collect(),
+    );
+    let mut roles = vec![ColumnRole::Key; 65];
+    roles.push(ColumnRole::Patients);
+    let err = protect(&b, &roles, &no_rounding(), 100).expect_err("64 keys");
+    assert_eq!(err.rule, Rule::Unsupported);
+    assert!(err.to_string().contains("64 keys"), "{err}");
+}

@@ -121,7 +121,14 @@ impl SiteEngine {
         let bounding = bounding.elapsed();
         let executing = tokio::time::Instant::now();
         let (batch, columns, roles) = self
-            .run_partial(&bounded.aggregate, patient_key, deadline, !request.preview)
+            // The count is released with noise here, so it is exact.
+            .run_partial(
+                &bounded.aggregate,
+                patient_key,
+                None,
+                deadline,
+                !request.preview,
+            )
             .await?;
         let execution = executing.elapsed();
         let noising = tokio::time::Instant::now();

@@ -32,8 +32,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use trustql_budget::Ledger;
 use trustql_policies::{
-    ApprovedPolicy, ColumnRole, Refusal, Rule, aggregate_of, authorise, locked_session, protect,
-    vet_sql,
+    ApprovedPolicy, ColumnRole, MAX_MIN_PATIENTS, Refusal, Rule, aggregate_of, authorise,
+    locked_session, protect, vet_sql,
 };
 use trustql_schemas::{TrustSchema, check_site, table_path};
 use trustql_wire::{
@@ -240,7 +240,14 @@ impl SiteEngine {
 
         let executing = tokio::time::Instant::now();
         let (batch, columns, roles) = self
-            .run_partial(aggregate, &patient_key, deadline, true)
+            // Thresholds need no more patients than the largest any rule may set.
+            .run_partial(
+                aggregate,
+                &patient_key,
+                Some(MAX_MIN_PATIENTS),
+                deadline,
+                true,
+            )
             .await?;
         let execution = executing.elapsed();
 
@@ -454,18 +461,20 @@ impl SiteEngine {
         concat_batches(&schema, &batches).map_err(|_| NodeError::Execution)
     }
 
-    /// Runs `aggregate` with the distinct-patient count added, as the partial half of
-    /// DataFusion's aggregation reduced to one row per group (without `execute`, no rows).
+    /// Runs `aggregate` with the distinct-patient count (up to `cap` patients) added, as the
+    /// partial half of DataFusion's aggregation reduced to one row per group (without
+    /// `execute`, no rows).
     pub(crate) async fn run_partial(
         &self,
         aggregate: &Aggregate,
         patient_key: &Column,
+        cap: Option<u64>,
         deadline: tokio::time::Instant,
         execute: bool,
     ) -> Result<(RecordBatch, Vec<AnswerColumn>, Vec<ColumnRole>), NodeError> {
         let mut aggr_expr = aggregate.aggr_expr.clone();
         aggr_expr.push(
-            patient_count()
+            patient_count(cap)
                 .call(vec![Expr::Column(patient_key.clone())])
                 .alias(PATIENTS_COLUMN),
         );

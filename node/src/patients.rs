@@ -6,6 +6,12 @@
 //! the patient key, so each partition sees a disjoint set of patients: a partition's count is
 //! final for its patients, and partitions merge by summing counts.
 //!
+//! Outside differential privacy the count only decides thresholds (the node's minimum, the
+//! coordinator's on the summed totals), and no threshold may exceed
+//! [`MAX_MIN_PATIENTS`]: so a group stops collecting patients once it has that many, and large
+//! groups, which hold most rows, cost one comparison per row instead of a hash insert.
+//! Differentially private answers release the count with noise, so they count exactly.
+//!
 //! A count is only exact if each partition counts every one of its rows into one set. An
 //! aggregate that emits its groups early under memory pressure would start a fresh set and
 //! count a patient twice, so a count that is asked to continue after it has been emitted fails
@@ -28,21 +34,25 @@ use datafusion::physical_plan::aggregates::AggregateExec;
 use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::{ExecutionPlan, Partitioning};
+#[cfg(doc)]
+use trustql_policies::MAX_MIN_PATIENTS;
 
 /// The aggregate's name, as the physical plan shows it.
 pub(crate) const PATIENT_COUNT: &str = "trustql_patient_count";
 
-/// `trustql_patient_count(patient key)`: distinct patients per group, exact only over input
-/// partitioned by the patient key (see [`by_patient`]).
-pub(crate) fn patient_count() -> AggregateUDF {
+/// `trustql_patient_count(patient key)`: distinct patients per group, up to `cap` when given,
+/// exact only over input partitioned by the patient key (see [`by_patient`]).
+pub(crate) fn patient_count(cap: Option<u64>) -> AggregateUDF {
     AggregateUDF::from(PatientCount {
         signature: Signature::exact(vec![DataType::Int64], Volatility::Immutable),
+        cap: cap.and_then(|c| i64::try_from(c).ok()).unwrap_or(i64::MAX),
     })
 }
 
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct PatientCount {
     signature: Signature,
+    cap: i64,
 }
 
 impl AggregateUDFImpl for PatientCount {
@@ -71,7 +81,7 @@ impl AggregateUDFImpl for PatientCount {
     }
 
     fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
-        Ok(Box::new(PatientSet::default()))
+        Ok(Box::new(PatientSet::new(self.cap)))
     }
 
     fn groups_accumulator_supported(&self, _args: AccumulatorArgs) -> bool {
@@ -82,7 +92,7 @@ impl AggregateUDFImpl for PatientCount {
         &self,
         _args: AccumulatorArgs,
     ) -> Result<Box<dyn GroupsAccumulator>> {
-        Ok(Box::new(PatientGroups::default()))
+        Ok(Box::new(PatientGroups::new(self.cap)))
     }
 
     fn default_value(&self, _data_type: &DataType) -> Result<ScalarValue> {
@@ -111,12 +121,25 @@ fn patients(values: &[ArrayRef]) -> Result<&Int64Array> {
 }
 
 /// Per group, the patients seen and their number.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PatientGroups {
     /// Per group, its patients (a set per group keeps each entry at 8 bytes).
     seen: Vec<HashSet<i64, RandomState>>,
     counts: Vec<i64>,
+    /// Patients a group needs no more of.
+    cap: i64,
     emitted: bool,
+}
+
+impl PatientGroups {
+    fn new(cap: i64) -> Self {
+        PatientGroups {
+            seen: Vec::new(),
+            counts: Vec::new(),
+            cap,
+            emitted: false,
+        }
+    }
 }
 
 impl GroupsAccumulator for PatientGroups {
@@ -136,7 +159,8 @@ impl GroupsAccumulator for PatientGroups {
         for (row, &group) in group_indices.iter().enumerate() {
             let included =
                 ids.is_valid(row) && opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row));
-            if included && self.seen[group].insert(ids.value(row)) {
+            let set = &mut self.seen[group];
+            if included && (set.len() as i64) < self.cap && set.insert(ids.value(row)) {
                 self.counts[group] += 1;
             }
         }
@@ -145,8 +169,13 @@ impl GroupsAccumulator for PatientGroups {
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
         self.emitted = true;
-        Ok(Arc::new(Int64Array::from(
-            emit_to.take_needed(&mut self.counts),
+        // Partitions' counts, summed, may pass the cap; no more than it is known.
+        let cap = self.cap;
+        Ok(Arc::new(Int64Array::from_iter_values(
+            emit_to
+                .take_needed(&mut self.counts)
+                .into_iter()
+                .map(|n| n.min(cap)),
         )))
     }
 
@@ -192,11 +221,23 @@ impl GroupsAccumulator for PatientGroups {
 }
 
 /// The patients of a query without groups.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PatientSet {
     seen: HashSet<i64, RandomState>,
     merged: i64,
+    cap: i64,
     emitted: bool,
+}
+
+impl PatientSet {
+    fn new(cap: i64) -> Self {
+        PatientSet {
+            seen: HashSet::default(),
+            merged: 0,
+            cap,
+            emitted: false,
+        }
+    }
 }
 
 impl Accumulator for PatientSet {
@@ -204,15 +245,19 @@ impl Accumulator for PatientSet {
         if self.emitted {
             return Err(emitted_early());
         }
-        self.seen.extend(patients(values)?.iter().flatten());
+        for id in patients(values)?.iter().flatten() {
+            if self.seen.len() as i64 >= self.cap {
+                break;
+            }
+            self.seen.insert(id);
+        }
         Ok(())
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
         self.emitted = true;
-        Ok(ScalarValue::Int64(Some(
-            self.seen.len() as i64 + self.merged,
-        )))
+        let n = self.seen.len() as i64 + self.merged;
+        Ok(ScalarValue::Int64(Some(n.min(self.cap))))
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
@@ -304,7 +349,7 @@ mod tests {
         let aggregate = Aggregate::try_new(
             Arc::new(input),
             group.clone(),
-            vec![patient_count().call(vec![Expr::Column(Column::from_name("p"))])],
+            vec![patient_count(None).call(vec![Expr::Column(Column::from_name("p"))])],
         )
         .map(LogicalPlan::Aggregate)
         .expect("aggregate");
@@ -361,7 +406,7 @@ mod tests {
 
     #[test]
     fn nulls_and_filtered_rows_are_not_patients() {
-        let mut groups = PatientGroups::default();
+        let mut groups = PatientGroups::new(i64::MAX);
         let ids: ArrayRef = Arc::new(Int64Array::from(vec![Some(7), None, Some(8), Some(7)]));
         let keep = BooleanArray::from(vec![true, true, false, true]);
         groups
@@ -377,7 +422,7 @@ mod tests {
     #[test]
     fn counting_on_after_an_early_emission_fails_as_out_of_memory() {
         let ids: ArrayRef = Arc::new(Int64Array::from(vec![1, 2]));
-        let mut groups = PatientGroups::default();
+        let mut groups = PatientGroups::new(i64::MAX);
         groups
             .update_batch(std::slice::from_ref(&ids), &[0, 1], None, 2)
             .expect("update");
@@ -386,7 +431,7 @@ mod tests {
         let again = groups.update_batch(std::slice::from_ref(&ids), &[0, 1], None, 2);
         assert!(matches!(again, Err(DataFusionError::ResourcesExhausted(_))));
 
-        let mut total = PatientSet::default();
+        let mut total = PatientSet::new(i64::MAX);
         total
             .update_batch(std::slice::from_ref(&ids))
             .expect("update");
@@ -396,10 +441,34 @@ mod tests {
     }
 
     #[test]
+    fn a_group_stops_collecting_patients_at_the_cap() {
+        let mut groups = PatientGroups::new(3);
+        let ids: ArrayRef = Arc::new(Int64Array::from(vec![1, 2, 3, 4, 5, 9]));
+        groups
+            .update_batch(&[ids], &[0, 0, 0, 0, 0, 1], None, 2)
+            .expect("update");
+        assert_eq!(groups.seen[0].len(), 3, "no patient kept beyond the cap");
+        let counts = groups.state(EmitTo::All).expect("state");
+        assert_eq!(
+            counts[0].as_primitive::<Int64Type>().values().to_vec(),
+            vec![3, 1]
+        );
+        // Two partitions at the cap merge to the cap, not past it.
+        let mut reduce = PatientGroups::new(3);
+        let states: ArrayRef = Arc::new(Int64Array::from(vec![3, 3]));
+        reduce.merge_batch(&[states], &[0, 0], 1).expect("merge");
+        let merged = reduce.evaluate(EmitTo::All).expect("evaluate");
+        assert_eq!(
+            merged.as_primitive::<Int64Type>().values().to_vec(),
+            vec![3]
+        );
+    }
+
+    #[test]
     fn partial_aggregation_cannot_be_skipped() {
         let ids: ArrayRef = Arc::new(Int64Array::from(vec![1, 1]));
         assert!(
-            PatientGroups::default()
+            PatientGroups::new(i64::MAX)
                 .convert_to_state(&[ids], None)
                 .is_err()
         );

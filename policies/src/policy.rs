@@ -127,6 +127,11 @@ pub enum Rounding {
     Midpoint6,
 }
 
+/// The largest minimum number of patients any rule may ask for. Nodes count distinct
+/// patients per group only up to this (every threshold decision needs no more), which spares
+/// them hashing every patient of large groups.
+pub const MAX_MIN_PATIENTS: u64 = 1000;
+
 /// `[disclosure]`: statistical disclosure control.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -309,6 +314,11 @@ impl Policy {
         let d = &self.disclosure;
         if d.min_patients == 0 {
             error("[disclosure] min_patients must be at least 1".into());
+        }
+        if d.min_patients > MAX_MIN_PATIENTS {
+            error(format!(
+                "[disclosure] min_patients may be at most {MAX_MIN_PATIENTS}"
+            ));
         }
         if d.rounding == Rounding::Base && d.rounding_base < 2 {
             error("[disclosure] rounding_base must be at least 2".into());

@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use trustql_policies::{
-    Finding, Policy, PolicyError, Rounding, approval_path, approve, content_hash, load_approved,
+    Finding, MAX_MIN_PATIENTS, Policy, PolicyError, Rounding, approval_path, approve, content_hash,
+    load_approved,
 };
 use trustql_schemas::TrustSchema;
 
@@ -91,6 +92,13 @@ fn lint_finds_each_kind_of_mistake() {
     let mut p = base.clone();
     p.disclosure.min_patients = 0;
     assert!(has(&p, "min_patients"));
+
+    // Nodes count patients per group only up to MAX_MIN_PATIENTS.
+    let mut p = base.clone();
+    p.disclosure.min_patients = MAX_MIN_PATIENTS + 1;
+    assert!(has(&p, "at most 1000"));
+    p.disclosure.min_patients = MAX_MIN_PATIENTS;
+    assert!(!has(&p, "min_patients"));
 
     let mut p = base.clone();
     p.disclosure.rounding = Rounding::Base;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use trustql_merge::TotalsRules;
-use trustql_policies::Rounding;
+use trustql_policies::{MAX_MIN_PATIENTS, Rounding};
 
 use crate::error::CoordinatorError;
 
@@ -194,6 +194,12 @@ impl CoordinatorConfig {
                 self.nodes.len()
             ));
         }
+        if self.disclosure.min_patients > MAX_MIN_PATIENTS {
+            return err(format!(
+                "disclosure.min_patients may be at most {MAX_MIN_PATIENTS} (nodes count patients \
+                 per group up to that)"
+            ));
+        }
         if self.disclosure.rounding == Rounding::Base && self.disclosure.rounding_base == 0 {
             return err("disclosure.rounding_base must be positive".into());
         }
@@ -210,5 +216,30 @@ impl CoordinatorConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(disclosure: &str) -> CoordinatorConfig {
+        toml::from_str(&format!(
+            "listen = \"127.0.0.1:0\"\n\
+             tls = {{ cert = \"c.pem\", key = \"k.pem\" }}\n\
+             node_client = {{ cert = \"c.pem\", key = \"k.pem\" }}\n\
+             [[node]]\ntrust = \"TQ01\"\nurl = \"https://127.0.0.1:1\"\nca = \"ca.pem\"\n\
+             [disclosure]\n{disclosure}\n"
+        ))
+        .expect("config")
+    }
+
+    #[test]
+    fn a_totals_threshold_above_what_nodes_count_is_refused() {
+        assert!(config("min_patients = 1000").validate().is_ok());
+        let err = config("min_patients = 1001")
+            .validate()
+            .expect_err("too high");
+        assert!(err.to_string().contains("at most 1000"), "{err}");
     }
 }

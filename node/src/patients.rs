@@ -126,6 +126,9 @@ struct PatientGroups {
     /// Per group, its patients (a set per group keeps each entry at 8 bytes).
     seen: Vec<HashSet<i64, RandomState>>,
     counts: Vec<i64>,
+    /// Slots held by all the sets, kept as they grow (`size` is asked once per batch and
+    /// must not walk every group).
+    slots: usize,
     /// Patients a group needs no more of.
     cap: i64,
     emitted: bool,
@@ -136,6 +139,7 @@ impl PatientGroups {
         PatientGroups {
             seen: Vec::new(),
             counts: Vec::new(),
+            slots: 0,
             cap,
             emitted: false,
         }
@@ -160,8 +164,12 @@ impl GroupsAccumulator for PatientGroups {
             let included =
                 ids.is_valid(row) && opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row));
             let set = &mut self.seen[group];
-            if included && (set.len() as i64) < self.cap && set.insert(ids.value(row)) {
-                self.counts[group] += 1;
+            if included && (set.len() as i64) < self.cap {
+                let before = set.capacity();
+                if set.insert(ids.value(row)) {
+                    self.counts[group] += 1;
+                    self.slots += set.capacity() - before;
+                }
             }
         }
         Ok(())
@@ -182,6 +190,7 @@ impl GroupsAccumulator for PatientGroups {
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
         // The ids are not needed once counted: partitions hold disjoint patients.
         self.seen = Vec::new();
+        self.slots = 0;
         Ok(vec![self.evaluate(emit_to)?])
     }
 
@@ -211,10 +220,7 @@ impl GroupsAccumulator for PatientGroups {
     }
 
     fn size(&self) -> usize {
-        self.seen
-            .iter()
-            .map(|set| set.capacity() * (size_of::<i64>() + 1))
-            .sum::<usize>()
+        self.slots * (size_of::<i64>() + 1)
             + self.seen.capacity() * size_of::<HashSet<i64, RandomState>>()
             + self.counts.capacity() * size_of::<i64>()
     }
@@ -448,6 +454,8 @@ mod tests {
             .update_batch(&[ids], &[0, 0, 0, 0, 0, 1], None, 2)
             .expect("update");
         assert_eq!(groups.seen[0].len(), 3, "no patient kept beyond the cap");
+        let slots: usize = groups.seen.iter().map(|set| set.capacity()).sum();
+        assert_eq!(groups.slots, slots, "memory is accounted as the sets grow");
         let counts = groups.state(EmitTo::All).expect("state");
         assert_eq!(
             counts[0].as_primitive::<Int64Type>().values().to_vec(),

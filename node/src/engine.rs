@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use trustql_budget::Ledger;
 use trustql_policies::{
-    ApprovedPolicy, ColumnRole, MAX_MIN_PATIENTS, Refusal, Rule, aggregate_of, authorise,
+    ApprovedPolicy, ColumnRole, PATIENT_COUNT_CAP, Refusal, Rule, aggregate_of, authorise,
     locked_session, protect, vet_sql,
 };
 use trustql_schemas::{TrustSchema, check_site, table_path};
@@ -240,11 +240,11 @@ impl SiteEngine {
 
         let executing = tokio::time::Instant::now();
         let (batch, columns, roles) = self
-            // Thresholds need no more patients than the largest any rule may set.
+            // Thresholds need no more patients than twice the largest any rule may set.
             .run_partial(
                 aggregate,
                 &patient_key,
-                Some(MAX_MIN_PATIENTS),
+                Some(PATIENT_COUNT_CAP),
                 deadline,
                 true,
             )

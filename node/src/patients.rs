@@ -7,9 +7,10 @@
 //! final for its patients, and partitions merge by summing counts.
 //!
 //! Outside differential privacy the count only decides thresholds (the node's minimum, the
-//! coordinator's on the summed totals), and no threshold may exceed
-//! [`MAX_MIN_PATIENTS`]: so a group stops collecting patients once it has that many, and large
-//! groups, which hold most rows, cost one comparison per row instead of a hash insert.
+//! coordinator's on the summed totals), and no threshold may exceed `MAX_MIN_PATIENTS`: so a
+//! group stops collecting patients at [`PATIENT_COUNT_CAP`] (twice that, so rounding cannot
+//! carry a capped count below a threshold), and large groups, which hold most rows, cost one
+//! comparison per row instead of a hash insert.
 //! Differentially private answers release the count with noise, so they count exactly.
 //!
 //! A count is only exact if each partition counts every one of its rows into one set. An
@@ -35,7 +36,7 @@ use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceC
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::{ExecutionPlan, Partitioning};
 #[cfg(doc)]
-use trustql_policies::MAX_MIN_PATIENTS;
+use trustql_policies::PATIENT_COUNT_CAP;
 
 /// The aggregate's name, as the physical plan shows it.
 pub(crate) const PATIENT_COUNT: &str = "trustql_patient_count";

@@ -33,8 +33,8 @@ pub use disclosure::{ColumnRole, DisclosureReport, Protected, protect, round};
 pub use error::PolicyError;
 pub use noise::{NoiseReport, Noisy, Released, Selection, add_noise};
 pub use policy::{
-    ClassRules, Classes, Disclosure, Dominance, DpRules, Finding, Header, MAX_MIN_PATIENTS, Policy,
-    Project, ProjectDp, QueryRules, Rounding, SHIPPABLE_AGGREGATES,
+    ClassRules, Classes, Disclosure, Dominance, DpRules, Finding, Header, MAX_MIN_PATIENTS,
+    PATIENT_COUNT_CAP, Policy, Project, ProjectDp, QueryRules, Rounding, SHIPPABLE_AGGREGATES,
 };
 pub use refusal::{Refusal, Rule};
 pub use session::{ALLOWED_SCALAR_FUNCTIONS, locked_session, plan_sql, sql_options};

@@ -127,10 +127,14 @@ pub enum Rounding {
     Midpoint6,
 }
 
-/// The largest minimum number of patients any rule may ask for. Nodes count distinct
-/// patients per group only up to this (every threshold decision needs no more), which spares
-/// them hashing every patient of large groups.
+/// The largest minimum number of patients any rule may ask for, and the largest rounding
+/// base. Nodes count distinct patients per group only up to [`PATIENT_COUNT_CAP`].
 pub const MAX_MIN_PATIENTS: u64 = 1000;
+
+/// How many distinct patients a node counts in a group before it stops: twice the highest
+/// threshold, so a capped count, rounded at the node (by at most half a base, and no base
+/// exceeds [`MAX_MIN_PATIENTS`]), still passes every threshold the true count passes.
+pub const PATIENT_COUNT_CAP: u64 = 2 * MAX_MIN_PATIENTS;
 
 /// `[disclosure]`: statistical disclosure control.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -322,6 +326,11 @@ impl Policy {
         }
         if d.rounding == Rounding::Base && d.rounding_base < 2 {
             error("[disclosure] rounding_base must be at least 2".into());
+        }
+        if d.rounding == Rounding::Base && d.rounding_base > MAX_MIN_PATIENTS {
+            error(format!(
+                "[disclosure] rounding_base may be at most {MAX_MIN_PATIENTS}"
+            ));
         }
         if let Some(dom) = d.dominance
             && (dom.n == 0 || !(dom.k > 0.0 && dom.k <= 100.0))

@@ -6,7 +6,10 @@ use arrow::array::{
     ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch, StringArray, UInt8Array,
 };
 use arrow::datatypes::{DataType, Field, Int64Type, Schema};
-use trustql_policies::{ColumnRole, Disclosure, Dominance, Rounding, Rule, protect};
+use trustql_policies::{
+    ColumnRole, Disclosure, Dominance, MAX_MIN_PATIENTS, PATIENT_COUNT_CAP, Rounding, Rule,
+    protect, round,
+};
 
 fn batch(columns: Vec<(&str, ArrayRef)>) -> RecordBatch {
     let fields: Vec<Field> = columns
@@ -272,4 +275,25 @@ fn more_than_64_keys_is_a_refusal() {
     let err = protect(&b, &roles, &no_rounding(), 100).expect_err("64 keys");
     assert_eq!(err.rule, Rule::Unsupported);
     assert!(err.to_string().contains("64 keys"), "{err}");
+}
+
+#[test]
+fn a_capped_patient_count_still_passes_every_threshold_after_rounding() {
+    // Nodes stop counting a group's patients at the cap and round what they send on; the
+    // coordinator compares the sum with its own minimum, at most MAX_MIN_PATIENTS.
+    let cap = PATIENT_COUNT_CAP as i64;
+    let highest = MAX_MIN_PATIENTS as i64;
+    for base in 2..=MAX_MIN_PATIENTS {
+        let rules = Disclosure {
+            rounding: Rounding::Base,
+            rounding_base: base,
+            ..Disclosure::default()
+        };
+        assert!(round(cap, &rules) >= highest, "base {base}");
+    }
+    let midpoint6 = Disclosure {
+        rounding: Rounding::Midpoint6,
+        ..Disclosure::default()
+    };
+    assert!(round(cap, &midpoint6) >= highest);
 }

@@ -93,12 +93,17 @@ fn lint_finds_each_kind_of_mistake() {
     p.disclosure.min_patients = 0;
     assert!(has(&p, "min_patients"));
 
-    // Nodes count patients per group only up to MAX_MIN_PATIENTS.
+    // Nodes count patients per group only up to twice MAX_MIN_PATIENTS.
     let mut p = base.clone();
     p.disclosure.min_patients = MAX_MIN_PATIENTS + 1;
     assert!(has(&p, "at most 1000"));
     p.disclosure.min_patients = MAX_MIN_PATIENTS;
     assert!(!has(&p, "min_patients"));
+
+    let mut p = base.clone();
+    p.disclosure.rounding = Rounding::Base;
+    p.disclosure.rounding_base = MAX_MIN_PATIENTS + 1;
+    assert!(has(&p, "rounding_base may be at most 1000"));
 
     let mut p = base.clone();
     p.disclosure.rounding = Rounding::Base;

@@ -42,7 +42,7 @@ use trustql_wire::{
 
 use crate::config::Limits;
 use crate::error::NodeError;
-use crate::patients::{PATIENT_COUNT, by_patient, patient_count};
+use crate::patients::{PATIENT_COUNT, by_patient, counted_directly, patient_count};
 
 /// A protected answer, ready to stream, and what the audit log needs to know about it.
 #[derive(Debug, Clone)]
@@ -472,7 +472,11 @@ impl SiteEngine {
         deadline: tokio::time::Instant,
         execute: bool,
     ) -> Result<(RecordBatch, Vec<AnswerColumn>, Vec<ColumnRole>), NodeError> {
-        let mut aggr_expr = aggregate.aggr_expr.clone();
+        let mut aggr_expr: Vec<Expr> = aggregate
+            .aggr_expr
+            .iter()
+            .map(|e| counted_directly(e.clone(), patient_key))
+            .collect();
         aggr_expr.push(
             patient_count(cap)
                 .call(vec![Expr::Column(patient_key.clone())])
@@ -536,6 +540,13 @@ impl SiteEngine {
                     PATIENTS_COLUMN.to_string(),
                     None,
                 ),
+                Slot::DistinctPatients(aggregate) => (
+                    ColumnKind::DistinctCount,
+                    ColumnRole::Count,
+                    array.clone(),
+                    name,
+                    Some(aggregate),
+                ),
                 Slot::Distinct(aggregate) => (
                     ColumnKind::DistinctCount,
                     ColumnRole::Count,
@@ -572,6 +583,8 @@ enum Slot {
     Key,
     GroupingId,
     Patients,
+    /// The researcher's COUNT(DISTINCT <patient key>), counted as patients.
+    DistinctPatients(usize),
     Distinct(usize),
     State(ColumnRole, usize),
 }
@@ -598,7 +611,12 @@ fn layout(plan: &AggregateExec) -> Result<Vec<Slot>, NodeError> {
         let name = expr.fun().name().to_lowercase();
         let states = expr.state_fields().map_err(|_| NodeError::Execution)?;
         if name == PATIENT_COUNT {
-            slots.push(Slot::Patients);
+            // Ours is the last aggregate; any other is the researcher's, counted directly.
+            slots.push(if i + 1 == plan.aggr_expr().len() {
+                Slot::Patients
+            } else {
+                Slot::DistinctPatients(i)
+            });
             continue;
         }
         if expr.is_distinct() {

@@ -25,11 +25,13 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array};
 use arrow::datatypes::{DataType, Field, FieldRef, Int64Type};
 use datafusion::common::hash_utils::RandomState;
-use datafusion::common::{DataFusionError, Result, ScalarValue};
+use datafusion::common::{Column, DataFusionError, Result, ScalarValue};
+use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::utils::format_state_name;
 use datafusion::logical_expr::{
-    Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, GroupsAccumulator, Signature, Volatility,
+    Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, Expr, GroupsAccumulator, Signature,
+    Volatility,
 };
 use datafusion::physical_plan::aggregates::AggregateExec;
 use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
@@ -281,6 +283,32 @@ impl Accumulator for PatientSet {
     }
 }
 
+/// `COUNT(DISTINCT <patient key>)` as the exact patient count under the same name: the same
+/// value over input partitioned by patient, without DataFusion's list of ids. Any other
+/// expression is returned as it is.
+pub(crate) fn counted_directly(expr: Expr, patient_key: &Column) -> Expr {
+    let name = expr.schema_name().to_string();
+    let Expr::AggregateFunction(f) = expr.clone().unalias_nested().data else {
+        return expr;
+    };
+    let direct = f.func.name() == "count"
+        && f.params.distinct
+        && f.params.order_by.is_empty()
+        && f.params.args == [Expr::Column(patient_key.clone())];
+    if !direct {
+        return expr;
+    }
+    Expr::AggregateFunction(AggregateFunction::new_udf(
+        Arc::new(patient_count(None)),
+        f.params.args,
+        false,
+        f.params.filter,
+        vec![],
+        None,
+    ))
+    .alias(name)
+}
+
 /// The partial aggregate `partial` over its input hash-partitioned by the patient key (the
 /// argument of its last aggregate, the patient count) into `partitions` partitions.
 pub(crate) fn by_patient(
@@ -471,6 +499,69 @@ mod tests {
             merged.as_primitive::<Int64Type>().values().to_vec(),
             vec![3]
         );
+    }
+
+    #[test]
+    fn only_count_distinct_of_the_patient_key_is_counted_directly() {
+        use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
+        let key = Column::from_name("p");
+        let direct = counted_directly(count_distinct(col("p")), &key);
+        let Expr::Alias(alias) = &direct else {
+            panic!("not renamed: {direct}");
+        };
+        assert_eq!(
+            alias.name,
+            count_distinct(col("p")).schema_name().to_string()
+        );
+        assert!(matches!(
+            alias.expr.as_ref(),
+            Expr::AggregateFunction(f) if f.func.name() == PATIENT_COUNT && !f.params.distinct
+        ));
+        for other in [count_distinct(col("g")), count(col("p"))] {
+            assert_eq!(counted_directly(other.clone(), &key), other);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_counted_count_distinct_matches_datafusion() {
+        let ctx = session().await;
+        let key = Column::from_name("p");
+        let input = ctx.table("t").await.expect("t").into_unoptimized_plan();
+        let aggregate = Aggregate::try_new(
+            Arc::new(input),
+            vec![col("g")],
+            vec![
+                counted_directly(
+                    datafusion::functions_aggregate::expr_fn::count_distinct(col("p")),
+                    &key,
+                ),
+                patient_count(Some(1)).call(vec![Expr::Column(key.clone())]),
+            ],
+        )
+        .map(LogicalPlan::Aggregate)
+        .expect("aggregate");
+        let physical = ctx
+            .state()
+            .create_physical_plan(&aggregate)
+            .await
+            .expect("plan");
+        let reduce = partial_reduce(&physical, 2).expect("reduce");
+        let batches = datafusion::physical_plan::collect(reduce, ctx.task_ctx())
+            .await
+            .expect("run");
+        let mut rows: Vec<(String, i64, i64)> = Vec::new();
+        for batch in batches {
+            for row in 0..batch.num_rows() {
+                rows.push((
+                    batch.column(0).as_string::<i32>().value(row).to_string(),
+                    batch.column(1).as_primitive::<Int64Type>().value(row),
+                    batch.column(2).as_primitive::<Int64Type>().value(row),
+                ));
+            }
+        }
+        rows.sort();
+        // Exact for the researcher's count; the node's own count stops at its cap.
+        assert_eq!(rows, vec![("a".into(), 3, 1), ("b".into(), 2, 1)]);
     }
 
     #[test]

@@ -378,25 +378,31 @@ mod tests {
         ctx
     }
 
-    /// Per group (or the one total, without groups), the reduced patient count.
-    async fn counts(ctx: &SessionContext, group: Vec<Expr>) -> Vec<(String, i64)> {
+    /// `aggregates` of table t by `group`, run as the node runs them: partial, reduced.
+    async fn reduced(
+        ctx: &SessionContext,
+        group: Vec<Expr>,
+        aggregates: Vec<Expr>,
+    ) -> Vec<RecordBatch> {
         let input = ctx.table("t").await.expect("t").into_unoptimized_plan();
-        let aggregate = Aggregate::try_new(
-            Arc::new(input),
-            group.clone(),
-            vec![patient_count(None).call(vec![Expr::Column(Column::from_name("p"))])],
-        )
-        .map(LogicalPlan::Aggregate)
-        .expect("aggregate");
+        let aggregate = Aggregate::try_new(Arc::new(input), group, aggregates)
+            .map(LogicalPlan::Aggregate)
+            .expect("aggregate");
         let physical = ctx
             .state()
             .create_physical_plan(&aggregate)
             .await
             .expect("plan");
         let reduce = partial_reduce(&physical, 2).expect("reduce");
-        let batches = datafusion::physical_plan::collect(reduce, ctx.task_ctx())
+        datafusion::physical_plan::collect(reduce, ctx.task_ctx())
             .await
-            .expect("run");
+            .expect("run")
+    }
+
+    /// Per group (or the one total, without groups), the reduced patient count.
+    async fn counts(ctx: &SessionContext, group: Vec<Expr>) -> Vec<(String, i64)> {
+        let patients = patient_count(None).call(vec![Expr::Column(Column::from_name("p"))]);
+        let batches = reduced(ctx, group.clone(), vec![patients]).await;
         let mut out = Vec::new();
         for batch in batches {
             let n = batch.num_columns();
@@ -526,9 +532,8 @@ mod tests {
     async fn a_counted_count_distinct_matches_datafusion() {
         let ctx = session().await;
         let key = Column::from_name("p");
-        let input = ctx.table("t").await.expect("t").into_unoptimized_plan();
-        let aggregate = Aggregate::try_new(
-            Arc::new(input),
+        let batches = reduced(
+            &ctx,
             vec![col("g")],
             vec![
                 counted_directly(
@@ -538,17 +543,7 @@ mod tests {
                 patient_count(Some(1)).call(vec![Expr::Column(key.clone())]),
             ],
         )
-        .map(LogicalPlan::Aggregate)
-        .expect("aggregate");
-        let physical = ctx
-            .state()
-            .create_physical_plan(&aggregate)
-            .await
-            .expect("plan");
-        let reduce = partial_reduce(&physical, 2).expect("reduce");
-        let batches = datafusion::physical_plan::collect(reduce, ctx.task_ctx())
-            .await
-            .expect("run");
+        .await;
         let mut rows: Vec<(String, i64, i64)> = Vec::new();
         for batch in batches {
             for row in 0..batch.num_rows() {

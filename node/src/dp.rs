@@ -25,7 +25,7 @@ use trustql_wire::{
     ANSWER_META_KEY, AnswerColumn, AnswerMeta, ColumnKind, ColumnNoise, DpMeta, SiteRequest,
 };
 
-use crate::engine::{SiteAnswer, SiteEngine, Timings, fingerprint, hex};
+use crate::engine::{SiteAnswer, SiteEngine, Timings, fingerprint, hex, state_suffix};
 use crate::error::NodeError;
 
 /// Room for floating-point sums of ε when comparing with the budget.
@@ -274,13 +274,6 @@ impl SiteEngine {
             .map_err(|_| NodeError::Budget("the ledger write did not finish".into()))??;
         Ok(answer)
     }
-}
-
-/// `count` of a state column named `avg(x)[count]`.
-fn state_suffix(name: &str) -> &str {
-    name.rsplit_once('[')
-        .map(|(_, s)| s.trim_end_matches(']'))
-        .unwrap_or_default()
 }
 
 /// The (count, mean, m2) columns of each VAR/STDDEV aggregate, with its clamping range.

@@ -355,15 +355,9 @@ impl SiteEngine {
         }
         let mut group_expr = aggregate.group_expr.clone();
         group_expr.push(Expr::Column(patient_key.clone()));
-        let per_patient = Aggregate::try_new(aggregate.input.clone(), group_expr, contributions)
-            .map(LogicalPlan::Aggregate)
-            .map_err(|_| NodeError::Execution)?;
         let physical = self
-            .ctx
-            .state()
-            .create_physical_plan(&per_patient)
-            .await
-            .map_err(|_| NodeError::Execution)?;
+            .plan_aggregate(aggregate.input.clone(), group_expr, contributions)
+            .await?;
         let rows = self.collect(physical, deadline).await?;
 
         // Match groups by their keys, encoded alike on both sides.
@@ -461,6 +455,23 @@ impl SiteEngine {
         concat_batches(&schema, &batches).map_err(|_| NodeError::Execution)
     }
 
+    /// The physical plan, in this node's session, of `aggr_expr` over `input` by `group_expr`.
+    async fn plan_aggregate(
+        &self,
+        input: Arc<LogicalPlan>,
+        group_expr: Vec<Expr>,
+        aggr_expr: Vec<Expr>,
+    ) -> Result<Arc<dyn ExecutionPlan>, NodeError> {
+        let aggregate = Aggregate::try_new(input, group_expr, aggr_expr)
+            .map(LogicalPlan::Aggregate)
+            .map_err(|_| NodeError::Execution)?;
+        self.ctx
+            .state()
+            .create_physical_plan(&aggregate)
+            .await
+            .map_err(|_| NodeError::Execution)
+    }
+
     /// Runs `aggregate` with the distinct-patient count (up to `cap` patients) added, as the
     /// partial half of DataFusion's aggregation reduced to one row per group (without
     /// `execute`, no rows).
@@ -482,19 +493,13 @@ impl SiteEngine {
                 .call(vec![Expr::Column(patient_key.clone())])
                 .alias(PATIENTS_COLUMN),
         );
-        let partial_plan = Aggregate::try_new(
-            aggregate.input.clone(),
-            aggregate.group_expr.clone(),
-            aggr_expr,
-        )
-        .map(LogicalPlan::Aggregate)
-        .map_err(|_| NodeError::Execution)?;
         let physical = self
-            .ctx
-            .state()
-            .create_physical_plan(&partial_plan)
-            .await
-            .map_err(|_| NodeError::Execution)?;
+            .plan_aggregate(
+                aggregate.input.clone(),
+                aggregate.group_expr.clone(),
+                aggr_expr,
+            )
+            .await?;
         let partitions = self.ctx.state().config().target_partitions();
         let reduce = partial_reduce(&physical, partitions)?;
         self.run(reduce, deadline, execute).await
@@ -627,11 +632,7 @@ fn layout(plan: &AggregateExec) -> Result<Vec<Slot>, NodeError> {
             continue;
         }
         for state in states {
-            let suffix = state
-                .name()
-                .rsplit_once('[')
-                .map(|(_, s)| s.trim_end_matches(']'))
-                .unwrap_or_default();
+            let suffix = state_suffix(state.name());
             // Only COUNT's own count is a released frequency and is rounded; the count inside
             // AVG/VAR states is their denominator, and rounding it would bias every mean.
             let role = match (name.as_str(), suffix) {
@@ -646,6 +647,13 @@ fn layout(plan: &AggregateExec) -> Result<Vec<Slot>, NodeError> {
         return Err(NodeError::Execution);
     }
     Ok(slots)
+}
+
+/// `count` of a state column named `avg(x)[count]`.
+pub(crate) fn state_suffix(name: &str) -> &str {
+    name.rsplit_once('[')
+        .map(|(_, s)| s.trim_end_matches(']'))
+        .unwrap_or_default()
 }
 
 /// Lengths of the distinct-value lists: the values themselves never leave.

@@ -39,7 +39,6 @@ pub enum ColumnRole {
     Other,
 }
 
-/// Rows that differ only at one key: (grouping mask, that key, the other grouped keys).
 /// Rows that differ only at one key: (grouped keys, that key, the other grouped keys' ids).
 type Bucket = (u64, usize, Vec<u32>);
 

@@ -52,7 +52,7 @@ impl NoiseSum {
                 let ci95 = if trusts == 1 {
                     scale * 20f64.ln()
                 } else {
-                    1.96 * sd
+                    Z95 * sd
                 };
                 Some(OutputNoise {
                     column: o.column.clone(),

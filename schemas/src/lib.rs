@@ -9,13 +9,15 @@ mod check;
 mod error;
 mod layout;
 mod model;
+mod patient_order;
 
 pub use check::{Problem, SiteReport, TableReport, check_site};
 pub use error::SchemaError;
-pub use layout::{MAX_TRUSTS, SiteWriter, table_path, trust_codes, trust_weights};
+pub use layout::{MAX_TRUSTS, ROW_GROUP_ROWS, SiteWriter, table_path, trust_codes, trust_weights};
 pub use model::{
     CodeSet, Column, ColumnType, DisclosureClass, Hop, SchemaInfo, Table, TrustSchema,
 };
+pub use patient_order::patients_in_order;
 
 /// The text of the schema file shipped with this build.
 pub const CANCER_SCHEMA_TOML: &str = include_str!("../cancer_schema.toml");

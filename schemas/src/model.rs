@@ -279,6 +279,17 @@ impl TrustSchema {
         Ok(self.table(table)?.arrow_schema())
     }
 
+    /// The column of `table` that holds the patient key itself: the patient table's key, or a
+    /// foreign key straight to it (`None` for tables that reach the patient through another).
+    pub fn patient_column(&self, table: &str) -> Result<Option<String>, SchemaError> {
+        let hops = self.patient_path(table)?;
+        Ok(match hops.as_slice() {
+            [] => self.table(table)?.primary_key.clone(),
+            [hop] => Some(hop.column.clone()),
+            _ => None,
+        })
+    }
+
     /// The foreign-key steps from `table` to the patient table (empty for the patient table).
     pub fn patient_path(&self, table: &str) -> Result<Vec<Hop>, SchemaError> {
         let mut hops = Vec::new();

@@ -10,7 +10,7 @@ use arrow::compute::concat_batches;
 use arrow::datatypes::{Date32Type, Int64Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use trustql_schemas::trust_codes;
-use trustql_schemas::{TrustSchema, check_site};
+use trustql_schemas::{TrustSchema, check_site, patients_in_order};
 use trustql_synth::{Reference, SynthConfig, SynthError, generate};
 
 const PATIENTS: u64 = 40_000;
@@ -480,6 +480,26 @@ fn treatment_happens_in_life() {
             .zip(dates(&episodes, "apptdate"))
         {
             assert!(day.expect("appointment") <= last[&id.expect("id")]);
+        }
+    }
+}
+
+#[test]
+fn every_patient_keyed_table_is_written_in_patient_order() {
+    let schema = schema();
+    for code in trust_codes(3) {
+        for table in schema.tables() {
+            let Some(column) = schema.patient_column(&table.name).expect("known table") else {
+                continue;
+            };
+            let path = federation()
+                .join(&code)
+                .join(format!("{}.parquet", table.name));
+            assert!(
+                patients_in_order(&path, &column).expect("readable"),
+                "{code}/{} is not in patient order",
+                table.name
+            );
         }
     }
 }

@@ -42,7 +42,8 @@ use trustql_wire::{
 
 use crate::config::Limits;
 use crate::error::NodeError;
-use crate::patients::{PATIENT_COUNT, by_patient, counted_directly, patient_count};
+use crate::patient_order::OrderedFiles;
+use crate::patients::{PATIENT_COUNT, by_patient, counted_directly, in_runs, patient_count};
 
 /// A protected answer, ready to stream, and what the audit log needs to know about it.
 #[derive(Debug, Clone)]
@@ -82,6 +83,8 @@ pub struct SiteEngine {
     pub(crate) dp_turn: tokio::sync::Mutex<()>,
     /// SHA-256 of the data files' names, sizes and modification times.
     pub(crate) data_version: String,
+    /// The files whose patients are in order, as checked when the node opened.
+    ordered: OrderedFiles,
 }
 
 impl SiteEngine {
@@ -118,7 +121,12 @@ impl SiteEngine {
             )
             .build_arc()
             .map_err(|e| NodeError::Config(format!("cannot set up the query runtime: {e}")))?;
-        let mut config = SessionConfig::new().with_target_partitions(2);
+        let mut config = SessionConfig::new()
+            .with_target_partitions(2)
+            // Any file with several row groups is read by both partitions (DataFusion's default
+            // leaves files under 10 MiB to one partition and spreads their rows round-robin,
+            // which would also break patient runs).
+            .with_repartition_file_min_size(0);
         // Never let a partial aggregate fall back to one state row per input row.
         config
             .options_mut()
@@ -149,6 +157,7 @@ impl SiteEngine {
         }
         Ok(SiteEngine {
             data_version: hex(&data_version.finalize()),
+            ordered: OrderedFiles::check(&schema, data_dir),
             trust: trust.to_string(),
             schema,
             policy,
@@ -501,7 +510,7 @@ impl SiteEngine {
             )
             .await?;
         let partitions = self.ctx.state().config().target_partitions();
-        let reduce = partial_reduce(&physical, partitions)?;
+        let reduce = partial_reduce(&physical, partitions, &self.ordered)?;
         self.run(reduce, deadline, execute).await
     }
 
@@ -673,11 +682,13 @@ fn distinct_counts(array: &ArrayRef) -> Result<ArrayRef, NodeError> {
     Ok(Arc::new(values))
 }
 
-/// Finds the one Partial aggregate, moves it over input partitioned by patient (into
-/// `partitions` partitions) and reduces its output to one row per group.
+/// Finds the one Partial aggregate, counts its patients over runs where its input brings them
+/// (files in `ordered`) or else moves it over input partitioned by patient (into `partitions`
+/// partitions), and reduces its output to one row per group.
 pub(crate) fn partial_reduce(
     plan: &Arc<dyn ExecutionPlan>,
     partitions: usize,
+    ordered: &OrderedFiles,
 ) -> Result<Arc<AggregateExec>, NodeError> {
     let mut partials = Vec::new();
     let mut aggregates = 0;
@@ -702,7 +713,10 @@ pub(crate) fn partial_reduce(
     let Some(agg) = partial.downcast_ref::<AggregateExec>() else {
         return Err(NodeError::Execution);
     };
-    let partial = by_patient(agg, partitions).map_err(|_| NodeError::Execution)?;
+    let partial = match in_runs(agg, ordered).map_err(|_| NodeError::Execution)? {
+        Some(partial) => partial,
+        None => by_patient(agg, partitions).map_err(|_| NodeError::Execution)?,
+    };
     let reduce = AggregateExec::try_new(
         AggregateMode::PartialReduce,
         Arc::new(agg.group_expr().as_final()),

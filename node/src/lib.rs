@@ -8,6 +8,7 @@ mod config;
 mod dp;
 mod engine;
 mod error;
+mod patient_order;
 mod patients;
 mod server;
 mod service;

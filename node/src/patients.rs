@@ -13,6 +13,11 @@
 //! comparison per row instead of a hash insert.
 //! Differentially private answers release the count with noise, so they count exactly.
 //!
+//! Where the input arrives in patient runs (a scan of files kept in patient order, see
+//! [`crate::patient_order`]), the partitions already hold disjoint patients and a group's
+//! patients are counted by comparing each row's patient with the group's last one: no
+//! repartition and no sets ([`in_runs`]).
+//!
 //! A count is only exact if each partition counts every one of its rows into one set. An
 //! aggregate that emits its groups early under memory pressure would start a fresh set and
 //! count a patient twice, so a count that is asked to continue after it has been emitted fails
@@ -33,12 +38,16 @@ use datafusion::logical_expr::{
     Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, Expr, GroupsAccumulator, Signature,
     Volatility,
 };
-use datafusion::physical_plan::aggregates::AggregateExec;
+use datafusion::physical_expr::aggregate::AggregateExprBuilder;
+use datafusion::physical_expr::expressions::Column as PhysicalColumn;
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::{ExecutionPlan, Partitioning};
 #[cfg(doc)]
 use trustql_policies::PATIENT_COUNT_CAP;
+
+use crate::patient_order::OrderedFiles;
 
 /// The aggregate's name, as the physical plan shows it.
 pub(crate) const PATIENT_COUNT: &str = "trustql_patient_count";
@@ -49,13 +58,16 @@ pub(crate) fn patient_count(cap: Option<u64>) -> AggregateUDF {
     AggregateUDF::from(PatientCount {
         signature: Signature::exact(vec![DataType::Int64], Volatility::Immutable),
         cap: cap.and_then(|c| i64::try_from(c).ok()).unwrap_or(i64::MAX),
+        runs: false,
     })
 }
 
-#[derive(Debug, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PatientCount {
     signature: Signature,
     cap: i64,
+    /// The input arrives in patient runs: compare with the last patient, keep no sets.
+    runs: bool,
 }
 
 impl AggregateUDFImpl for PatientCount {
@@ -84,7 +96,7 @@ impl AggregateUDFImpl for PatientCount {
     }
 
     fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
-        Ok(Box::new(PatientSet::new(self.cap)))
+        Ok(Box::new(PatientSet::new(self.cap, self.runs)))
     }
 
     fn groups_accumulator_supported(&self, _args: AccumulatorArgs) -> bool {
@@ -95,7 +107,7 @@ impl AggregateUDFImpl for PatientCount {
         &self,
         _args: AccumulatorArgs,
     ) -> Result<Box<dyn GroupsAccumulator>> {
-        Ok(Box::new(PatientGroups::new(self.cap)))
+        Ok(Box::new(PatientGroups::new(self.cap, self.runs)))
     }
 
     fn default_value(&self, _data_type: &DataType) -> Result<ScalarValue> {
@@ -123,26 +135,36 @@ fn patients(values: &[ArrayRef]) -> Result<&Int64Array> {
         .ok_or_else(|| DataFusionError::Internal("the patient key is not Int64".into()))
 }
 
+/// How each group remembers the patients it has counted.
+#[derive(Debug)]
+enum Seen {
+    /// Its set of patients (a set per group keeps each entry at 8 bytes), with the slots all
+    /// the sets hold, kept as they grow (`size` is asked once per batch and must not walk every
+    /// group).
+    Sets(Vec<HashSet<i64, RandomState>>, usize),
+    /// Its last patient: enough when each patient's rows come as one run.
+    Last(Vec<Option<i64>>),
+}
+
 /// Per group, the patients seen and their number.
 #[derive(Debug)]
 struct PatientGroups {
-    /// Per group, its patients (a set per group keeps each entry at 8 bytes).
-    seen: Vec<HashSet<i64, RandomState>>,
+    seen: Seen,
     counts: Vec<i64>,
-    /// Slots held by all the sets, kept as they grow (`size` is asked once per batch and
-    /// must not walk every group).
-    slots: usize,
     /// Patients a group needs no more of.
     cap: i64,
     emitted: bool,
 }
 
 impl PatientGroups {
-    fn new(cap: i64) -> Self {
+    fn new(cap: i64, runs: bool) -> Self {
         PatientGroups {
-            seen: Vec::new(),
+            seen: if runs {
+                Seen::Last(Vec::new())
+            } else {
+                Seen::Sets(Vec::new(), 0)
+            },
             counts: Vec::new(),
-            slots: 0,
             cap,
             emitted: false,
         }
@@ -161,17 +183,32 @@ impl GroupsAccumulator for PatientGroups {
             return Err(emitted_early());
         }
         self.counts.resize(total_num_groups, 0);
-        self.seen.resize_with(total_num_groups, HashSet::default);
         let ids = patients(values)?;
-        for (row, &group) in group_indices.iter().enumerate() {
-            let included =
-                ids.is_valid(row) && opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row));
-            let set = &mut self.seen[group];
-            if included && (set.len() as i64) < self.cap {
-                let before = set.capacity();
-                if set.insert(ids.value(row)) {
-                    self.counts[group] += 1;
-                    self.slots += set.capacity() - before;
+        let rows = group_indices.iter().enumerate().filter(|&(row, _)| {
+            ids.is_valid(row) && opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row))
+        });
+        match &mut self.seen {
+            Seen::Sets(sets, slots) => {
+                sets.resize_with(total_num_groups, HashSet::default);
+                for (row, &group) in rows {
+                    let set = &mut sets[group];
+                    if (set.len() as i64) < self.cap {
+                        let before = set.capacity();
+                        if set.insert(ids.value(row)) {
+                            self.counts[group] += 1;
+                            *slots += set.capacity() - before;
+                        }
+                    }
+                }
+            }
+            Seen::Last(last) => {
+                last.resize(total_num_groups, None);
+                for (row, &group) in rows {
+                    let id = Some(ids.value(row));
+                    if last[group] != id && self.counts[group] < self.cap {
+                        last[group] = id;
+                        self.counts[group] += 1;
+                    }
                 }
             }
         }
@@ -192,8 +229,10 @@ impl GroupsAccumulator for PatientGroups {
 
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
         // The ids are not needed once counted: partitions hold disjoint patients.
-        self.seen = Vec::new();
-        self.slots = 0;
+        self.seen = match self.seen {
+            Seen::Sets(..) => Seen::Sets(Vec::new(), 0),
+            Seen::Last(_) => Seen::Last(Vec::new()),
+        };
         Ok(vec![self.evaluate(emit_to)?])
     }
 
@@ -223,9 +262,14 @@ impl GroupsAccumulator for PatientGroups {
     }
 
     fn size(&self) -> usize {
-        self.slots * (size_of::<i64>() + 1)
-            + self.seen.capacity() * size_of::<HashSet<i64, RandomState>>()
-            + self.counts.capacity() * size_of::<i64>()
+        let seen = match &self.seen {
+            Seen::Sets(sets, slots) => {
+                slots * (size_of::<i64>() + 1)
+                    + sets.capacity() * size_of::<HashSet<i64, RandomState>>()
+            }
+            Seen::Last(last) => last.capacity() * size_of::<Option<i64>>(),
+        };
+        seen + self.counts.capacity() * size_of::<i64>()
     }
 }
 
@@ -233,19 +277,26 @@ impl GroupsAccumulator for PatientGroups {
 #[derive(Debug)]
 struct PatientSet {
     seen: HashSet<i64, RandomState>,
+    /// With input in patient runs: the last patient, and the patients counted.
+    runs: Option<(Option<i64>, i64)>,
     merged: i64,
     cap: i64,
     emitted: bool,
 }
 
 impl PatientSet {
-    fn new(cap: i64) -> Self {
+    fn new(cap: i64, runs: bool) -> Self {
         PatientSet {
             seen: HashSet::default(),
+            runs: runs.then_some((None, 0)),
             merged: 0,
             cap,
             emitted: false,
         }
+    }
+
+    fn counted(&self) -> i64 {
+        self.runs.map_or(self.seen.len() as i64, |(_, n)| n)
     }
 }
 
@@ -255,17 +306,27 @@ impl Accumulator for PatientSet {
             return Err(emitted_early());
         }
         for id in patients(values)?.iter().flatten() {
-            if self.seen.len() as i64 >= self.cap {
+            if self.counted() >= self.cap {
                 break;
             }
-            self.seen.insert(id);
+            match &mut self.runs {
+                Some((last, n)) => {
+                    if *last != Some(id) {
+                        *last = Some(id);
+                        *n += 1;
+                    }
+                }
+                None => {
+                    self.seen.insert(id);
+                }
+            }
         }
         Ok(())
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
         self.emitted = true;
-        let n = self.seen.len() as i64 + self.merged;
+        let n = self.counted() + self.merged;
         Ok(ScalarValue::Int64(Some(n.min(self.cap))))
     }
 
@@ -332,6 +393,48 @@ pub(crate) fn by_patient(
     )
 }
 
+/// The partial aggregate `partial` with each patient count taken over patient runs, if its
+/// input brings every patient count's column in runs ([`OrderedFiles::in_runs`]); `None` if
+/// not, and then the counts need [`by_patient`].
+pub(crate) fn in_runs(
+    partial: &AggregateExec,
+    ordered: &OrderedFiles,
+) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    let mut aggr_expr = Vec::with_capacity(partial.aggr_expr().len());
+    for aggregate in partial.aggr_expr() {
+        let Some(count) = aggregate.fun().inner().downcast_ref::<PatientCount>() else {
+            aggr_expr.push(aggregate.clone());
+            continue;
+        };
+        let args = aggregate.expressions();
+        let column = match args.as_slice() {
+            [arg] => arg.downcast_ref::<PhysicalColumn>(),
+            _ => None,
+        };
+        if !column.is_some_and(|c| ordered.in_runs(partial.input(), c.index())) {
+            return Ok(None);
+        }
+        let in_runs = AggregateUDF::from(PatientCount {
+            runs: true,
+            ..count.clone()
+        });
+        let rebuilt = AggregateExprBuilder::new(Arc::new(in_runs), args)
+            .schema(partial.input_schema())
+            .alias(aggregate.name())
+            .build()?;
+        aggr_expr.push(Arc::new(rebuilt));
+    }
+    let partial = AggregateExec::try_new(
+        AggregateMode::Partial,
+        partial.group_expr().clone(),
+        aggr_expr,
+        partial.filter_expr().to_vec(),
+        partial.input().clone(),
+        partial.input_schema(),
+    )?;
+    Ok(Some(Arc::new(partial)))
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -341,7 +444,9 @@ mod tests {
     use datafusion::common::{Column, DataFusionError};
     use datafusion::datasource::MemTable;
     use datafusion::logical_expr::{Aggregate, EmitTo, Expr, GroupsAccumulator, LogicalPlan};
-    use datafusion::prelude::{SessionConfig, SessionContext, col};
+    use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+    use datafusion::physical_plan::displayable;
+    use datafusion::prelude::{DataFrame, SessionConfig, SessionContext, col};
 
     use super::*;
     use crate::engine::partial_reduce;
@@ -378,13 +483,16 @@ mod tests {
         ctx
     }
 
-    /// `aggregates` of table t by `group`, run as the node runs them: partial, reduced.
-    async fn reduced(
+    /// `aggregates` of `input` by `group`, planned and run as the node does (partial, reduced),
+    /// with whether the plan repartitioned its input.
+    async fn reduced_over(
         ctx: &SessionContext,
+        input: DataFrame,
+        ordered: &OrderedFiles,
         group: Vec<Expr>,
         aggregates: Vec<Expr>,
-    ) -> Vec<RecordBatch> {
-        let input = ctx.table("t").await.expect("t").into_unoptimized_plan();
+    ) -> (Vec<RecordBatch>, bool) {
+        let input = input.into_unoptimized_plan();
         let aggregate = Aggregate::try_new(Arc::new(input), group, aggregates)
             .map(LogicalPlan::Aggregate)
             .expect("aggregate");
@@ -393,25 +501,49 @@ mod tests {
             .create_physical_plan(&aggregate)
             .await
             .expect("plan");
-        let reduce = partial_reduce(&physical, 2).expect("reduce");
-        datafusion::physical_plan::collect(reduce, ctx.task_ctx())
+        let reduce = partial_reduce(&physical, 2, ordered).expect("reduce");
+        let plan: Arc<dyn ExecutionPlan> = reduce;
+        let repartitioned = displayable(plan.as_ref())
+            .indent(false)
+            .to_string()
+            .contains("RepartitionExec");
+        let batches = datafusion::physical_plan::collect(plan, ctx.task_ctx())
             .await
-            .expect("run")
+            .expect("run");
+        (batches, repartitioned)
+    }
+
+    /// `aggregates` of table t by `group`, run as the node runs them: partial, reduced.
+    async fn reduced(
+        ctx: &SessionContext,
+        group: Vec<Expr>,
+        aggregates: Vec<Expr>,
+    ) -> Vec<RecordBatch> {
+        let input = ctx.table("t").await.expect("t");
+        reduced_over(ctx, input, &OrderedFiles::default(), group, aggregates)
+            .await
+            .0
     }
 
     /// Per group (or the one total, without groups), the reduced patient count.
     async fn counts(ctx: &SessionContext, group: Vec<Expr>) -> Vec<(String, i64)> {
         let patients = patient_count(None).call(vec![Expr::Column(Column::from_name("p"))]);
         let batches = reduced(ctx, group.clone(), vec![patients]).await;
+        by_group(&batches, group.is_empty())
+    }
+
+    /// The first column (empty without groups) and the last of every row, sorted.
+    fn by_group(batches: &[RecordBatch], no_groups: bool) -> Vec<(String, i64)> {
         let mut out = Vec::new();
         for batch in batches {
             let n = batch.num_columns();
             let values = batch.column(n - 1).as_primitive::<Int64Type>();
+            let keys = arrow::compute::cast(batch.column(0), &DataType::Utf8).expect("text");
             for row in 0..batch.num_rows() {
-                let key = if group.is_empty() {
+                let key = if no_groups {
                     String::new()
                 } else {
-                    batch.column(0).as_string::<i32>().value(row).to_string()
+                    keys.as_string::<i32>().value(row).to_string()
                 };
                 out.push((key, values.value(row)));
             }
@@ -447,57 +579,94 @@ mod tests {
 
     #[test]
     fn nulls_and_filtered_rows_are_not_patients() {
-        let mut groups = PatientGroups::new(i64::MAX);
-        let ids: ArrayRef = Arc::new(Int64Array::from(vec![Some(7), None, Some(8), Some(7)]));
-        let keep = BooleanArray::from(vec![true, true, false, true]);
+        for runs in [false, true] {
+            let mut groups = PatientGroups::new(i64::MAX, runs);
+            let ids: ArrayRef = Arc::new(Int64Array::from(vec![Some(7), None, Some(8), Some(7)]));
+            let keep = BooleanArray::from(vec![true, true, false, true]);
+            groups
+                .update_batch(&[ids], &[0, 0, 0, 0], Some(&keep), 1)
+                .expect("update");
+            let counts = groups.evaluate(EmitTo::All).expect("evaluate");
+            assert_eq!(
+                counts.as_primitive::<Int64Type>().values().to_vec(),
+                vec![1],
+                "runs: {runs}"
+            );
+        }
+    }
+
+    #[test]
+    fn in_runs_a_group_counts_each_change_of_patient() {
+        // Patient 1's run holds rows of both groups; group 0 sees 1, 1, 2 and group 1 sees 1, 3.
+        let mut groups = PatientGroups::new(i64::MAX, true);
+        let ids: ArrayRef = Arc::new(Int64Array::from(vec![1, 1, 1, 2, 3, 3]));
         groups
-            .update_batch(&[ids], &[0, 0, 0, 0], Some(&keep), 1)
+            .update_batch(&[ids], &[0, 1, 0, 0, 1, 1], None, 2)
+            .expect("update");
+        let ids: ArrayRef = Arc::new(Int64Array::from(vec![3, 4]));
+        // A run that goes on into the next batch is still one patient.
+        groups
+            .update_batch(&[ids], &[1, 0], None, 2)
             .expect("update");
         let counts = groups.evaluate(EmitTo::All).expect("evaluate");
         assert_eq!(
             counts.as_primitive::<Int64Type>().values().to_vec(),
-            vec![1]
+            vec![3, 2]
+        );
+        let mut total = PatientSet::new(i64::MAX, true);
+        let ids: ArrayRef = Arc::new(Int64Array::from(vec![Some(1), Some(1), None, Some(2)]));
+        total.update_batch(&[ids]).expect("update");
+        assert_eq!(
+            total.evaluate().expect("evaluate"),
+            ScalarValue::Int64(Some(2))
         );
     }
 
     #[test]
     fn counting_on_after_an_early_emission_fails_as_out_of_memory() {
         let ids: ArrayRef = Arc::new(Int64Array::from(vec![1, 2]));
-        let mut groups = PatientGroups::new(i64::MAX);
-        groups
-            .update_batch(std::slice::from_ref(&ids), &[0, 1], None, 2)
-            .expect("update");
-        groups.state(EmitTo::All).expect("state");
-        // Counting patient 1 again in a fresh set would count them twice.
-        let again = groups.update_batch(std::slice::from_ref(&ids), &[0, 1], None, 2);
-        assert!(matches!(again, Err(DataFusionError::ResourcesExhausted(_))));
+        for runs in [false, true] {
+            let mut groups = PatientGroups::new(i64::MAX, runs);
+            groups
+                .update_batch(std::slice::from_ref(&ids), &[0, 1], None, 2)
+                .expect("update");
+            groups.state(EmitTo::All).expect("state");
+            // Counting patient 1 again in a fresh set would count them twice.
+            let again = groups.update_batch(std::slice::from_ref(&ids), &[0, 1], None, 2);
+            assert!(matches!(again, Err(DataFusionError::ResourcesExhausted(_))));
 
-        let mut total = PatientSet::new(i64::MAX);
-        total
-            .update_batch(std::slice::from_ref(&ids))
-            .expect("update");
-        total.state().expect("state");
-        let again = total.update_batch(std::slice::from_ref(&ids));
-        assert!(matches!(again, Err(DataFusionError::ResourcesExhausted(_))));
+            let mut total = PatientSet::new(i64::MAX, runs);
+            total
+                .update_batch(std::slice::from_ref(&ids))
+                .expect("update");
+            total.state().expect("state");
+            let again = total.update_batch(std::slice::from_ref(&ids));
+            assert!(matches!(again, Err(DataFusionError::ResourcesExhausted(_))));
+        }
     }
 
     #[test]
     fn a_group_stops_collecting_patients_at_the_cap() {
-        let mut groups = PatientGroups::new(3);
         let ids: ArrayRef = Arc::new(Int64Array::from(vec![1, 2, 3, 4, 5, 9]));
-        groups
-            .update_batch(&[ids], &[0, 0, 0, 0, 0, 1], None, 2)
-            .expect("update");
-        assert_eq!(groups.seen[0].len(), 3, "no patient kept beyond the cap");
-        let slots: usize = groups.seen.iter().map(|set| set.capacity()).sum();
-        assert_eq!(groups.slots, slots, "memory is accounted as the sets grow");
-        let counts = groups.state(EmitTo::All).expect("state");
-        assert_eq!(
-            counts[0].as_primitive::<Int64Type>().values().to_vec(),
-            vec![3, 1]
-        );
+        for runs in [false, true] {
+            let mut groups = PatientGroups::new(3, runs);
+            groups
+                .update_batch(std::slice::from_ref(&ids), &[0, 0, 0, 0, 0, 1], None, 2)
+                .expect("update");
+            if let Seen::Sets(sets, slots) = &groups.seen {
+                assert_eq!(sets[0].len(), 3, "no patient kept beyond the cap");
+                let held: usize = sets.iter().map(|set| set.capacity()).sum();
+                assert_eq!(*slots, held, "memory is accounted as the sets grow");
+            }
+            assert_eq!(groups.counts, [3, 1], "runs: {runs}");
+            let counts = groups.state(EmitTo::All).expect("state");
+            assert_eq!(
+                counts[0].as_primitive::<Int64Type>().values().to_vec(),
+                vec![3, 1]
+            );
+        }
         // Two partitions at the cap merge to the cap, not past it.
-        let mut reduce = PatientGroups::new(3);
+        let mut reduce = PatientGroups::new(3, false);
         let states: ArrayRef = Arc::new(Int64Array::from(vec![3, 3]));
         reduce.merge_batch(&[states], &[0, 0], 1).expect("merge");
         let merged = reduce.evaluate(EmitTo::All).expect("evaluate");
@@ -563,9 +732,293 @@ mod tests {
     fn partial_aggregation_cannot_be_skipped() {
         let ids: ArrayRef = Arc::new(Int64Array::from(vec![1, 1]));
         assert!(
-            PatientGroups::new(i64::MAX)
+            PatientGroups::new(i64::MAX, false)
+                .convert_to_state(std::slice::from_ref(&ids), None)
+                .is_err()
+        );
+        assert!(
+            PatientGroups::new(i64::MAX, true)
                 .convert_to_state(&[ids], None)
                 .is_err()
         );
+    }
+
+    /// Writes table (g, p) to `path`, one row group per slice, in this order.
+    fn write_row_groups(path: &std::path::Path, row_groups: &[&[(&str, Option<i64>)]]) {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("g", DataType::Utf8, false),
+            Field::new("p", DataType::Int64, true),
+        ]));
+        let file = std::fs::File::create(path).expect("create");
+        let mut writer =
+            datafusion::parquet::arrow::ArrowWriter::try_new(file, schema.clone(), None)
+                .expect("writer");
+        for rows in row_groups {
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                    Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.1))),
+                ],
+            )
+            .expect("batch");
+            writer.write(&batch).expect("write");
+            writer.flush().expect("end the row group");
+        }
+        writer.close().expect("close");
+    }
+
+    /// Patients in order, each in one row group, several rows and groups per patient.
+    const IN_ORDER: &[&[(&str, Option<i64>)]] = &[
+        &[
+            ("a", Some(1)),
+            ("b", Some(1)),
+            ("a", Some(1)),
+            ("a", Some(2)),
+            ("b", None),
+            ("b", Some(2)),
+        ],
+        &[
+            ("a", Some(3)),
+            ("b", Some(3)),
+            ("a", Some(3)),
+            ("c", Some(4)),
+            ("a", Some(4)),
+            ("a", Some(4)),
+        ],
+        &[
+            ("b", Some(5)),
+            ("a", Some(5)),
+            ("a", Some(5)),
+            ("c", Some(6)),
+            ("b", Some(6)),
+            ("a", Some(7)),
+        ],
+        &[
+            ("c", Some(8)),
+            ("c", Some(8)),
+            ("a", Some(9)),
+            ("b", Some(9)),
+        ],
+    ];
+
+    /// A session reading `path` as table t in two partitions of two-row batches (so runs cross
+    /// batches), as the node reads files; or with DataFusion's defaults.
+    async fn parquet_session(path: &std::path::Path, as_node: bool) -> SessionContext {
+        let config = SessionConfig::new()
+            .with_target_partitions(2)
+            .with_batch_size(2);
+        let config = if as_node {
+            config.with_repartition_file_min_size(0)
+        } else {
+            config
+        };
+        let ctx = SessionContext::new_with_config(config);
+        ctx.register_parquet(
+            "t",
+            path.to_str().expect("utf-8 path"),
+            datafusion::prelude::ParquetReadOptions::default(),
+        )
+        .await
+        .expect("register");
+        ctx
+    }
+
+    /// Whether the plan counts patients over runs.
+    fn counts_in_runs(plan: &Arc<dyn ExecutionPlan>) -> bool {
+        let mut stack = vec![plan.clone()];
+        while let Some(node) = stack.pop() {
+            let in_runs = |a: &Arc<AggregateFunctionExpr>| {
+                a.fun()
+                    .inner()
+                    .downcast_ref::<PatientCount>()
+                    .is_some_and(|c| c.runs)
+            };
+            if let Some(agg) = node.downcast_ref::<AggregateExec>()
+                && agg.aggr_expr().iter().any(in_runs)
+            {
+                return true;
+            }
+            stack.extend(node.children().into_iter().cloned());
+        }
+        false
+    }
+
+    /// Per group of `input` (by `group`, named g), the node's patient count and whether it
+    /// counted over runs; and DataFusion's COUNT(DISTINCT) of the same.
+    async fn node_and_datafusion(
+        ctx: &SessionContext,
+        ordered: &OrderedFiles,
+        input: DataFrame,
+        group: Expr,
+        patient: Column,
+    ) -> (Vec<(String, i64)>, bool, Vec<(String, i64)>) {
+        let plan = input.clone().into_unoptimized_plan();
+        let aggregate = Aggregate::try_new(
+            Arc::new(plan),
+            vec![group.clone().alias("g")],
+            vec![patient_count(None).call(vec![Expr::Column(patient.clone())])],
+        )
+        .map(LogicalPlan::Aggregate)
+        .expect("aggregate");
+        let physical = ctx
+            .state()
+            .create_physical_plan(&aggregate)
+            .await
+            .expect("plan");
+        let reduce: Arc<dyn ExecutionPlan> = partial_reduce(&physical, 2, ordered).expect("reduce");
+        let runs = counts_in_runs(&reduce);
+        let node = datafusion::physical_plan::collect(reduce, ctx.task_ctx())
+            .await
+            .expect("run");
+        let expected = input
+            .aggregate(
+                vec![group.alias("g")],
+                vec![datafusion::functions_aggregate::expr_fn::count_distinct(
+                    Expr::Column(patient),
+                )],
+            )
+            .expect("aggregate")
+            .collect()
+            .await
+            .expect("run");
+        (by_group(&node, false), runs, by_group(&expected, false))
+    }
+
+    #[tokio::test]
+    async fn patients_in_order_are_counted_over_runs_exactly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.parquet");
+        write_row_groups(&path, IN_ORDER);
+        let mut ordered = OrderedFiles::default();
+        ordered.add(&path, "p");
+        let ctx = parquet_session(&path, true).await;
+        let p = Column::from_name("p");
+
+        let t = ctx.table("t").await.expect("t");
+        let (node, runs, expected) =
+            node_and_datafusion(&ctx, &ordered, t, col("g"), p.clone()).await;
+        assert!(runs, "a plain scan of a file in order is counted over runs");
+        assert_eq!(node, expected);
+        assert_eq!(node[0], ("a".to_string(), 7));
+
+        // Filters and projections keep the runs.
+        let filtered = ctx
+            .table("t")
+            .await
+            .expect("t")
+            .filter(col("p").not_eq(datafusion::prelude::lit(4)))
+            .expect("filter");
+        let (node, runs, expected) = node_and_datafusion(
+            &ctx,
+            &ordered,
+            filtered,
+            datafusion::functions::expr_fn::upper(col("g")),
+            p,
+        )
+        .await;
+        assert!(runs);
+        assert_eq!(node, expected);
+
+        // Without groups: one run per patient over the whole file.
+        let batches = reduced_over(
+            &ctx,
+            ctx.table("t").await.expect("t"),
+            &ordered,
+            vec![],
+            vec![patient_count(None).call(vec![col("p")])],
+        )
+        .await
+        .0;
+        assert_eq!(by_group(&batches, true), vec![(String::new(), 9)]);
+    }
+
+    #[tokio::test]
+    async fn anything_else_is_counted_with_sets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.parquet");
+        let p = Column::from_name("p");
+
+        // Patient 2 is in two row groups: not in order.
+        write_row_groups(
+            &path,
+            &[
+                &[("a", Some(1)), ("a", Some(2))],
+                &[("a", Some(2)), ("b", Some(3))],
+            ],
+        );
+        let mut ordered = OrderedFiles::default();
+        ordered.add(&path, "p");
+        let ctx = parquet_session(&path, true).await;
+        let t = ctx.table("t").await.expect("t");
+        let (node, runs, expected) =
+            node_and_datafusion(&ctx, &ordered, t, col("g"), p.clone()).await;
+        assert!(
+            !runs,
+            "a patient split between row groups could be counted twice"
+        );
+        assert_eq!(node, expected);
+
+        // In order when checked, changed since.
+        write_row_groups(&path, IN_ORDER);
+        let mut ordered = OrderedFiles::default();
+        ordered.add(&path, "p");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        write_row_groups(
+            &path,
+            &[
+                &[("a", Some(1)), ("a", Some(2))],
+                &[("a", Some(2)), ("b", Some(3))],
+            ],
+        );
+        let ctx = parquet_session(&path, true).await;
+        let t = ctx.table("t").await.expect("t");
+        let (node, runs, expected) =
+            node_and_datafusion(&ctx, &ordered, t, col("g"), p.clone()).await;
+        assert!(!runs, "a file replaced after its check is not trusted");
+        assert_eq!(node, expected);
+
+        // In order, but spread round-robin (DataFusion's defaults for a small file).
+        write_row_groups(&path, IN_ORDER);
+        let mut ordered = OrderedFiles::default();
+        ordered.add(&path, "p");
+        let ctx = parquet_session(&path, false).await;
+        let t = ctx.table("t").await.expect("t");
+        let (node, runs, expected) =
+            node_and_datafusion(&ctx, &ordered, t, col("g"), p.clone()).await;
+        assert!(!runs, "round-robin batches interleave patients");
+        assert_eq!(node, expected);
+
+        // In order, but joined: a join's output is not in runs.
+        let ctx = parquet_session(&path, true).await;
+        let joined = ctx
+            .sql("SELECT t.g, t.p FROM t JOIN t AS u ON t.p = u.p")
+            .await
+            .expect("join");
+        let (node, runs, expected) = node_and_datafusion(
+            &ctx,
+            &ordered,
+            joined,
+            Expr::Column(Column::new(Some("t"), "g")),
+            Column::new(Some("t"), "p"),
+        )
+        .await;
+        assert!(!runs);
+        assert_eq!(node, expected);
+
+        // A column computed from the patient key is not the patient key.
+        let shifted = ctx
+            .table("t")
+            .await
+            .expect("t")
+            .select(vec![
+                col("g"),
+                (col("p") + datafusion::prelude::lit(1)).alias("p"),
+            ])
+            .expect("select");
+        let (node, runs, expected) =
+            node_and_datafusion(&ctx, &ordered, shifted, col("g"), p).await;
+        assert!(!runs);
+        assert_eq!(node, expected);
     }
 }

@@ -13,6 +13,7 @@ use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBat
 use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, Schema};
 use arrow::row::{RowConverter, SortField};
+use datafusion::common::hash_utils::RandomState;
 
 use crate::policy::{Disclosure, Rounding};
 use crate::refusal::{Refusal, Rule};
@@ -181,14 +182,20 @@ pub fn protect(
     // most of a node's time on a few thousand groups).
     if rules.withhold_whole_margin_cells && !keys.is_empty() {
         // Rows that differ only at key k share a bucket; a bucket of one is a 100% cell
-        // (its siblings at k are all 0%).
-        let mut buckets: HashMap<Bucket, usize> = HashMap::new();
-        let bucket = |row: usize, k: usize| -> Bucket {
-            (grouped[row], k, project(row, grouped[row] & !(1 << k)))
-        };
+        // (its siblings at k are all 0%). Each (row, k) remembers its bucket's position.
+        let mut buckets: HashMap<Bucket, usize, RandomState> = HashMap::default();
+        let mut sizes: Vec<usize> = Vec::new();
+        let mut bucket_of = vec![usize::MAX; rows * n];
         for row in 0..rows {
             for k in (0..n).filter(|&k| is_grouped(row, k)) {
-                *buckets.entry(bucket(row, k)).or_default() += 1;
+                let bucket = (grouped[row], k, project(row, grouped[row] & !(1 << k)));
+                let next = sizes.len();
+                let at = *buckets.entry(bucket).or_insert(next);
+                if at == next {
+                    sizes.push(0);
+                }
+                sizes[at] += 1;
+                bucket_of[row * n + k] = at;
             }
         }
         for (row, verdict) in verdicts.iter_mut().enumerate() {
@@ -197,7 +204,7 @@ pub fn protect(
             }
             let alone = (0..n)
                 .filter(|&k| is_grouped(row, k))
-                .any(|k| buckets.get(&bucket(row, k)) == Some(&1));
+                .any(|k| sizes.get(bucket_of[row * n + k]) == Some(&1));
             if alone {
                 *verdict = Verdict::WholeMargin;
             }
@@ -205,8 +212,8 @@ pub fn protect(
     }
     // Subtotals and totals of anything withheld are withheld too: project every withheld row
     // onto each coarser grouping present, then look each released row up.
-    let masks: HashSet<u64> = grouped.iter().copied().collect();
-    let mut margins: HashSet<(u64, Vec<u32>)> = HashSet::new();
+    let masks: HashSet<u64, RandomState> = grouped.iter().copied().collect();
+    let mut margins: HashSet<(u64, Vec<u32>), RandomState> = HashSet::default();
     for w in (0..rows).filter(|&r| verdicts[r] != Verdict::Release) {
         for &mask in &masks {
             // Coarser: a proper subset of the withheld row's grouped keys.
@@ -329,7 +336,8 @@ fn key_ids(batch: &RecordBatch, keys: &[usize]) -> Result<Vec<u32>, Refusal> {
         let encoded = converter
             .convert_columns(std::slice::from_ref(column))
             .map_err(|_| Refusal::new(Rule::Unsupported, "internal: key not comparable"))?;
-        let mut seen: HashMap<&[u8], u32> = HashMap::with_capacity(rows);
+        let mut seen: HashMap<&[u8], u32, RandomState> =
+            HashMap::with_capacity_and_hasher(rows, RandomState::default());
         for r in 0..rows {
             let next = seen.len() as u32;
             ids[r * n + j] = *seen.entry(encoded.row(r).data()).or_insert(next);

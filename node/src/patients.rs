@@ -38,12 +38,15 @@ use datafusion::logical_expr::{
     Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, Expr, GroupsAccumulator, Signature,
     Volatility,
 };
+use datafusion::physical_expr::PartitioningSatisfaction;
 use datafusion::physical_expr::aggregate::AggregateExprBuilder;
 use datafusion::physical_expr::expressions::Column as PhysicalColumn;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
 use datafusion::physical_plan::repartition::RepartitionExec;
-use datafusion::physical_plan::{ExecutionPlan, Partitioning};
+use datafusion::physical_plan::{
+    Distribution, ExecutionPlan, ExecutionPlanProperties, Partitioning,
+};
 #[cfg(doc)]
 use trustql_policies::PATIENT_COUNT_CAP;
 
@@ -371,7 +374,8 @@ pub(crate) fn counted_directly(expr: Expr, patient_key: &Column) -> Expr {
 }
 
 /// The partial aggregate `partial` over its input hash-partitioned by the patient key (the
-/// argument of its last aggregate, the patient count) into `partitions` partitions.
+/// argument of its last aggregate, the patient count) into `partitions` partitions, unless
+/// the input already is (a join on the patient key, say).
 pub(crate) fn by_patient(
     partial: &AggregateExec,
     partitions: usize,
@@ -382,6 +386,17 @@ pub(crate) fn by_patient(
         .filter(|a| a.fun().name() == PATIENT_COUNT)
         .and_then(|a| a.expressions().into_iter().next())
         .ok_or_else(|| DataFusionError::Internal("no patient count to partition by".into()))?;
+    let input = partial.input();
+    // DataFusion's own test, equal columns of an equi-join included.
+    let by_patient = Distribution::KeyPartitioned(vec![patient.clone()]);
+    let already = input.output_partitioning().satisfaction(
+        &by_patient,
+        input.equivalence_properties(),
+        false,
+    );
+    if already == PartitioningSatisfaction::Exact {
+        return Ok(Arc::new(partial.clone()));
+    }
     let input = Arc::new(RepartitionExec::try_new(
         partial.input().clone(),
         Partitioning::Hash(vec![patient], partitions.max(1)),
@@ -446,6 +461,7 @@ mod tests {
     use datafusion::logical_expr::{Aggregate, EmitTo, Expr, GroupsAccumulator, LogicalPlan};
     use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
     use datafusion::physical_plan::displayable;
+    use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
     use datafusion::prelude::{DataFrame, SessionConfig, SessionContext, col};
 
     use super::*;
@@ -484,14 +500,14 @@ mod tests {
     }
 
     /// `aggregates` of `input` by `group`, planned and run as the node does (partial, reduced),
-    /// with whether the plan repartitioned its input.
+    /// with the partial aggregate's input.
     async fn reduced_over(
         ctx: &SessionContext,
         input: DataFrame,
         ordered: &OrderedFiles,
         group: Vec<Expr>,
         aggregates: Vec<Expr>,
-    ) -> (Vec<RecordBatch>, bool) {
+    ) -> (Vec<RecordBatch>, Arc<dyn ExecutionPlan>) {
         let input = input.into_unoptimized_plan();
         let aggregate = Aggregate::try_new(Arc::new(input), group, aggregates)
             .map(LogicalPlan::Aggregate)
@@ -502,15 +518,16 @@ mod tests {
             .await
             .expect("plan");
         let reduce = partial_reduce(&physical, 2, ordered).expect("reduce");
-        let plan: Arc<dyn ExecutionPlan> = reduce;
-        let repartitioned = displayable(plan.as_ref())
-            .indent(false)
-            .to_string()
-            .contains("RepartitionExec");
-        let batches = datafusion::physical_plan::collect(plan, ctx.task_ctx())
+        let partial_input = reduce
+            .input()
+            .children()
+            .first()
+            .and_then(|partial| partial.children().first().cloned().cloned())
+            .expect("reduce over coalesce over partial");
+        let batches = datafusion::physical_plan::collect(reduce, ctx.task_ctx())
             .await
             .expect("run");
-        (batches, repartitioned)
+        (batches, partial_input)
     }
 
     /// `aggregates` of table t by `group`, run as the node runs them: partial, reduced.
@@ -1020,5 +1037,59 @@ mod tests {
             node_and_datafusion(&ctx, &ordered, shifted, col("g"), p).await;
         assert!(!runs);
         assert_eq!(node, expected);
+    }
+
+    #[tokio::test]
+    async fn input_already_partitioned_by_patient_is_not_partitioned_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.parquet");
+        write_row_groups(&path, IN_ORDER);
+        let mut config = SessionConfig::new()
+            .with_target_partitions(2)
+            .with_batch_size(2);
+        // A partitioned join, as the node plans one over large tables.
+        config
+            .options_mut()
+            .optimizer
+            .hash_join_single_partition_threshold = 0;
+        config
+            .options_mut()
+            .optimizer
+            .hash_join_single_partition_threshold_rows = 0;
+        let ctx = SessionContext::new_with_config(config);
+        ctx.register_parquet(
+            "t",
+            path.to_str().expect("utf-8 path"),
+            datafusion::prelude::ParquetReadOptions::default(),
+        )
+        .await
+        .expect("register");
+        // Partitioned by t.p; counted by u.p, which the join makes equal.
+        let sql = "SELECT t.g, u.p FROM t JOIN t AS u ON t.p = u.p";
+        let joined = ctx.sql(sql).await.expect("join");
+        let (batches, partial_input) = reduced_over(
+            &ctx,
+            joined,
+            &OrderedFiles::default(),
+            vec![Expr::Column(Column::new(Some("t"), "g"))],
+            vec![patient_count(None).call(vec![Expr::Column(Column::new(Some("u"), "p"))])],
+        )
+        .await;
+        let join = partial_input.downcast_ref::<HashJoinExec>();
+        assert!(
+            join.is_some_and(|j| *j.partition_mode() == PartitionMode::Partitioned),
+            "the join's output goes straight to the partial aggregate: {}",
+            displayable(partial_input.as_ref()).indent(false)
+        );
+        let expected = ctx
+            .sql(&format!(
+                "SELECT g, COUNT(DISTINCT p) FROM ({sql}) GROUP BY g"
+            ))
+            .await
+            .expect("sql")
+            .collect()
+            .await
+            .expect("run");
+        assert_eq!(by_group(&batches, false), by_group(&expected, false));
     }
 }

@@ -47,17 +47,20 @@ pub fn one_trust(schema: &TrustSchema, patients: u64, dir: &Path) -> Result<()> 
     Ok(())
 }
 
-/// A node over `dir/TQ01` with its default limits (a ten-minute timeout), under a policy
-/// written to `dir/policy.toml` that lets researcher `r` of project `p` read the panel's tables.
-pub async fn open_node(schema: &TrustSchema, dir: &Path) -> Result<SiteEngine> {
-    let policy_path = dir.join("policy.toml");
+/// A node over `dir/<trust>` with its default limits (a ten-minute timeout), under a policy
+/// written to `dir/policy-<trust>.toml` that lets researcher `r` of project `p` read the
+/// panel's tables.
+pub async fn open_node(schema: &TrustSchema, dir: &Path, trust: &str) -> Result<SiteEngine> {
+    let policy_path = dir.join(format!("policy-{trust}.toml"));
     std::fs::write(
         &policy_path,
-        "[policy]\nversion = \"bench\"\ntrust = \"TQ01\"\n\n[disclosure]\nmin_patients = 10\n\
+        format!(
+            "[policy]\nversion = \"bench\"\ntrust = \"{trust}\"\n\n[disclosure]\nmin_patients = 10\n\
          rounding = \"base\"\nrounding_base = 5\n\n[query]\nmax_groups = 20000\n\n\
          [[project]]\nid = \"p\"\nresearchers = [\"r\"]\ntables = [\"sim_av_patient\", \
          \"sim_av_tumour\", \"sim_sact_regimen\", \"sim_rtds_prescription\"]\n\
-         expires = \"2099-12-31\"\n",
+         expires = \"2099-12-31\"\n"
+        ),
     )?;
     approve(&policy_path, "Benchmark", schema)?;
     let policy = load_approved(&policy_path, schema)?;
@@ -65,7 +68,7 @@ pub async fn open_node(schema: &TrustSchema, dir: &Path) -> Result<SiteEngine> {
         query_timeout_ms: 600_000,
         ..Limits::default()
     };
-    SiteEngine::open("TQ01", schema.clone(), policy, &dir.join("TQ01"), &limits)
+    SiteEngine::open(trust, schema.clone(), policy, &dir.join(trust), &limits)
         .await
         .context("opening the node")
 }

@@ -1,7 +1,9 @@
 //! The comparison harness: the same cancer query panel through TrustQL (protection on, end to
 //! end over TLS), through DataFusion in one process over the union of the trusts' Parquet, and
 //! through DuckDB over the same union; engines alternate, each query repeats, and the report
-//! gives per-query medians and the ratios. Then COUNT(*) fan-out latency over 16 nodes.
+//! gives per-query medians and the ratios. Beside them, the slowest trust's node answering
+//! alone, in process: what a deployment with one machine per trust waits for, before the
+//! coordinator's few milliseconds. Then COUNT(*) fan-out latency over 16 nodes.
 //!
 //! `cargo run --release -p trustql-benches --bin compare -- [--patients N] [--repeats R]`
 
@@ -11,9 +13,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use trustql_benches::{
-    CANCER_PANEL, median, ms, percentile, python_with, researcher, run_python, union,
+    CANCER_PANEL, median, ms, open_node, panel_request, percentile, python_with, researcher,
+    run_python, union,
 };
 use trustql_demo::{DemoOptions, launch};
+use trustql_policies::today;
 use trustql_schemas::TrustSchema;
 
 /// Command-line options.
@@ -60,6 +64,12 @@ async fn main() -> Result<()> {
     let mut client = researcher(&federation).await?;
 
     let union = union(&schema, &federation.info.data_dir, &federation.info.trusts).await?;
+    // Each trust's node again, answering in this process: with one machine per trust, as
+    // deployed, the federation waits for the slowest of them, plus the coordinator.
+    let mut nodes = Vec::with_capacity(federation.info.trusts.len());
+    for trust in &federation.info.trusts {
+        nodes.push(open_node(&schema, &federation.info.data_dir, trust).await?);
+    }
 
     let duckdb = if args.no_duckdb {
         None
@@ -76,23 +86,34 @@ async fn main() -> Result<()> {
     let mut federated = vec![Vec::new(); CANCER_PANEL.len()];
     let mut datafusion = vec![Vec::new(); CANCER_PANEL.len()];
     let mut duck = vec![Vec::new(); CANCER_PANEL.len()];
+    let mut alone = vec![Vec::new(); CANCER_PANEL.len()];
     // Warm-up: every engine reads every file once.
-    for (_, sql) in CANCER_PANEL {
+    for (name, sql) in CANCER_PANEL {
         client
             .query(sql)
             .await
             .with_context(|| format!("federated: {sql}"))?;
         union.sql(sql).await?.collect().await?;
+        for node in &nodes {
+            node.answer(&panel_request(name, sql), today()).await?;
+        }
     }
     for round in 0..args.repeats {
         println!("round {} of {}", round + 1, args.repeats);
-        for (i, (_, sql)) in CANCER_PANEL.iter().enumerate() {
+        for (i, (name, sql)) in CANCER_PANEL.iter().enumerate() {
             let start = Instant::now();
             client.query(sql).await?;
             federated[i].push(start.elapsed());
             let start = Instant::now();
             union.sql(sql).await?.collect().await?;
             datafusion[i].push(start.elapsed());
+            let mut slowest = Duration::ZERO;
+            for node in &nodes {
+                let start = Instant::now();
+                node.answer(&panel_request(name, sql), today()).await?;
+                slowest = slowest.max(start.elapsed());
+            }
+            alone[i].push(slowest);
         }
         if let Some(python) = &duckdb {
             let times = run_duckdb(python, &federation.info.data_dir, &panel_json, 1)?;
@@ -109,21 +130,27 @@ async fn main() -> Result<()> {
     }
 
     println!(
-        "\n| query | TrustQL (ms) | DataFusion (ms) | DuckDB (ms) | TrustQL / DataFusion | TrustQL / DuckDB |"
+        "\n| query | TrustQL (ms) | DataFusion (ms) | DuckDB (ms) | TrustQL / DataFusion | TrustQL / DuckDB | slowest node alone (ms) | slowest node / DataFusion |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (i, (name, _)) in CANCER_PANEL.iter().enumerate() {
         let f = ms(median(&mut federated[i]));
         let d = ms(median(&mut datafusion[i]));
+        let a = ms(median(&mut alone[i]));
         let (k, kr) = if duck[i].is_empty() {
             ("–".to_string(), "–".to_string())
         } else {
             let k = ms(median(&mut duck[i]));
             (format!("{k:.1}"), format!("{:.2}", f / k))
         };
-        println!("| {name} | {f:.1} | {d:.1} | {k} | {:.2} | {kr} |", f / d);
+        println!(
+            "| {name} | {f:.1} | {d:.1} | {k} | {:.2} | {kr} | {a:.1} | {:.2} |",
+            f / d,
+            a / d
+        );
     }
     drop(client);
+    drop(nodes);
     drop(federation);
 
     println!(

@@ -92,7 +92,7 @@ fn main() -> Result<()> {
 /// Opens a node over `dir/TQ01` with default limits and answers the panel once to warm up and
 /// once timed: per query the time in ms, or why it failed.
 async fn answer_panel(schema: &TrustSchema, dir: &Path) -> Result<Vec<Result<f64, String>>> {
-    let engine = open_node(schema, dir).await?;
+    let engine = open_node(schema, dir, "TQ01").await?;
     let mut times = Vec::new();
     for (name, sql) in CANCER_PANEL {
         let request = panel_request(name, sql);

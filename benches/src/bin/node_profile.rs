@@ -53,7 +53,7 @@ async fn main() -> Result<()> {
         println!("Generating one trust with {} patients…", args.patients);
         one_trust(&schema, args.patients, &dir)?;
     }
-    let engine = open_node(&schema, &dir).await?;
+    let engine = open_node(&schema, &dir, "TQ01").await?;
     // The node's own partitioning, without its locks and limits.
     let plain = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(2));
     for table in schema.tables() {

@@ -500,7 +500,7 @@ mod tests {
     }
 
     /// `aggregates` of `input` by `group`, planned and run as the node does (partial, reduced),
-    /// with the partial aggregate's input.
+    /// with the partial aggregate.
     async fn reduced_over(
         ctx: &SessionContext,
         input: DataFrame,
@@ -518,16 +518,16 @@ mod tests {
             .await
             .expect("plan");
         let reduce = partial_reduce(&physical, 2, ordered).expect("reduce");
-        let partial_input = reduce
+        let partial = reduce
             .input()
             .children()
             .first()
-            .and_then(|partial| partial.children().first().cloned().cloned())
+            .map(|&partial| partial.clone())
             .expect("reduce over coalesce over partial");
         let batches = datafusion::physical_plan::collect(reduce, ctx.task_ctx())
             .await
             .expect("run");
-        (batches, partial_input)
+        (batches, partial)
     }
 
     /// `aggregates` of table t by `group`, run as the node runs them: partial, reduced.
@@ -819,17 +819,34 @@ mod tests {
         ],
     ];
 
-    /// A session reading `path` as table t in two partitions of two-row batches (so runs cross
-    /// batches), as the node reads files; or with DataFusion's defaults.
-    async fn parquet_session(path: &std::path::Path, as_node: bool) -> SessionContext {
+    /// Patient 2 in two row groups.
+    const SPLIT: &[&[(&str, Option<i64>)]] = &[
+        &[("a", Some(1)), ("a", Some(2))],
+        &[("a", Some(2)), ("b", Some(3))],
+    ];
+
+    /// The file at `path`, checked for patient order in its column p.
+    fn checked(path: &std::path::Path) -> OrderedFiles {
+        let mut ordered = OrderedFiles::default();
+        ordered.add(path, "p");
+        ordered
+    }
+
+    /// Two partitions of two-row batches (so runs cross batches), reading files as the node
+    /// does, or with DataFusion's defaults.
+    fn two_partitions(as_node: bool) -> SessionConfig {
         let config = SessionConfig::new()
             .with_target_partitions(2)
             .with_batch_size(2);
-        let config = if as_node {
+        if as_node {
             config.with_repartition_file_min_size(0)
         } else {
             config
-        };
+        }
+    }
+
+    /// A session of `config` reading `path` as table t.
+    async fn parquet_session(path: &std::path::Path, config: SessionConfig) -> SessionContext {
         let ctx = SessionContext::new_with_config(config);
         ctx.register_parquet(
             "t",
@@ -870,24 +887,15 @@ mod tests {
         group: Expr,
         patient: Column,
     ) -> (Vec<(String, i64)>, bool, Vec<(String, i64)>) {
-        let plan = input.clone().into_unoptimized_plan();
-        let aggregate = Aggregate::try_new(
-            Arc::new(plan),
+        let (node, partial) = reduced_over(
+            ctx,
+            input.clone(),
+            ordered,
             vec![group.clone().alias("g")],
             vec![patient_count(None).call(vec![Expr::Column(patient.clone())])],
         )
-        .map(LogicalPlan::Aggregate)
-        .expect("aggregate");
-        let physical = ctx
-            .state()
-            .create_physical_plan(&aggregate)
-            .await
-            .expect("plan");
-        let reduce: Arc<dyn ExecutionPlan> = partial_reduce(&physical, 2, ordered).expect("reduce");
-        let runs = counts_in_runs(&reduce);
-        let node = datafusion::physical_plan::collect(reduce, ctx.task_ctx())
-            .await
-            .expect("run");
+        .await;
+        let runs = counts_in_runs(&partial);
         let expected = input
             .aggregate(
                 vec![group.alias("g")],
@@ -907,9 +915,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("t.parquet");
         write_row_groups(&path, IN_ORDER);
-        let mut ordered = OrderedFiles::default();
-        ordered.add(&path, "p");
-        let ctx = parquet_session(&path, true).await;
+        let ordered = checked(&path);
+        let ctx = parquet_session(&path, two_partitions(true)).await;
         let p = Column::from_name("p");
 
         let t = ctx.table("t").await.expect("t");
@@ -957,16 +964,9 @@ mod tests {
         let p = Column::from_name("p");
 
         // Patient 2 is in two row groups: not in order.
-        write_row_groups(
-            &path,
-            &[
-                &[("a", Some(1)), ("a", Some(2))],
-                &[("a", Some(2)), ("b", Some(3))],
-            ],
-        );
-        let mut ordered = OrderedFiles::default();
-        ordered.add(&path, "p");
-        let ctx = parquet_session(&path, true).await;
+        write_row_groups(&path, SPLIT);
+        let ordered = checked(&path);
+        let ctx = parquet_session(&path, two_partitions(true)).await;
         let t = ctx.table("t").await.expect("t");
         let (node, runs, expected) =
             node_and_datafusion(&ctx, &ordered, t, col("g"), p.clone()).await;
@@ -978,17 +978,10 @@ mod tests {
 
         // In order when checked, changed since.
         write_row_groups(&path, IN_ORDER);
-        let mut ordered = OrderedFiles::default();
-        ordered.add(&path, "p");
+        let ordered = checked(&path);
         std::thread::sleep(std::time::Duration::from_millis(10));
-        write_row_groups(
-            &path,
-            &[
-                &[("a", Some(1)), ("a", Some(2))],
-                &[("a", Some(2)), ("b", Some(3))],
-            ],
-        );
-        let ctx = parquet_session(&path, true).await;
+        write_row_groups(&path, SPLIT);
+        let ctx = parquet_session(&path, two_partitions(true)).await;
         let t = ctx.table("t").await.expect("t");
         let (node, runs, expected) =
             node_and_datafusion(&ctx, &ordered, t, col("g"), p.clone()).await;
@@ -997,9 +990,8 @@ mod tests {
 
         // In order, but spread round-robin (DataFusion's defaults for a small file).
         write_row_groups(&path, IN_ORDER);
-        let mut ordered = OrderedFiles::default();
-        ordered.add(&path, "p");
-        let ctx = parquet_session(&path, false).await;
+        let ordered = checked(&path);
+        let ctx = parquet_session(&path, two_partitions(false)).await;
         let t = ctx.table("t").await.expect("t");
         let (node, runs, expected) =
             node_and_datafusion(&ctx, &ordered, t, col("g"), p.clone()).await;
@@ -1007,7 +999,7 @@ mod tests {
         assert_eq!(node, expected);
 
         // In order, but joined: a join's output is not in runs.
-        let ctx = parquet_session(&path, true).await;
+        let ctx = parquet_session(&path, two_partitions(true)).await;
         let joined = ctx
             .sql("SELECT t.g, t.p FROM t JOIN t AS u ON t.p = u.p")
             .await
@@ -1044,9 +1036,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("t.parquet");
         write_row_groups(&path, IN_ORDER);
-        let mut config = SessionConfig::new()
-            .with_target_partitions(2)
-            .with_batch_size(2);
+        let mut config = two_partitions(true);
         // A partitioned join, as the node plans one over large tables.
         config
             .options_mut()
@@ -1056,18 +1046,11 @@ mod tests {
             .options_mut()
             .optimizer
             .hash_join_single_partition_threshold_rows = 0;
-        let ctx = SessionContext::new_with_config(config);
-        ctx.register_parquet(
-            "t",
-            path.to_str().expect("utf-8 path"),
-            datafusion::prelude::ParquetReadOptions::default(),
-        )
-        .await
-        .expect("register");
+        let ctx = parquet_session(&path, config).await;
         // Partitioned by t.p; counted by u.p, which the join makes equal.
         let sql = "SELECT t.g, u.p FROM t JOIN t AS u ON t.p = u.p";
         let joined = ctx.sql(sql).await.expect("join");
-        let (batches, partial_input) = reduced_over(
+        let (batches, partial) = reduced_over(
             &ctx,
             joined,
             &OrderedFiles::default(),
@@ -1075,6 +1058,7 @@ mod tests {
             vec![patient_count(None).call(vec![Expr::Column(Column::new(Some("u"), "p"))])],
         )
         .await;
+        let partial_input = partial.children()[0].clone();
         let join = partial_input.downcast_ref::<HashJoinExec>();
         assert!(
             join.is_some_and(|j| *j.partition_mode() == PartitionMode::Partitioned),

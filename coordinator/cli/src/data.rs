@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use trustql_import::{ImportConfig, import_simulacrum};
-use trustql_schemas::{TrustSchema, check_site};
+use trustql_schemas::{TrustSchema, check_site, patients_in_order, table_path};
 use trustql_synth::{SynthConfig, generate};
 
 /// `trustql synth` options.
@@ -137,8 +137,36 @@ pub fn check(dir: &Path, schema_file: Option<&Path>) -> Result<bool> {
         let report = check_site(&schema, &site)?;
         println!("{report}");
         ok &= report.is_ok();
+        if report.is_ok() {
+            print_patient_order(&schema, &site)?;
+        }
     }
     Ok(ok)
+}
+
+/// Says which tables a node can count patients in without hash sets (files in patient order).
+fn print_patient_order(schema: &TrustSchema, site: &Path) -> Result<()> {
+    let mut out_of_order = Vec::new();
+    for table in schema.tables() {
+        if let Some(column) = schema.patient_column(&table.name)?
+            && !patients_in_order(&table_path(site, &table.name), &column)?
+        {
+            out_of_order.push(table.name.as_str());
+        }
+    }
+    if out_of_order.is_empty() {
+        println!(
+            "patient order: every table with a patient column keeps each patient in one row \
+             group, ascending, so a node counts their patients without hash sets"
+        );
+    } else {
+        println!(
+            "patient order: {} not in patient order; a node counts their patients exactly but \
+             with hash sets, which is slower. Rows written sorted by patient are faster.",
+            out_of_order.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// A site directory itself, or the trust directories under a federation directory.

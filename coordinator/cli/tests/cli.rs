@@ -86,30 +86,39 @@ fn synth_refuses_to_overwrite_and_bad_numbers() {
     );
 }
 
-#[test]
-fn import_simulacrum_writes_the_layout() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let csv = dir.path().join("csv");
+const PATIENT_HEADER: &str = "PATIENTID,GENDER,ETHNICITY,DEATHCAUSECODE_1A,DEATHCAUSECODE_1B,\
+DEATHCAUSECODE_1C,DEATHCAUSECODE_2,DEATHCAUSECODE_UNDERLYING,DEATHLOCATIONCODE,VITALSTATUS,\
+VITALSTATUSDATE,LINKNUMBER\n";
+const PATIENT_1: &str = "10000001,1,A,,,,,,,A,2022-07-05,900000001\n";
+const PATIENT_2: &str = "10000002,2,Z,,,,,,,A,2022-07-05,900000002\n";
+
+/// Imports a patient CSV of these rows into `trusts` trusts under `dir/out`.
+fn import_patients(dir: &Path, rows: &[&str], trusts: &str) -> (Output, std::path::PathBuf) {
+    let csv = dir.join("csv");
     std::fs::create_dir(&csv).expect("mkdir");
     std::fs::write(
         csv.join("sim_av_patient.csv"),
-        "PATIENTID,GENDER,ETHNICITY,DEATHCAUSECODE_1A,DEATHCAUSECODE_1B,DEATHCAUSECODE_1C,\
-DEATHCAUSECODE_2,DEATHCAUSECODE_UNDERLYING,DEATHLOCATIONCODE,VITALSTATUS,VITALSTATUSDATE,LINKNUMBER\n\
-10000001,1,A,,,,,,,A,2022-07-05,900000001\n\
-10000002,2,Z,,,,,,,A,2022-07-05,900000002\n",
+        format!("{PATIENT_HEADER}{}", rows.concat()),
     )
     .expect("csv");
-    let out = dir.path().join("out");
+    let out = dir.join("out");
     let imported = trustql(&[
         "import",
         "simulacrum",
         "--csv",
         csv.to_str().expect("path"),
         "--trusts",
-        "2",
+        trusts,
         "--out",
         out.to_str().expect("path"),
     ]);
+    (imported, out)
+}
+
+#[test]
+fn import_simulacrum_writes_the_layout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (imported, out) = import_patients(dir.path(), &[PATIENT_1, PATIENT_2], "2");
     assert!(imported.status.success(), "{}", text(&imported));
     assert!(text(&imported).contains("no CSV for sim_av_tumour"));
     let checked = trustql(&["schema", "check", out.to_str().expect("path")]);
@@ -119,28 +128,8 @@ DEATHCAUSECODE_2,DEATHCAUSECODE_UNDERLYING,DEATHLOCATIONCODE,VITALSTATUS,VITALST
 #[test]
 fn schema_check_names_tables_out_of_patient_order() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let csv = dir.path().join("csv");
-    std::fs::create_dir(&csv).expect("mkdir");
     // Imported rows keep the CSV's order: here, descending.
-    std::fs::write(
-        csv.join("sim_av_patient.csv"),
-        "PATIENTID,GENDER,ETHNICITY,DEATHCAUSECODE_1A,DEATHCAUSECODE_1B,DEATHCAUSECODE_1C,\
-DEATHCAUSECODE_2,DEATHCAUSECODE_UNDERLYING,DEATHLOCATIONCODE,VITALSTATUS,VITALSTATUSDATE,LINKNUMBER\n\
-10000002,2,Z,,,,,,,A,2022-07-05,900000002\n\
-10000001,1,A,,,,,,,A,2022-07-05,900000001\n",
-    )
-    .expect("csv");
-    let out = dir.path().join("out");
-    let imported = trustql(&[
-        "import",
-        "simulacrum",
-        "--csv",
-        csv.to_str().expect("path"),
-        "--trusts",
-        "1",
-        "--out",
-        out.to_str().expect("path"),
-    ]);
+    let (imported, out) = import_patients(dir.path(), &[PATIENT_2, PATIENT_1], "1");
     assert!(imported.status.success(), "{}", text(&imported));
     let checked = trustql(&["schema", "check", out.to_str().expect("path")]);
     // Out of order is slower, not wrong.

@@ -276,61 +276,28 @@ impl GroupsAccumulator for PatientGroups {
     }
 }
 
-/// The patients of a query without groups.
+/// The patients of a query without groups: [`PatientGroups`] with one group.
 #[derive(Debug)]
-struct PatientSet {
-    seen: HashSet<i64, RandomState>,
-    /// With input in patient runs: the last patient, and the patients counted.
-    runs: Option<(Option<i64>, i64)>,
-    merged: i64,
-    cap: i64,
-    emitted: bool,
-}
+struct PatientSet(PatientGroups);
 
 impl PatientSet {
     fn new(cap: i64, runs: bool) -> Self {
-        PatientSet {
-            seen: HashSet::default(),
-            runs: runs.then_some((None, 0)),
-            merged: 0,
-            cap,
-            emitted: false,
-        }
-    }
-
-    fn counted(&self) -> i64 {
-        self.runs.map_or(self.seen.len() as i64, |(_, n)| n)
+        PatientSet(PatientGroups::new(cap, runs))
     }
 }
 
 impl Accumulator for PatientSet {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
-        if self.emitted {
-            return Err(emitted_early());
-        }
-        for id in patients(values)?.iter().flatten() {
-            if self.counted() >= self.cap {
-                break;
-            }
-            match &mut self.runs {
-                Some((last, n)) => {
-                    if *last != Some(id) {
-                        *last = Some(id);
-                        *n += 1;
-                    }
-                }
-                None => {
-                    self.seen.insert(id);
-                }
-            }
-        }
-        Ok(())
+        let rows = values.first().map_or(0, |v| v.len());
+        self.0.update_batch(values, &vec![0; rows], None, 1)
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
-        self.emitted = true;
-        let n = self.counted() + self.merged;
-        Ok(ScalarValue::Int64(Some(n.min(self.cap))))
+        let groups = &mut self.0;
+        groups.emitted = true;
+        // No rows, no patients.
+        let n = groups.counts.first().copied().unwrap_or(0);
+        Ok(ScalarValue::Int64(Some(n.min(groups.cap))))
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
@@ -338,12 +305,12 @@ impl Accumulator for PatientSet {
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
-        self.merged += summed(states)?.iter().flatten().sum::<i64>();
-        Ok(())
+        let rows = states.first().map_or(0, |s| s.len());
+        self.0.merge_batch(states, &vec![0; rows], 1)
     }
 
     fn size(&self) -> usize {
-        size_of::<Self>() + self.seen.capacity() * (size_of::<i64>() + 1)
+        size_of::<Self>() + self.0.size()
     }
 }
 

@@ -339,15 +339,11 @@ fn bound_scan(
     let table = schema
         .table(&name)
         .map_err(|_| Refusal::new(Rule::Table, format!("unknown table `{name}`")))?;
-    let patient_key = schema.table(patient_table).ok().and_then(|p| {
-        p.primary_key
-            .as_deref()
-            .map(|k| format!("{patient_table}.{k}"))
-    });
-    let Some(key) = table
-        .columns
-        .iter()
-        .find(|c| c.references.is_some() && c.references == patient_key)
+    let Some(key) = schema
+        .patient_column(&name)
+        .ok()
+        .flatten()
+        .and_then(|column| table.column(&column))
     else {
         return Err(Refusal::new(
             Rule::Unsupported,

@@ -492,6 +492,18 @@ impl SiteEngine {
         deadline: tokio::time::Instant,
         execute: bool,
     ) -> Result<(RecordBatch, Vec<AnswerColumn>, Vec<ColumnRole>), NodeError> {
+        let reduce = self.reduced_plan(aggregate, patient_key, cap).await?;
+        self.run(reduce, deadline, execute).await
+    }
+
+    /// The physical plan of `aggregate` with the distinct-patient count (up to `cap`) added,
+    /// reduced to one row per group.
+    async fn reduced_plan(
+        &self,
+        aggregate: &Aggregate,
+        patient_key: &Column,
+        cap: Option<u64>,
+    ) -> Result<Arc<AggregateExec>, NodeError> {
         let mut aggr_expr: Vec<Expr> = aggregate
             .aggr_expr
             .iter()
@@ -510,8 +522,25 @@ impl SiteEngine {
             )
             .await?;
         let partitions = self.ctx.state().config().target_partitions();
-        let reduce = partial_reduce(&physical, partitions, &self.ordered)?;
-        self.run(reduce, deadline, execute).await
+        partial_reduce(&physical, partitions, &self.ordered)
+    }
+
+    /// The physical plan an SDC answer to `request` runs (the reduced partial aggregate with
+    /// the capped patient count), as DataFusion's indented text: what the plan snapshots show.
+    pub async fn explain(&self, request: &SiteRequest, today: i32) -> Result<String, NodeError> {
+        let policy = &self.policy.policy;
+        let project = authorise(policy, &request.project, &request.researcher, today)?;
+        let (plan, _, vetted) =
+            vet_sql(&self.ctx, &self.schema, policy, project, &request.sql).await?;
+        let (Some(aggregate), Some(patient_key)) = (aggregate_of(&plan), vetted.patient_key) else {
+            return Err(Refusal::new(Rule::Unsupported, "no aggregate over patients").into());
+        };
+        let reduce: Arc<dyn ExecutionPlan> = self
+            .reduced_plan(aggregate, &patient_key, Some(PATIENT_COUNT_CAP))
+            .await?;
+        Ok(datafusion::physical_plan::displayable(reduce.as_ref())
+            .indent(false)
+            .to_string())
     }
 
     /// Runs the reduced partial aggregate (or, without `execute`, takes no rows); finishes

@@ -108,6 +108,13 @@ async fn researchers_browse_and_are_refused_clearly() {
     let coverage = result.coverage.clone().expect("coverage");
     let withheld: usize = coverage.trusts.iter().map(|t| t.withheld.small).sum();
     assert!(withheld > 0, "{coverage}");
+    // What a researcher reads beside the answer, word for word (the request id is random).
+    insta::assert_snapshot!(
+        "coverage_protected",
+        coverage
+            .to_string()
+            .replace(&coverage.request_id, "<request>")
+    );
     assert!(
         coverage
             .notes

@@ -15,7 +15,8 @@ use trustql_demo::{DemoOptions, launch};
 use trustql_merge::{Merger, SiteStates, TotalsRules};
 use trustql_node::{Limits, SiteEngine};
 use trustql_policies::{
-    ApprovedPolicy, ColumnRole, approve, authorise, load_approved, locked_session, protect, vet_sql,
+    ApprovedPolicy, PartialAnswer, StateColumn, approve, authorise, load_approved, locked_session,
+    protect, vet_sql,
 };
 use trustql_schemas::{TrustSchema, table_path, trust_codes};
 use trustql_synth::{SynthConfig, generate};
@@ -122,18 +123,32 @@ fn request(sql: &str) -> SiteRequest {
     }
 }
 
-fn roles_of(meta: &trustql_wire::AnswerMeta) -> Vec<ColumnRole> {
-    meta.columns
+/// The answer's columns described again from its metadata, as the node described them.
+fn described(answer: &trustql_node::SiteAnswer) -> PartialAnswer {
+    let columns = answer
+        .meta
+        .columns
         .iter()
-        .map(|c| match c.kind {
-            ColumnKind::Key => ColumnRole::Key,
-            ColumnKind::GroupingId => ColumnRole::GroupingId,
-            ColumnKind::Patients => ColumnRole::Patients,
-            ColumnKind::DistinctCount => ColumnRole::Count,
-            ColumnKind::State if c.name.starts_with("count(") => ColumnRole::Count,
-            ColumnKind::State => ColumnRole::Other,
+        .map(|c| {
+            let aggregate = c.aggregate.unwrap_or(0);
+            match c.kind {
+                ColumnKind::Key => StateColumn::key(&c.name),
+                ColumnKind::GroupingId => StateColumn::grouping_id(&c.name),
+                ColumnKind::Patients => StateColumn::patients(&c.name),
+                ColumnKind::DistinctCount => StateColumn::distinct(&c.name, aggregate),
+                ColumnKind::State => {
+                    let function = c.name.split('(').next().unwrap_or_default();
+                    let state = c.name.rsplit_once('[').map_or("", |(_, s)| s);
+                    StateColumn::state(&c.name, aggregate, function, state.trim_end_matches(']'))
+                }
+            }
         })
-        .collect()
+        .collect();
+    PartialAnswer {
+        batch: answer.batch.clone(),
+        columns,
+        contributions: None,
+    }
 }
 
 fn federation(c: &mut Criterion) {
@@ -187,13 +202,13 @@ fn federation(c: &mut Criterion) {
     let answer = rt
         .block_on(fx.engines[0].answer(&request(sql), TODAY))
         .expect("answer");
-    let roles = roles_of(&answer.meta);
+    let partial = described(&answer);
     let rules = trustql_policies::Disclosure {
         min_patients: 1,
         ..Default::default()
     };
     group.bench_function(BenchmarkId::new("protect", answer.batch.num_rows()), |b| {
-        b.iter(|| protect(&answer.batch, &roles, &rules, 1_000_000).expect("protect"))
+        b.iter(|| protect(&partial, &rules, 1_000_000).expect("protect"))
     });
     group.finish();
 

@@ -25,7 +25,7 @@ async fn the_panel_plans_and_releases_as_recorded() {
     for (name, sql) in CANCER_PANEL {
         let request = panel_request(name, sql);
         let plan = node.explain(&request, TODAY).await.expect("plan");
-        insta::assert_snapshot!(format!("plan_{name}"), plan.replace(&root, "<data>"), sql);
+        insta::assert_snapshot!(format!("plan_{name}"), plan.replace(root, "<data>"), sql);
 
         let answer = node.answer(&request, TODAY).await.expect("answer");
         // Rows in key order: the node's own order depends on hashing.

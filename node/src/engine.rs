@@ -8,15 +8,12 @@
 //! row per record). States that hold values (COUNT(DISTINCT) sets) are finished here into
 //! counts; disclosure control then runs on the per-group states before anything leaves.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{Array, ArrayRef, AsArray, Float64Array, RecordBatch};
+use arrow::array::{ArrayRef, AsArray, RecordBatch};
 use arrow::compute::{cast, concat_batches};
-use arrow::datatypes::Float64Type;
 use arrow::datatypes::{DataType, Field, Schema};
-use arrow::row::{RowConverter, SortField};
 use datafusion::common::tree_node::Transformed;
 use datafusion::common::{Column, DataFusionError};
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
@@ -32,15 +29,15 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use trustql_budget::Ledger;
 use trustql_policies::{
-    ApprovedPolicy, ColumnRole, PATIENT_COUNT_CAP, Refusal, Rule, aggregate_of, authorise,
-    locked_session, protect, vet_sql,
+    ApprovedPolicy, Contributions, Needs, PATIENT_COUNT_CAP, PartialAnswer, Refusal, ReleaseReport,
+    Rule, SdcNeeds, Source, StateColumn, Terms, aggregate_of, authorise, locked_session, needs,
+    release, vet_sql,
 };
 use trustql_schemas::{TrustSchema, check_site, table_path};
-use trustql_wire::{
-    ANSWER_META_KEY, AnswerColumn, AnswerMeta, ColumnKind, PATIENTS_COLUMN, SiteRequest, Withheld,
-};
+use trustql_wire::{AnswerColumn, AnswerMeta, ColumnKind, PATIENTS_COLUMN, SiteRequest, Withheld};
 
 use crate::config::Limits;
+use crate::dp::{DpStart, with_meta};
 use crate::error::NodeError;
 use crate::patient_order::OrderedFiles;
 use crate::patients::{PATIENT_COUNT, by_patient, counted_directly, in_runs, patient_count};
@@ -195,7 +192,8 @@ impl SiteEngine {
         &self.policy
     }
 
-    /// Answers one site request, or says why not.
+    /// Answers one site request, or says why not: vet, decide what the release needs, run the
+    /// partial aggregation, release through `policies`, charge a DP release, in one path.
     pub async fn answer(&self, request: &SiteRequest, today: i32) -> Result<SiteAnswer, NodeError> {
         // One limit for the whole request, however many plans it runs.
         let started = tokio::time::Instant::now();
@@ -212,141 +210,107 @@ impl SiteEngine {
         let Some(aggregate) = aggregate_of(&plan) else {
             return Err(Refusal::new(Rule::NotAggregate, "no aggregation found").into());
         };
-        let Some(patient_key) = vetted.patient_key.clone() else {
-            return Err(Refusal::new(
-                Rule::Unsupported,
-                "the query must read a table holding the patient key (sim_av_patient, \
-                 sim_av_tumour, sim_sact_regimen or an RTDS table) so patients can be counted; \
-                 join sim_sact_regimen for cycles, drugs and outcomes",
-            )
-            .into());
+        let terms = Terms {
+            epsilon: request.epsilon,
+            preview: request.preview,
         };
+        let needs = needs(
+            policy,
+            project,
+            &self.schema,
+            aggregate,
+            &optimized,
+            &vetted,
+            terms,
+        )?;
+        let plan_fingerprint = fingerprint(&optimized);
         let vetting = started.elapsed();
-        if let Some(dp) = project.dp {
-            let mut answer = self
-                .answer_dp(
-                    request,
-                    &project.id,
-                    dp,
-                    aggregate,
-                    &optimized,
-                    &vetted,
-                    &patient_key,
-                    deadline,
-                )
-                .await?;
-            answer.timings.vetting = vetting;
-            return Ok(answer);
-        }
-        if request.preview {
-            return Err(Refusal::new(
-                Rule::Unsupported,
-                "a preview tells the cost of a differentially private query; this project is \
-                 not in differential-privacy mode here, so its queries cost no budget",
-            )
-            .into());
-        }
+
+        // A DP release checks, releases and records as one step, or repeats a recorded one.
+        let turn = match &needs {
+            Needs::Dp(dp) => match self
+                .begin_dp(request, &project.id, dp, &plan_fingerprint, deadline)
+                .await?
+            {
+                DpStart::Repeat(answer) => return Ok(*answer),
+                DpStart::Turn(turn) => Some(turn),
+            },
+            Needs::Sdc(_) => None,
+        };
 
         let executing = tokio::time::Instant::now();
-        let (batch, columns, roles) = self
-            // Thresholds need no more patients than twice the largest any rule may set.
-            .run_partial(
-                aggregate,
-                &patient_key,
-                Some(PATIENT_COUNT_CAP),
-                deadline,
-                true,
-            )
+        let (run, cap, execute) = match &needs {
+            Needs::Sdc(sdc) => (aggregate, Some(sdc.patient_cap), true),
+            // The count is released with noise here, so it is exact.
+            Needs::Dp(dp) => (&dp.bounded.aggregate, None, !dp.preview),
+        };
+        let mut partial = self
+            .run_partial(run, needs.patient_key(), cap, deadline, execute)
             .await?;
+        if let Needs::Sdc(sdc) = &needs
+            && !sdc.contributions.is_empty()
+        {
+            partial.contributions = Some(self.contributions(deadline, aggregate, sdc).await?);
+        }
         let execution = executing.elapsed();
 
         let protecting = tokio::time::Instant::now();
-        let (batch, roles) = self
-            .add_top_contributions(deadline, aggregate, &patient_key, batch, roles, &columns)
-            .await?;
-        let protected = protect(
-            &batch,
-            &roles,
-            &self.policy.policy.disclosure,
-            self.policy.policy.query.max_groups,
-        )?;
+        let released = release(policy, &needs, &partial).map_err(NodeError::from)?;
+        let columns: Vec<AnswerColumn> = partial.columns.iter().map(wire_column).collect();
+        let (withheld, dp) = match (&released.report, &turn) {
+            (ReleaseReport::Sdc(report), _) => (
+                Withheld {
+                    small: report.small,
+                    dominated: report.dominated,
+                    whole_margin: report.whole_margin,
+                    margin_of_withheld: report.margin_of_withheld,
+                },
+                None,
+            ),
+            // Nothing is said about groups not released: their number would tell how many
+            // rare groups exist.
+            (ReleaseReport::Dp(report), Some(turn)) => {
+                (Withheld::default(), Some(turn.meta(report)))
+            }
+            (ReleaseReport::Dp(_), None) => return Err(NodeError::Execution),
+        };
         let meta = AnswerMeta {
             trust: self.trust.clone(),
             request_id: request.request_id.clone(),
-            policy_version: self.policy.policy.policy.version.clone(),
+            policy_version: policy.policy.version.clone(),
             policy_hash: self.policy.hash.clone(),
-            released: protected.report.released,
-            withheld: Withheld {
-                small: protected.report.small,
-                dominated: protected.report.dominated,
-                whole_margin: protected.report.whole_margin,
-                margin_of_withheld: protected.report.margin_of_withheld,
-            },
+            released: released.batch.num_rows(),
+            withheld,
             columns,
-            dp: None,
+            dp,
         };
-        let schema = protected
-            .batch
-            .schema()
-            .as_ref()
-            .clone()
-            .with_metadata([(ANSWER_META_KEY.to_string(), meta.to_json())].into());
-        let batch = protected
-            .batch
-            .with_schema(Arc::new(schema))
-            .map_err(|_| NodeError::Execution)?;
-        let protection = protecting.elapsed();
-        Ok(SiteAnswer {
+        let batch = with_meta(released.batch, &meta)?;
+        let answer = SiteAnswer {
             batch,
             meta,
-            plan_fingerprint: fingerprint(&optimized),
+            plan_fingerprint,
             timings: Timings {
                 vetting,
                 execution,
-                protection,
+                protection: protecting.elapsed(),
             },
-        })
+        };
+        match turn {
+            Some(turn) => self.charge(turn, request, answer).await,
+            None => Ok(answer),
+        }
     }
 
-    /// When the policy has a dominance rule (n, k), adds for each SUM state a column with the
-    /// sum of the `n` largest per-patient contributions in its group (used here, never
-    /// released); otherwise returns the batch as it is.
-    async fn add_top_contributions(
+    /// For each aggregate in `sdc.contributions`, each patient's sum of its argument per group
+    /// (the dominance rule's input; used in the release, never released).
+    async fn contributions(
         &self,
         deadline: tokio::time::Instant,
         aggregate: &Aggregate,
-        patient_key: &Column,
-        batch: RecordBatch,
-        mut roles: Vec<ColumnRole>,
-        columns: &[AnswerColumn],
-    ) -> Result<(RecordBatch, Vec<ColumnRole>), NodeError> {
-        let Some(dominance) = self.policy.policy.disclosure.dominance else {
-            return Ok((batch, roles));
-        };
-        if !roles.iter().any(|r| matches!(r, ColumnRole::Sum { .. })) {
-            return Ok((batch, roles));
-        }
-        if aggregate
-            .group_expr
-            .iter()
-            .any(|e| matches!(e, Expr::GroupingSet(_)))
-        {
-            return Err(Refusal::new(
-                Rule::Unsupported,
-                "this trust applies a dominance rule to sums, which TrustQL does not evaluate on \
-                 ROLLUP, CUBE or GROUPING SETS yet; group without them",
-            )
-            .into());
-        }
-        // (answer column, aggregate index) of every sum state.
-        let sums: Vec<(usize, usize)> = roles
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| matches!(r, ColumnRole::Sum { .. }))
-            .filter_map(|(c, _)| columns.get(c).and_then(|col| col.aggregate).map(|a| (c, a)))
-            .collect();
-        let mut contributions = Vec::with_capacity(sums.len());
-        for (j, (_, a)) in sums.iter().enumerate() {
+        sdc: &SdcNeeds,
+    ) -> Result<Contributions, NodeError> {
+        let mut sums = Vec::with_capacity(sdc.contributions.len());
+        for (j, a) in sdc.contributions.iter().enumerate() {
             let argument = match aggregate
                 .aggr_expr
                 .get(*a)
@@ -360,91 +324,17 @@ impl SiteEngine {
                 _ => None,
             }
             .ok_or(NodeError::Execution)?;
-            contributions.push(sum(argument).alias(format!("__trustql_contribution_{j}")));
+            sums.push(sum(argument).alias(format!("__trustql_contribution_{j}")));
         }
         let mut group_expr = aggregate.group_expr.clone();
-        group_expr.push(Expr::Column(patient_key.clone()));
+        group_expr.push(Expr::Column(sdc.patient_key.clone()));
         let physical = self
-            .plan_aggregate(aggregate.input.clone(), group_expr, contributions)
+            .plan_aggregate(aggregate.input.clone(), group_expr, sums)
             .await?;
-        let rows = self.collect(physical, deadline).await?;
-
-        // Match groups by their keys, encoded alike on both sides.
-        let key_columns: Vec<usize> = roles
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| **r == ColumnRole::Key)
-            .map(|(i, _)| i)
-            .collect();
-        let fields: Vec<SortField> = key_columns
-            .iter()
-            .map(|&i| SortField::new(batch.column(i).data_type().clone()))
-            .collect();
-        let converter = RowConverter::new(fields).map_err(|_| NodeError::Execution)?;
-        let answer_keys: Vec<ArrayRef> = key_columns
-            .iter()
-            .map(|&i| batch.column(i).clone())
-            .collect();
-        let patient_keys = key_columns
-            .iter()
-            .enumerate()
-            .map(|(k, &i)| cast(rows.column(k), batch.column(i).data_type()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| NodeError::Execution)?;
-        let answer_rows = converter
-            .convert_columns(&answer_keys)
-            .map_err(|_| NodeError::Execution)?;
-        let patient_rows = converter
-            .convert_columns(&patient_keys)
-            .map_err(|_| NodeError::Execution)?;
-        let mut by_group: HashMap<Vec<u8>, Vec<Vec<f64>>> = HashMap::new();
-        let first = key_columns.len() + 1;
-        let values = (0..sums.len())
-            .map(|j| cast(rows.column(first + j), &DataType::Float64))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| NodeError::Execution)?;
-        for row in 0..rows.num_rows() {
-            let entry = by_group
-                .entry(patient_rows.row(row).as_ref().to_vec())
-                .or_insert_with(|| vec![Vec::new(); sums.len()]);
-            for (j, v) in values.iter().enumerate() {
-                let v = v.as_primitive::<Float64Type>();
-                if v.is_valid(row) {
-                    entry[j].push(v.value(row).abs());
-                }
-            }
-        }
-        let mut fields: Vec<Field> = batch
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
-        let mut arrays: Vec<ArrayRef> = batch.columns().to_vec();
-        for (j, (column, _)) in sums.iter().enumerate() {
-            let tops: Float64Array = (0..batch.num_rows())
-                .map(|row| {
-                    by_group.get(answer_rows.row(row).as_ref()).map(|lists| {
-                        let mut list = lists[j].clone();
-                        list.sort_by(|a, b| b.total_cmp(a));
-                        list.iter().take(dominance.n as usize).sum::<f64>()
-                    })
-                })
-                .collect();
-            roles[*column] = ColumnRole::Sum {
-                top: Some(arrays.len()),
-            };
-            roles.push(ColumnRole::Top);
-            fields.push(Field::new(
-                format!("__trustql_top_{j}"),
-                DataType::Float64,
-                true,
-            ));
-            arrays.push(Arc::new(tops));
-        }
-        let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
-            .map_err(|_| NodeError::Execution)?;
-        Ok((batch, roles))
+        Ok(Contributions {
+            batch: self.collect(physical, deadline).await?,
+            aggregates: sdc.contributions.clone(),
+        })
     }
 
     /// Runs a plan to one batch, within the request's deadline and the memory pool.
@@ -491,7 +381,7 @@ impl SiteEngine {
         cap: Option<u64>,
         deadline: tokio::time::Instant,
         execute: bool,
-    ) -> Result<(RecordBatch, Vec<AnswerColumn>, Vec<ColumnRole>), NodeError> {
+    ) -> Result<PartialAnswer, NodeError> {
         let reduce = self.reduced_plan(aggregate, patient_key, cap).await?;
         self.run(reduce, deadline, execute).await
     }
@@ -544,13 +434,13 @@ impl SiteEngine {
     }
 
     /// Runs the reduced partial aggregate (or, without `execute`, takes no rows); finishes
-    /// distinct sets into counts.
+    /// distinct sets into counts, and describes every column for the release.
     async fn run(
         &self,
         plan: Arc<AggregateExec>,
         deadline: tokio::time::Instant,
         execute: bool,
-    ) -> Result<(RecordBatch, Vec<AnswerColumn>, Vec<ColumnRole>), NodeError> {
+    ) -> Result<PartialAnswer, NodeError> {
         let schema = plan.schema();
         let layout = layout(&plan)?;
         let batch = if execute {
@@ -561,67 +451,43 @@ impl SiteEngine {
 
         let mut fields = Vec::with_capacity(batch.num_columns());
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
-        let mut columns = Vec::new();
-        let mut roles = Vec::new();
+        let mut columns = Vec::with_capacity(batch.num_columns());
         for (index, slot) in layout.into_iter().enumerate() {
-            let field = schema.field(index);
+            let name = schema.field(index).name().clone();
             let array = batch.column(index);
-            let name = field.name().clone();
-            let (kind, role, array, name, aggregate) = match slot {
-                Slot::Key => (ColumnKind::Key, ColumnRole::Key, array.clone(), name, None),
-                Slot::GroupingId => (
-                    ColumnKind::GroupingId,
-                    ColumnRole::GroupingId,
-                    array.clone(),
-                    name,
-                    None,
-                ),
-                Slot::Patients => (
-                    ColumnKind::Patients,
-                    ColumnRole::Patients,
-                    array.clone(),
-                    PATIENTS_COLUMN.to_string(),
-                    None,
-                ),
-                Slot::DistinctPatients(aggregate) => (
-                    ColumnKind::DistinctCount,
-                    ColumnRole::Count,
-                    array.clone(),
-                    name,
-                    Some(aggregate),
-                ),
-                Slot::Distinct(aggregate) => (
-                    ColumnKind::DistinctCount,
-                    ColumnRole::Count,
-                    distinct_counts(array)?,
-                    name,
-                    Some(aggregate),
-                ),
-                Slot::State(role, aggregate) => (
-                    ColumnKind::State,
-                    role,
-                    array.clone(),
-                    name,
-                    Some(aggregate),
-                ),
+            let (column, array) = match slot {
+                Slot::Key => (StateColumn::key(name), array.clone()),
+                Slot::GroupingId => (StateColumn::grouping_id(name), array.clone()),
+                Slot::Patients => (StateColumn::patients(PATIENTS_COLUMN), array.clone()),
+                Slot::DistinctPatients(a) => (StateColumn::distinct(name, a), array.clone()),
+                Slot::Distinct(a) => (StateColumn::distinct(name, a), distinct_counts(array)?),
+                Slot::State {
+                    aggregate,
+                    function,
+                } => {
+                    let state = state_suffix(&name).to_string();
+                    (
+                        StateColumn::state(name, aggregate, function, state),
+                        array.clone(),
+                    )
+                }
             };
-            fields.push(Field::new(&name, array.data_type().clone(), true));
+            fields.push(Field::new(&column.name, array.data_type().clone(), true));
             arrays.push(array);
-            columns.push(AnswerColumn {
-                name,
-                kind,
-                aggregate,
-            });
-            roles.push(role);
+            columns.push(column);
         }
         let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
             .map_err(|_| NodeError::Execution)?;
-        Ok((batch, columns, roles))
+        Ok(PartialAnswer {
+            batch,
+            columns,
+            contributions: None,
+        })
     }
 }
 
 /// What each output column of the reduced partial aggregate is.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Slot {
     Key,
     GroupingId,
@@ -629,7 +495,10 @@ enum Slot {
     /// The researcher's COUNT(DISTINCT <patient key>), counted as patients.
     DistinctPatients(usize),
     Distinct(usize),
-    State(ColumnRole, usize),
+    State {
+        aggregate: usize,
+        function: String,
+    },
 }
 
 fn layout(plan: &AggregateExec) -> Result<Vec<Slot>, NodeError> {
@@ -669,22 +538,32 @@ fn layout(plan: &AggregateExec) -> Result<Vec<Slot>, NodeError> {
             slots.push(Slot::Distinct(i));
             continue;
         }
-        for state in states {
-            let suffix = state_suffix(state.name());
-            // Only COUNT's own count is a released frequency and is rounded; the count inside
-            // AVG/VAR states is their denominator, and rounding it would bias every mean.
-            let role = match (name.as_str(), suffix) {
-                ("count", "count") => ColumnRole::Count,
-                ("sum" | "avg", "sum") => ColumnRole::Sum { top: None },
-                _ => ColumnRole::Other,
-            };
-            slots.push(Slot::State(role, i));
+        for _ in states {
+            slots.push(Slot::State {
+                aggregate: i,
+                function: name.clone(),
+            });
         }
     }
     if slots.len() != plan.schema().fields().len() {
         return Err(NodeError::Execution);
     }
     Ok(slots)
+}
+
+/// How the coordinator sees a column of the answer.
+fn wire_column(column: &StateColumn) -> AnswerColumn {
+    AnswerColumn {
+        name: column.name.clone(),
+        kind: match column.source {
+            Source::Key => ColumnKind::Key,
+            Source::GroupingId => ColumnKind::GroupingId,
+            Source::Patients => ColumnKind::Patients,
+            Source::DistinctCount => ColumnKind::DistinctCount,
+            Source::State => ColumnKind::State,
+        },
+        aggregate: column.aggregate,
+    }
 }
 
 /// `count` of a state column named `avg(x)[count]`.

@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use trustql_policies::Refusal;
+use trustql_policies::{Refusal, ReleaseError};
 
 /// Errors of a TrustQL node.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,10 @@ pub enum NodeError {
     /// The query failed while running (details are in the node's log, never in the answer).
     #[error("the query could not be completed at this trust")]
     Execution,
+    /// A fault inside protection: a failure, not a policy decision. Nothing was released; the
+    /// cause is in the node's log, never in the answer.
+    #[error("the trust could not protect the answer, so nothing was released")]
+    Internal(String),
     /// The audit log could not be written; no answer is released without its record.
     #[error("the audit log could not be written: {0}")]
     Audit(String),
@@ -61,6 +65,17 @@ pub enum NodeError {
 impl From<Refusal> for NodeError {
     fn from(r: Refusal) -> Self {
         NodeError::Refused(r)
+    }
+}
+
+impl From<ReleaseError> for NodeError {
+    fn from(e: ReleaseError) -> Self {
+        match e {
+            ReleaseError::Refused(r) => NodeError::Refused(r),
+            ReleaseError::Internal(_) | ReleaseError::Noise(_) => {
+                NodeError::Internal(e.to_string())
+            }
+        }
     }
 }
 
@@ -85,7 +100,7 @@ impl NodeError {
             NodeError::BadRequest(_) => Status::invalid_argument(self.to_string()),
             NodeError::Timeout(_) => Status::deadline_exceeded(self.to_string()),
             NodeError::Memory | NodeError::Busy => Status::resource_exhausted(self.to_string()),
-            NodeError::Execution => Status::internal(self.to_string()),
+            NodeError::Execution | NodeError::Internal(_) => Status::internal(self.to_string()),
             // Not `unavailable`: that code means the transport failed, and the coordinator
             // reports it as an unreachable node.
             NodeError::Audit(_) => Status::aborted(
@@ -94,7 +109,12 @@ impl NodeError {
             NodeError::Budget(_) => Status::aborted(
                 "the trust cannot record privacy spending right now, so nothing was released",
             ),
-            _ => Status::internal("the trust could not answer"),
+            // Set-up errors never reach a researcher's request; if one does, say nothing of it.
+            NodeError::Config(_)
+            | NodeError::BadData { .. }
+            | NodeError::Policy(_)
+            | NodeError::Tls(_)
+            | NodeError::Io { .. } => Status::internal("the trust could not answer"),
         }
     }
 }

@@ -5,20 +5,21 @@
 //! - [`locked_session`] / [`plan_sql`]: a DataFusion session with only allow-listed functions
 //!   and no statements, for planning researcher SQL.
 //! - [`vet_plan`]: the rules a query must pass, checked on DataFusion's logical plans.
-//! - [`protect`]: disclosure control (suppression, rounding, dominance) on partial states.
-//! - [`bound_contributions`] and [`add_noise`]: differential privacy, bounding what one patient
-//!   brings to a query and adding OpenDP's calibrated noise.
+//! - [`needs`] and [`release`]: the release contract. What the node must compute for a query,
+//!   and the only way its partial answer becomes releasable: disclosure control ([`protect`]:
+//!   suppression, rounding, dominance) or differential privacy ([`bound_contributions`],
+//!   OpenDP's noise, the [`Budget`]). [`TotalsRules`] are the coordinator's merged totals.
 //!
 //! Nothing here talks to the network; the node wraps it.
 
 mod approval;
 mod contribution;
 mod date;
-mod disclosure;
 mod error;
 mod noise;
 mod policy;
 mod refusal;
+mod release;
 mod session;
 mod vet;
 
@@ -29,7 +30,6 @@ pub use contribution::{
     BoundedQuery, Clamp, DP_AGGREGATES, MOMENT_AGGREGATES, bound_contributions,
 };
 pub use date::{now_rfc3339, parse_date, today};
-pub use disclosure::{ColumnRole, DisclosureReport, Protected, protect, round};
 pub use error::PolicyError;
 pub use noise::{NoiseReport, Noisy, Released, Selection, add_noise};
 pub use policy::{
@@ -37,5 +37,10 @@ pub use policy::{
     PATIENT_COUNT_CAP, Policy, Project, ProjectDp, QueryRules, Rounding, SHIPPABLE_AGGREGATES,
 };
 pub use refusal::{Refusal, Rule};
+pub use release::{
+    AnswerProtection, Budget, Contributions, DisclosureReport, DpNeeds, DpReport, Moment, Needs,
+    NoisyColumn, PartialAnswer, Protected, Release, ReleaseError, ReleaseReport, Role, SdcNeeds,
+    Source, StateColumn, Terms, TotalsRules, needs, protect, release, round, round_count,
+};
 pub use session::{ALLOWED_SCALAR_FUNCTIONS, locked_session, plan_sql, sql_options};
 pub use vet::{Vetted, aggregate_of, authorise, vet_plan, vet_sql, vet_text};

@@ -7,8 +7,8 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Int64Type, Schema};
 use trustql_policies::{
-    ColumnRole, Disclosure, Dominance, MAX_MIN_PATIENTS, PATIENT_COUNT_CAP, Rounding, Rule,
-    protect, round,
+    Contributions, Disclosure, Dominance, MAX_MIN_PATIENTS, PATIENT_COUNT_CAP, PartialAnswer,
+    ReleaseError, Rounding, Rule, StateColumn, TotalsRules, protect, round, round_count,
 };
 
 fn batch(columns: Vec<(&str, ArrayRef)>) -> RecordBatch {
@@ -39,6 +39,42 @@ fn keys(b: &RecordBatch, column: usize) -> Vec<Option<String>> {
         .collect()
 }
 
+fn key() -> StateColumn {
+    StateColumn::key("k")
+}
+
+fn patients() -> StateColumn {
+    StateColumn::patients("patients")
+}
+
+fn count() -> StateColumn {
+    StateColumn::state("count(*)[count]", 0, "count", "count")
+}
+
+fn sum() -> StateColumn {
+    StateColumn::state("sum(x)[sum]", 1, "sum", "sum")
+}
+
+fn gid() -> StateColumn {
+    StateColumn::grouping_id("__grouping_id")
+}
+
+/// The batch with its columns described, as the node hands it over.
+fn described(b: &RecordBatch, columns: &[StateColumn]) -> PartialAnswer {
+    PartialAnswer {
+        batch: b.clone(),
+        columns: columns.to_vec(),
+        contributions: None,
+    }
+}
+
+fn refusal(e: ReleaseError) -> trustql_policies::Refusal {
+    match e {
+        ReleaseError::Refused(r) => r,
+        other => panic!("expected a refusal, got {other}"),
+    }
+}
+
 fn no_rounding() -> Disclosure {
     Disclosure {
         rounding: Rounding::None,
@@ -54,8 +90,8 @@ fn groups_below_the_minimum_are_withheld() {
         ("patients", ints(&[120, 10, 9])),
         ("count", ints(&[130, 11, 9])),
     ]);
-    let roles = [ColumnRole::Key, ColumnRole::Patients, ColumnRole::Count];
-    let out = protect(&b, &roles, &no_rounding(), 100).expect("protect");
+    let roles = [key(), patients(), count()];
+    let out = protect(&described(&b, &roles), &no_rounding(), 100).expect("protect");
     assert_eq!(
         keys(&out.batch, 0),
         vec![Some("C50".into()), Some("C34".into())]
@@ -76,19 +112,14 @@ fn counts_and_patient_counts_are_rounded() {
             Arc::new(Float64Array::from(vec![8123.0, 1200.5])),
         ),
     ]);
-    let roles = [
-        ColumnRole::Key,
-        ColumnRole::Patients,
-        ColumnRole::Count,
-        ColumnRole::Sum { top: None },
-    ];
+    let roles = [key(), patients(), count(), sum()];
     let rules = Disclosure {
         rounding: Rounding::Base,
         rounding_base: 5,
         withhold_whole_margin_cells: false,
         ..Disclosure::default()
     };
-    let out = protect(&b, &roles, &rules, 100).expect("protect");
+    let out = protect(&described(&b, &roles), &rules, 100).expect("protect");
     let counts: Vec<i64> = out
         .batch
         .column(2)
@@ -111,7 +142,7 @@ fn counts_and_patient_counts_are_rounded() {
         withhold_whole_margin_cells: false,
         ..Disclosure::default()
     };
-    let out = protect(&b, &roles, &m6, 100).expect("protect");
+    let out = protect(&described(&b, &roles), &m6, 100).expect("protect");
     let counts: Vec<i64> = out
         .batch
         .column(2)
@@ -123,40 +154,43 @@ fn counts_and_patient_counts_are_rounded() {
 }
 
 #[test]
-fn dominated_sums_are_withheld_and_the_helper_column_dropped() {
+fn dominated_sums_are_withheld_by_their_largest_contributions() {
     let b = batch(vec![
         ("drug", strings(&[Some("A"), Some("B")])),
         ("patients", ints(&[50, 50])),
         ("dose", Arc::new(Float64Array::from(vec![1000.0, 1000.0]))),
-        ("dose_top", Arc::new(Float64Array::from(vec![950.0, 300.0]))),
     ]);
-    let roles = [
-        ColumnRole::Key,
-        ColumnRole::Patients,
-        ColumnRole::Sum { top: Some(3) },
-        ColumnRole::Top,
-    ];
+    // A: three patients give 500, 450 and 50 (the two largest are 95%); B: ten give 100 each.
+    let mut drug = vec![Some("A"); 3];
+    drug.extend([Some("B"); 10]);
+    let mut dose = vec![500.0, 450.0, 50.0];
+    dose.extend([100.0; 10]);
+    let per_patient = batch(vec![
+        ("drug", strings(&drug)),
+        ("patientid", ints(&(0..13).collect::<Vec<i64>>())),
+        ("dose", Arc::new(Float64Array::from(dose))),
+    ]);
+    let mut answer = described(&b, &[key(), patients(), sum()]);
+    answer.contributions = Some(Contributions {
+        batch: per_patient,
+        aggregates: vec![1],
+    });
     let rules = Disclosure {
         dominance: Some(Dominance { n: 2, k: 90.0 }),
         ..no_rounding()
     };
-    let out = protect(&b, &roles, &rules, 100).expect("protect");
+    let out = protect(&answer, &rules, 100).expect("protect");
     assert_eq!(keys(&out.batch, 0), vec![Some("B".into())]);
     assert_eq!(out.report.dominated, 1);
-    assert_eq!(
-        out.batch.num_columns(),
-        3,
-        "the largest-contribution column never leaves"
-    );
+    assert_eq!(out.batch.num_columns(), 3, "no helper column leaves");
 
-    // A dominance rule without the contributions it needs is an error, not a silent release.
-    let roles = [
-        ColumnRole::Key,
-        ColumnRole::Patients,
-        ColumnRole::Sum { top: None },
-        ColumnRole::Other,
-    ];
-    assert!(protect(&b, &roles, &rules, 100).is_err());
+    // A dominance rule without the contributions it needs is a fault, not a silent release
+    // and not a refusal.
+    answer.contributions = None;
+    assert!(matches!(
+        protect(&answer, &rules, 100),
+        Err(ReleaseError::Internal(_))
+    ));
 }
 
 #[test]
@@ -168,12 +202,12 @@ fn a_group_holding_its_whole_margin_is_withheld() {
         ("vital", strings(&[Some("D"), Some("A"), Some("D")])),
         ("patients", ints(&[40, 300, 25])),
     ]);
-    let roles = [ColumnRole::Key, ColumnRole::Key, ColumnRole::Patients];
+    let roles = [key(), key(), patients()];
     let rules = Disclosure {
         withhold_whole_margin_cells: true,
         ..no_rounding()
     };
-    let out = protect(&b, &roles, &rules, 100).expect("protect");
+    let out = protect(&described(&b, &roles), &rules, 100).expect("protect");
     assert_eq!(out.report.whole_margin, 2);
     assert_eq!(keys(&out.batch, 0), vec![Some("C50".into())]);
     assert_eq!(keys(&out.batch, 1), vec![Some("D".into())]);
@@ -183,8 +217,7 @@ fn a_group_holding_its_whole_margin_is_withheld() {
         ("vital", strings(&[Some("D")])),
         ("patients", ints(&[40])),
     ]);
-    let out =
-        protect(&one, &[ColumnRole::Key, ColumnRole::Patients], &rules, 100).expect("protect");
+    let out = protect(&described(&one, &[key(), patients()]), &rules, 100).expect("protect");
     assert_eq!(out.report.whole_margin, 1);
     assert_eq!(out.batch.num_rows(), 0);
 }
@@ -216,13 +249,8 @@ fn rollup_margins_of_a_withheld_cell_are_withheld() {
         ),
         ("patients", ints(&[30, 5, 35, 20, 25, 45, 80])),
     ]);
-    let roles = [
-        ColumnRole::Key,
-        ColumnRole::Key,
-        ColumnRole::GroupingId,
-        ColumnRole::Patients,
-    ];
-    let out = protect(&b, &roles, &no_rounding(), 100).expect("protect");
+    let roles = [key(), key(), gid(), patients()];
+    let out = protect(&described(&b, &roles), &no_rounding(), 100).expect("protect");
     assert_eq!(out.report.small, 1);
     assert_eq!(
         out.report.margin_of_withheld, 2,
@@ -248,14 +276,8 @@ fn too_many_groups_is_a_refusal() {
         ("site", strings(&[Some("a"), Some("b"), Some("c")])),
         ("patients", ints(&[50, 50, 50])),
     ]);
-    let err = protect(
-        &b,
-        &[ColumnRole::Key, ColumnRole::Patients],
-        &no_rounding(),
-        2,
-    )
-    .expect_err("cap");
-    assert_eq!(err.rule, Rule::TooManyGroups);
+    let err = protect(&described(&b, &[key(), patients()]), &no_rounding(), 2).expect_err("cap");
+    assert_eq!(refusal(err).rule, Rule::TooManyGroups);
 }
 
 #[test]
@@ -270,9 +292,9 @@ fn more_than_64_keys_is_a_refusal() {
             .map(|(n, a)| (n.as_str(), a.clone()))
             .collect(),
     );
-    let mut roles = vec![ColumnRole::Key; 65];
-    roles.push(ColumnRole::Patients);
-    let err = protect(&b, &roles, &no_rounding(), 100).expect_err("64 keys");
+    let mut roles = vec![key(); 65];
+    roles.push(patients());
+    let err = refusal(protect(&described(&b, &roles), &no_rounding(), 100).expect_err("64 keys"));
     assert_eq!(err.rule, Rule::Unsupported);
     assert!(err.to_string().contains("64 keys"), "{err}");
 }
@@ -296,4 +318,53 @@ fn a_capped_patient_count_still_passes_every_threshold_after_rounding() {
         ..Disclosure::default()
     };
     assert!(round(cap, &midpoint6) >= highest);
+}
+
+#[test]
+fn the_totals_rounding_expression_is_the_nodes_rounding() {
+    use datafusion::arrow::array::Int64Array as DfInt64;
+    use datafusion::prelude::{SessionContext, col};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let values: Vec<i64> = (-20..=200).collect();
+    for (rounding, base) in [
+        (Rounding::None, 5),
+        (Rounding::Base, 5),
+        (Rounding::Base, 10),
+        (Rounding::Base, 3),
+        (Rounding::Midpoint6, 5),
+    ] {
+        let rules = TotalsRules {
+            min_patients: 0,
+            rounding,
+            rounding_base: base,
+        };
+        let ctx = SessionContext::new();
+        let input = batch(vec![("x", ints(&values))]);
+        let got = runtime.block_on(async {
+            let frame = ctx.read_batch(input).expect("frame");
+            let out = frame
+                .select(vec![rules.rounded(col("x")).alias("r")])
+                .expect("select")
+                .collect()
+                .await
+                .expect("collect");
+            out.iter()
+                .flat_map(|b| {
+                    b.column(0)
+                        .as_any()
+                        .downcast_ref::<DfInt64>()
+                        .expect("ints")
+                        .values()
+                        .to_vec()
+                })
+                .collect::<Vec<i64>>()
+        });
+        let want: Vec<i64> = values
+            .iter()
+            .map(|&x| round_count(x, rounding, base))
+            .collect();
+        assert_eq!(got, want, "{rounding:?} {base}");
+    }
 }

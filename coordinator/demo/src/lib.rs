@@ -8,7 +8,7 @@ use rand::TryRngCore;
 use serde::Serialize;
 use trustql_coordinator::{
     CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, RunningCoordinator, TlsFiles,
-    TotalsConfig, token_hash,
+    TotalsRules, token_hash,
 };
 use trustql_devcerts::DevCa;
 use trustql_node::{Limits, NodeConfig, RunningNode, TlsConfig};
@@ -61,7 +61,7 @@ pub struct DemoOptions {
     /// Run the demo project in differential-privacy mode with this budget at every trust.
     pub dp: Option<DemoDp>,
     /// The coordinator's totals rules, instead of the ones that go with the nodes' policies.
-    pub totals: Option<TotalsConfig>,
+    pub totals: Option<TotalsRules>,
 }
 
 /// With `--dp`: most rows of a table one patient brings to an aggregate (others: 1).
@@ -258,9 +258,9 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
         disclosure: if let Some(totals) = options.totals {
             totals
         } else if options.unprotected || options.dp.is_some() {
-            TotalsConfig::default()
+            TotalsRules::default()
         } else {
-            TotalsConfig {
+            TotalsRules {
                 min_patients: 10,
                 rounding: Rounding::Base,
                 rounding_base: 5,

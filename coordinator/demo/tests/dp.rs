@@ -266,7 +266,7 @@ async fn refused_shapes_say_why() {
 
 #[tokio::test]
 async fn the_federation_totals_rules_do_not_drop_or_round_noisy_answers() {
-    use trustql_coordinator::TotalsConfig;
+    use trustql_coordinator::TotalsRules;
     use trustql_policies::Rounding;
     let fed = launch(&DemoOptions {
         trusts: 2,
@@ -274,7 +274,7 @@ async fn the_federation_totals_rules_do_not_drop_or_round_noisy_answers() {
         seed: 8,
         node_deadline_ms: 10_000,
         dp: Some(DemoDp::default()),
-        totals: Some(TotalsConfig {
+        totals: Some(TotalsRules {
             min_patients: 10,
             rounding: Rounding::Base,
             rounding_base: 5,

@@ -11,4 +11,5 @@ mod error;
 mod merger;
 
 pub use error::MergeError;
-pub use merger::{AggregateOutput, Merger, Prepared, SiteStates, TotalsRules};
+pub use merger::{AggregateOutput, Merger, Prepared, SiteStates};
+pub use trustql_policies::TotalsRules;

@@ -7,21 +7,18 @@ use arrow::array::{ArrayRef, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::catalog::MemTable;
-use datafusion::common::Column;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::functions_aggregate::expr_fn::sum;
 use datafusion::logical_expr::expr::AggregateFunction;
-use datafusion::logical_expr::{
-    Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, cast as cast_expr, lit, when,
-};
+use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, cast as cast_expr, lit};
 use datafusion::optimizer::Optimizer;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::prelude::{SessionConfig, SessionContext};
-use trustql_policies::{Refusal, Rounding, Rule, aggregate_of, locked_session, plan_sql};
+use trustql_policies::{Refusal, Rule, TotalsRules, aggregate_of, locked_session, plan_sql};
 use trustql_schemas::TrustSchema;
 use trustql_wire::{AnswerMeta, ColumnKind, PATIENTS_COLUMN};
 
@@ -36,27 +33,6 @@ pub struct SiteStates {
     pub batch: RecordBatch,
     /// The answer's metadata.
     pub meta: AnswerMeta,
-}
-
-/// Disclosure rules the coordinator applies to the merged totals, on top of every node's own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TotalsRules {
-    /// Fewest distinct patients (summed over trusts) a released total may have.
-    pub min_patients: u64,
-    /// Rounding of merged counts.
-    pub rounding: Rounding,
-    /// Base for [`Rounding::Base`].
-    pub rounding_base: u64,
-}
-
-impl Default for TotalsRules {
-    fn default() -> Self {
-        TotalsRules {
-            min_patients: 0,
-            rounding: Rounding::None,
-            rounding_base: 5,
-        }
-    }
 }
 
 /// Plans against empty tables of the shared schema and finishes nodes' states.
@@ -338,8 +314,7 @@ fn result_columns(plan: &LogicalPlan) -> (Option<Vec<String>>, Vec<AggregateOutp
 
 /// Rewrites the query's aggregate for merging: COUNT(DISTINCT x) arrives as one count per
 /// node and merges as SUM under the same name; with totals rules, the nodes' patient counts
-/// are summed too, totals under the minimum are filtered out and counts are rounded, all
-/// directly above the aggregate so HAVING, ORDER BY and LIMIT see only what is released.
+/// are summed too and the rules ([`TotalsRules::apply`]) apply directly above the aggregate.
 fn federate_aggregate(
     agg: Aggregate,
     distinct: &mut HashSet<String>,
@@ -365,7 +340,7 @@ fn federate_aggregate(
             other => other.clone(),
         })
         .collect::<Vec<_>>();
-    let protect = rules.min_patients > 1 || rules.rounding != Rounding::None;
+    let protect = rules.is_active();
     if distinct.is_empty() && !protect {
         return Ok(Transformed::no(LogicalPlan::Aggregate(agg)));
     }
@@ -373,47 +348,12 @@ fn federate_aggregate(
         // Fed from each node's distinct-patient column.
         aggr_expr.push(sum(lit(1i64)).alias(PATIENTS_COLUMN));
     }
-    let mut plan =
-        LogicalPlan::Aggregate(Aggregate::try_new(agg.input, agg.group_expr, aggr_expr)?);
-    if rules.min_patients > 1 {
-        plan = LogicalPlanBuilder::from(plan)
-            .filter(col_named(PATIENTS_COLUMN).gt_eq(lit(rules.min_patients as i64)))?
-            .build()?;
-    }
-    if rules.rounding != Rounding::None {
-        let exprs = plan
-            .schema()
-            .iter()
-            .map(|(qualifier, field)| {
-                let column = Expr::Column(Column::new(qualifier.cloned(), field.name()));
-                if qualifier.is_none() && counts.contains(field.name()) {
-                    rounded(col_named(field.name()), rules).alias(field.name())
-                } else {
-                    column
-                }
-            })
-            .collect::<Vec<_>>();
-        plan = LogicalPlanBuilder::from(plan).project(exprs)?.build()?;
-    }
-    Ok(Transformed::yes(plan))
-}
-
-fn col_named(name: &str) -> Expr {
-    Expr::Column(Column::new_unqualified(name))
-}
-
-/// The policy's rounding as an expression (the same arithmetic as `trustql_policies::round`).
-fn rounded(count: Expr, rules: &TotalsRules) -> Expr {
-    match rules.rounding {
-        Rounding::None => count,
-        Rounding::Base => {
-            let base = rules.rounding_base.max(1) as i64;
-            ((count + lit(base / 2)) / lit(base)) * lit(base)
-        }
-        Rounding::Midpoint6 => when(count.clone().lt_eq(lit(0i64)), lit(0i64))
-            .otherwise((count + lit(5i64)) / lit(6i64) * lit(6i64) - lit(3i64))
-            .unwrap_or_else(|_| lit(0i64)),
-    }
+    let plan = LogicalPlan::Aggregate(Aggregate::try_new(agg.input, agg.group_expr, aggr_expr)?);
+    Ok(Transformed::yes(rules.apply(
+        plan,
+        &counts,
+        PATIENTS_COLUMN,
+    )?))
 }
 
 fn single_partial(plan: &Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>, MergeError> {

@@ -4,8 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use trustql_merge::TotalsRules;
-use trustql_policies::{MAX_MIN_PATIENTS, Rounding};
+use trustql_policies::TotalsRules;
 
 use crate::error::CoordinatorError;
 
@@ -33,40 +32,7 @@ pub struct CoordinatorConfig {
     pub researchers: Vec<ResearcherEntry>,
     /// Rules applied to the merged totals, on top of every node's own.
     #[serde(default)]
-    pub disclosure: TotalsConfig,
-}
-
-/// `[disclosure]`: rules on the merged totals.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TotalsConfig {
-    /// Fewest distinct patients, summed over trusts, a released total may have.
-    pub min_patients: u64,
-    /// Rounding of merged counts: `none`, `base` or `midpoint6`.
-    pub rounding: Rounding,
-    /// Base for `rounding = "base"`.
-    pub rounding_base: u64,
-}
-
-impl Default for TotalsConfig {
-    fn default() -> Self {
-        TotalsConfig {
-            min_patients: 0,
-            rounding: Rounding::None,
-            rounding_base: 5,
-        }
-    }
-}
-
-impl TotalsConfig {
-    /// The merge's rules.
-    pub fn rules(&self) -> TotalsRules {
-        TotalsRules {
-            min_patients: self.min_patients,
-            rounding: self.rounding,
-            rounding_base: self.rounding_base,
-        }
-    }
+    pub disclosure: TotalsRules,
 }
 
 fn default_deadline() -> u64 {
@@ -194,15 +160,7 @@ impl CoordinatorConfig {
                 self.nodes.len()
             ));
         }
-        if self.disclosure.min_patients > MAX_MIN_PATIENTS {
-            return err(format!(
-                "disclosure.min_patients may be at most {MAX_MIN_PATIENTS} (nodes count patients \
-                 per group up to that)"
-            ));
-        }
-        if self.disclosure.rounding == Rounding::Base && self.disclosure.rounding_base == 0 {
-            return err("disclosure.rounding_base must be positive".into());
-        }
+        self.disclosure.check().or_else(err)?;
         if self.node_deadline_ms == 0 {
             return err("node_deadline_ms must be positive".into());
         }

@@ -11,10 +11,10 @@ use trustql_merge::{Merger, SiteStates};
 use trustql_schemas::TrustSchema;
 use trustql_wire::{Coverage, SiteRequest, TrustCoverage, TrustStatus, Withheld};
 
-use crate::auth::{Caller, Researchers};
-use trustql_policies::Rounding;
+use trustql_policies::{AnswerProtection, TotalsRules};
 
-use crate::config::{CoordinatorConfig, Quorum, TotalsConfig};
+use crate::auth::{Caller, Researchers};
+use crate::config::{CoordinatorConfig, Quorum};
 use crate::error::CoordinatorError;
 use crate::fanout::{NodeLink, Outcome};
 use crate::noise::{NoiseSum, value_intervals};
@@ -41,7 +41,7 @@ pub struct Coordinator {
     deadline: Duration,
     quorum: Quorum,
     researchers: Researchers,
-    totals: TotalsConfig,
+    totals: TotalsRules,
 }
 
 const DISTINCT_NOTE: &str = "COUNT(DISTINCT …) is summed over trusts: a patient treated at two \
@@ -59,8 +59,8 @@ impl Coordinator {
             .map(|n| NodeLink::new(n, &identity))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Coordinator {
-            merger: Merger::new(&schema, config.disclosure.rules())?,
-            dp_merger: Merger::new(&schema, TotalsConfig::default().rules())?,
+            merger: Merger::new(&schema, config.disclosure)?,
+            dp_merger: Merger::new(&schema, TotalsRules::default())?,
             totals: config.disclosure,
             schema,
             links,
@@ -102,18 +102,16 @@ impl Coordinator {
         )
         .await;
 
-        // Answers that are all differentially private merge without the totals rules.
-        let all_dp = outcomes
-            .iter()
-            .filter_map(|o| match o {
-                Outcome::Answered(site) => Some(site.meta.dp.is_some()),
+        // Which totals rules apply depends on how the answers were protected (policies decides).
+        let totals = self
+            .totals
+            .for_answers(outcomes.iter().filter_map(|o| match o {
+                Outcome::Answered(site) if site.meta.dp.is_some() => Some(AnswerProtection::Dp),
+                Outcome::Answered(_) => Some(AnswerProtection::Sdc),
                 Outcome::Not(..) => None,
-            })
-            .reduce(|a, b| a && b)
-            .unwrap_or(false);
+            }));
         // Without totals rules the two mergers plan alike: no need to plan again.
-        let totals = self.totals.min_patients > 1 || self.totals.rounding != Rounding::None;
-        let (merger, prepared) = if all_dp && totals {
+        let (merger, prepared) = if totals != self.totals && self.totals.is_active() {
             (&self.dp_merger, self.dp_merger.prepare(sql).await?)
         } else {
             (&self.merger, prepared)
@@ -145,21 +143,7 @@ impl Coordinator {
         if prepared.counts_distinct() {
             notes.push(DISTINCT_NOTE.to_string());
         }
-        if self.totals.min_patients > 1 && !all_dp {
-            notes.push(format!(
-                "totals with fewer than {} patients across the trusts are withheld",
-                self.totals.min_patients
-            ));
-        }
-        match self.totals.rounding {
-            _ if all_dp => {}
-            Rounding::None => {}
-            Rounding::Base => notes.push(format!(
-                "merged counts are rounded to the nearest {}",
-                self.totals.rounding_base
-            )),
-            Rounding::Midpoint6 => notes.push("merged counts are rounded by midpoint-6".into()),
-        }
+        notes.extend(totals.notes());
         let noise = noise.outputs(prepared.aggregate_outputs());
         if trusts.iter().any(|t| t.dp.is_some()) {
             notes.push(

@@ -16,8 +16,9 @@ mod noise;
 mod server;
 
 pub use auth::{EPSILON_HEADER, PREVIEW_HEADER, PROJECT_HEADER, token_hash};
-pub use config::{CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, TlsFiles, TotalsConfig};
+pub use config::{CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, TlsFiles};
 pub use error::CoordinatorError;
 pub use federation::{Coordinator, FederatedAnswer};
 pub use flight_sql::ResearcherService;
 pub use server::{RunningCoordinator, start};
+pub use trustql_policies::TotalsRules;

@@ -1,0 +1,282 @@
+//! The release contract: every decision about what may leave a trust, and how, behind one
+//! typed API that the node calls and that tests can drive without a server.
+//!
+//! 1. [`needs`]: given the vetted query and the mode the project is in, what the node must
+//!    compute besides the query (the patient count's cap, per-patient contributions for a
+//!    dominance rule, the bounded rewrite and cost for differential privacy), or why the query
+//!    cannot be released at all.
+//! 2. The node runs the partial aggregation and describes each column ([`PartialAnswer`]).
+//! 3. [`release`]: the protected answer and its report; for DP the node writes the charge
+//!    ([`Budget`]) before it lets the answer go.
+//!
+//! The federation's [`TotalsRules`] are the coordinator's side of the same contract.
+
+mod budget;
+mod dp;
+mod sdc;
+mod state;
+mod totals;
+
+use arrow::array::RecordBatch;
+use datafusion::common::Column;
+use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
+use trustql_schemas::TrustSchema;
+
+use crate::contribution::{BoundedQuery, bound_contributions};
+use crate::policy::{PATIENT_COUNT_CAP, Policy, Project, ProjectDp};
+use crate::refusal::{Refusal, Rule};
+use crate::vet::Vetted;
+
+pub use budget::{Budget, SLACK};
+pub use sdc::{DisclosureReport, Protected, protect, round, round_count};
+pub use state::{Contributions, Moment, PartialAnswer, Role, Source, StateColumn};
+pub use totals::{AnswerProtection, TotalsRules};
+
+/// Why a release did not happen: a rule refused it, or something went wrong inside.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    /// A rule refused the release; the reason is for the researcher.
+    #[error("{0}")]
+    Refused(Refusal),
+    /// The answer was not what the release expects (a fault, not a decision): nothing leaves,
+    /// and the node logs and audits it as a failure.
+    #[error("internal fault in the release: {0}")]
+    Internal(&'static str),
+    /// OpenDP could not add the noise (nothing leaves).
+    #[error("differential privacy: {0}")]
+    Noise(String),
+}
+
+impl From<Refusal> for ReleaseError {
+    fn from(r: Refusal) -> Self {
+        ReleaseError::Refused(r)
+    }
+}
+
+/// What the researcher asked for besides the SQL.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Terms {
+    /// A smaller ε than the project's per-query ε, for DP projects.
+    pub epsilon: Option<f64>,
+    /// Only the cost of a DP query: nothing runs, nothing is spent.
+    pub preview: bool,
+}
+
+/// What the node must compute for a release, by mode.
+#[derive(Debug, Clone)]
+pub enum Needs {
+    /// Statistical disclosure control.
+    Sdc(SdcNeeds),
+    /// Differential privacy.
+    Dp(Box<DpNeeds>),
+}
+
+/// What an SDC release needs.
+#[derive(Debug, Clone)]
+pub struct SdcNeeds {
+    /// The column the patients are counted by.
+    pub patient_key: Column,
+    /// Patients need counting only up to this (thresholds and rounding cannot tell more).
+    pub patient_cap: u64,
+    /// The aggregates whose per-patient sums the dominance rule needs ([`Contributions`]);
+    /// empty when it needs none.
+    pub contributions: Vec<usize>,
+    /// The dominance rule's n: how many of the largest contributions it adds up.
+    pub top: u32,
+}
+
+/// What a differentially private release needs.
+#[derive(Debug, Clone)]
+pub struct DpNeeds {
+    /// The column the patients are counted by.
+    pub patient_key: Column,
+    /// The query rewritten so each patient brings a bounded number of rows, with clamps.
+    pub bounded: BoundedQuery,
+    /// The ε this query spends.
+    pub epsilon: f64,
+    /// The δ it spends (only when groups are chosen by threshold).
+    pub delta: f64,
+    /// Whether every key's codes are public and few enough to release all of them.
+    pub public: bool,
+    /// Only the cost: nothing is released or charged.
+    pub preview: bool,
+    /// The project's DP terms at this trust.
+    pub project: ProjectDp,
+}
+
+impl Needs {
+    /// The column the patients are counted by.
+    pub fn patient_key(&self) -> &Column {
+        match self {
+            Needs::Sdc(n) => &n.patient_key,
+            Needs::Dp(n) => &n.patient_key,
+        }
+    }
+}
+
+/// Decides what the node must compute to release `aggregate` (the query's one aggregation,
+/// from the unoptimised plan `vetted` describes) for `project`, or refuses it.
+pub fn needs(
+    policy: &Policy,
+    project: &Project,
+    schema: &TrustSchema,
+    aggregate: &Aggregate,
+    optimized: &LogicalPlan,
+    vetted: &Vetted,
+    terms: Terms,
+) -> Result<Needs, Refusal> {
+    let Some(patient_key) = vetted.patient_key.clone() else {
+        return Err(Refusal::new(
+            Rule::Unsupported,
+            "the query must read a table holding the patient key (sim_av_patient, \
+             sim_av_tumour, sim_sact_regimen or an RTDS table) so patients can be counted; \
+             join sim_sact_regimen for cycles, drugs and outcomes",
+        ));
+    };
+    if let Some(dp) = project.dp {
+        let epsilon = match terms.epsilon {
+            None => dp.epsilon_per_query,
+            Some(e) if e.is_finite() && e > 0.0 && e <= dp.epsilon_per_query + SLACK => e,
+            Some(_) => {
+                return Err(Refusal::new(
+                    Rule::Budget,
+                    format!(
+                        "a query of this project may spend ε above 0 and at most {} at this trust",
+                        dp.epsilon_per_query
+                    ),
+                ));
+            }
+        };
+        let bounded = bound_contributions(schema, &policy.dp, aggregate, optimized, vetted)?;
+        let public = bounded.public_domain.as_ref().is_some_and(|domain| {
+            let size = domain
+                .iter()
+                .fold(1usize, |n, codes| n.saturating_mul(codes.len() + 1));
+            size <= policy.query.max_groups
+        });
+        let delta = if !public && !aggregate.group_expr.is_empty() {
+            dp.delta_per_query
+        } else {
+            0.0
+        };
+        return Ok(Needs::Dp(Box::new(DpNeeds {
+            patient_key,
+            bounded,
+            epsilon,
+            delta,
+            public,
+            preview: terms.preview,
+            project: dp,
+        })));
+    }
+    if terms.preview {
+        return Err(Refusal::new(
+            Rule::Unsupported,
+            "a preview tells the cost of a differentially private query; this project is \
+             not in differential-privacy mode here, so its queries cost no budget",
+        ));
+    }
+    let mut contributions = Vec::new();
+    let mut top = 0;
+    if let Some(dominance) = policy.disclosure.dominance {
+        // SUM's and AVG's sums are the states the dominance rule reads.
+        contributions = aggregate
+            .aggr_expr
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(function_of(e).as_deref(), Some("sum" | "avg")))
+            .map(|(a, _)| a)
+            .collect();
+        top = dominance.n;
+        if !contributions.is_empty()
+            && aggregate
+                .group_expr
+                .iter()
+                .any(|e| matches!(e, Expr::GroupingSet(_)))
+        {
+            return Err(Refusal::new(
+                Rule::Unsupported,
+                "this trust applies a dominance rule to sums, which TrustQL does not evaluate on \
+                 ROLLUP, CUBE or GROUPING SETS yet; group without them",
+            ));
+        }
+    }
+    Ok(Needs::Sdc(SdcNeeds {
+        patient_key,
+        // Thresholds need no more patients than twice the largest any rule may set.
+        patient_cap: PATIENT_COUNT_CAP,
+        contributions,
+        top,
+    }))
+}
+
+/// The aggregate function an aggregate expression calls, lower case.
+fn function_of(expr: &Expr) -> Option<String> {
+    match expr.clone().unalias_nested().data {
+        Expr::AggregateFunction(f) => Some(f.func.name().to_lowercase()),
+        _ => None,
+    }
+}
+
+/// A protected answer, ready to leave the trust.
+#[derive(Debug, Clone)]
+pub struct Release {
+    /// The released groups and states.
+    pub batch: RecordBatch,
+    /// What protection did.
+    pub report: ReleaseReport,
+}
+
+/// What protection did to one answer.
+#[derive(Debug, Clone)]
+pub enum ReleaseReport {
+    /// Groups withheld and why.
+    Sdc(DisclosureReport),
+    /// The noise added.
+    Dp(DpReport),
+}
+
+/// The noise of a differentially private release.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DpReport {
+    /// The noisy patient count a group needed, when groups were chosen by threshold.
+    pub threshold: Option<i64>,
+    /// Every noisy column's Laplace scale.
+    pub noise: Vec<NoisyColumn>,
+}
+
+/// One noisy column of a release.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NoisyColumn {
+    /// Its index in the answer.
+    pub column: usize,
+    /// Laplace scale (standard deviation is scale × √2).
+    pub scale: f64,
+    /// For a variance's mean and m2: the centre its moments were taken about.
+    pub centre: Option<f64>,
+}
+
+/// Protects `answer` as `needs` says: the only way a partial answer becomes releasable.
+pub fn release(
+    policy: &Policy,
+    needs: &Needs,
+    answer: &PartialAnswer,
+) -> Result<Release, ReleaseError> {
+    let max_groups = policy.query.max_groups;
+    match needs {
+        Needs::Sdc(_) => {
+            let protected = protect(answer, &policy.disclosure, max_groups)?;
+            Ok(Release {
+                batch: protected.batch,
+                report: ReleaseReport::Sdc(protected.report),
+            })
+        }
+        Needs::Dp(needs) => {
+            let (batch, report) = dp::release_dp(needs, answer, max_groups)?;
+            Ok(Release {
+                batch,
+                report: ReleaseReport::Dp(report),
+            })
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! What a node's partial answer holds, column by column, and what each column is for the
+//! release rules.
+
+use arrow::array::RecordBatch;
+
+use crate::contribution::MOMENT_AGGREGATES;
+
+/// Where a column of the partial answer comes from, as the node planned it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A GROUP BY key (null where a grouping set rolls it up).
+    Key,
+    /// DataFusion's grouping id: bit `n-1-i` set when key `i` is rolled up.
+    GroupingId,
+    /// The node's own count of distinct patients in the group.
+    Patients,
+    /// A researcher's COUNT(DISTINCT …), finished into a count at the node.
+    DistinctCount,
+    /// One state column of an aggregate's accumulator.
+    State,
+}
+
+/// One column of a partial answer: where it comes from and which aggregate state it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateColumn {
+    /// The column's name in the answer.
+    pub name: String,
+    /// Where it comes from.
+    pub source: Source,
+    /// The query's aggregate it belongs to (its index among the aggregate expressions).
+    pub aggregate: Option<usize>,
+    /// That aggregate's function, lower case (`count`, `sum`, `avg`, `var` …).
+    pub function: String,
+    /// The accumulator state it holds (`count`, `sum`, `mean`, `m2` …; empty for keys).
+    pub state: String,
+}
+
+/// What a column is to the release rules: decided here, from the function and the state,
+/// never by the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A GROUP BY key.
+    Key,
+    /// The grouping id of ROLLUP, CUBE or GROUPING SETS.
+    GroupingId,
+    /// Distinct patients in the group.
+    Patients,
+    /// A released frequency (COUNT's count, a COUNT(DISTINCT)).
+    Count,
+    /// A sum of values (SUM's, AVG's): dominance applies.
+    Sum,
+    /// One of the (n, mean, m2) moments of VAR or STDDEV.
+    Moment(Moment),
+    /// Any other state (AVG's count, MIN, MAX).
+    Other,
+}
+
+/// The states of DataFusion's variance accumulator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moment {
+    /// The number of values.
+    Count,
+    /// Their mean.
+    Mean,
+    /// The sum of squared deviations from the mean.
+    M2,
+}
+
+impl StateColumn {
+    /// A GROUP BY key.
+    pub fn key(name: impl Into<String>) -> Self {
+        Self::plain(name, Source::Key)
+    }
+
+    /// The grouping id.
+    pub fn grouping_id(name: impl Into<String>) -> Self {
+        Self::plain(name, Source::GroupingId)
+    }
+
+    /// The node's distinct-patient count.
+    pub fn patients(name: impl Into<String>) -> Self {
+        Self::plain(name, Source::Patients)
+    }
+
+    /// A researcher's COUNT(DISTINCT …) of aggregate `aggregate`, as a count.
+    pub fn distinct(name: impl Into<String>, aggregate: usize) -> Self {
+        StateColumn {
+            name: name.into(),
+            source: Source::DistinctCount,
+            aggregate: Some(aggregate),
+            function: "count".into(),
+            state: "count".into(),
+        }
+    }
+
+    /// State `state` of aggregate `aggregate`, a call of `function`.
+    pub fn state(
+        name: impl Into<String>,
+        aggregate: usize,
+        function: impl Into<String>,
+        state: impl Into<String>,
+    ) -> Self {
+        StateColumn {
+            name: name.into(),
+            source: Source::State,
+            aggregate: Some(aggregate),
+            function: function.into().to_lowercase(),
+            state: state.into(),
+        }
+    }
+
+    fn plain(name: impl Into<String>, source: Source) -> Self {
+        StateColumn {
+            name: name.into(),
+            source,
+            aggregate: None,
+            function: String::new(),
+            state: String::new(),
+        }
+    }
+
+    /// Whether its aggregate is VAR or STDDEV, whose states are moments.
+    pub fn is_moment_aggregate(&self) -> bool {
+        MOMENT_AGGREGATES.contains(&self.function.as_str())
+    }
+
+    /// What it is to the release rules. Only COUNT's own count is a released frequency: the
+    /// count inside AVG or VAR is a denominator, and rounding it would bias every mean.
+    pub fn role(&self) -> Role {
+        match self.source {
+            Source::Key => Role::Key,
+            Source::GroupingId => Role::GroupingId,
+            Source::Patients => Role::Patients,
+            Source::DistinctCount => Role::Count,
+            Source::State if self.is_moment_aggregate() => match self.state.as_str() {
+                "count" => Role::Moment(Moment::Count),
+                "mean" => Role::Moment(Moment::Mean),
+                "m2" => Role::Moment(Moment::M2),
+                _ => Role::Other,
+            },
+            Source::State => match (self.function.as_str(), self.state.as_str()) {
+                ("count", "count") => Role::Count,
+                ("sum" | "avg", "sum") => Role::Sum,
+                _ => Role::Other,
+            },
+        }
+    }
+}
+
+/// One trust's partial answer before release: one row per group, each column described.
+#[derive(Debug, Clone)]
+pub struct PartialAnswer {
+    /// The states, as DataFusion's reduced partial aggregation produced them.
+    pub batch: RecordBatch,
+    /// One description per column of `batch`.
+    pub columns: Vec<StateColumn>,
+    /// Per-patient contributions to sums, when the release needs them (see
+    /// [`crate::SdcNeeds::contributions`]); used inside the release, never released.
+    pub contributions: Option<Contributions>,
+}
+
+/// Each patient's contribution to each sum, per group: the group keys (in the answer's key
+/// order), then the patient key, then one column per aggregate in `aggregates`.
+#[derive(Debug, Clone)]
+pub struct Contributions {
+    /// The rows, one per (group, patient).
+    pub batch: RecordBatch,
+    /// The aggregates summed, in column order after the patient key.
+    pub aggregates: Vec<usize>,
+}

@@ -16,7 +16,7 @@ use trustql_policies::{Budget, DpNeeds, DpReport, now_rfc3339};
 use trustql_wire::{ANSWER_META_KEY, AnswerMeta, ColumnNoise, DpMeta, SiteRequest};
 
 use crate::engine::{SiteAnswer, SiteEngine, Timings, hex};
-use crate::error::NodeError;
+use crate::error::{NodeError, fault};
 
 /// How a DP answer starts: its turn at the ledger, or the recorded answer of the same query.
 pub(crate) enum DpStart<'a> {
@@ -186,15 +186,16 @@ pub(crate) fn with_meta(batch: RecordBatch, meta: &AnswerMeta) -> Result<RecordB
         .with_metadata([(ANSWER_META_KEY.to_string(), meta.to_json())].into());
     // Not `with_schema`: that refuses to replace metadata a cached answer already carries.
     RecordBatch::try_new(Arc::new(schema), batch.columns().to_vec())
-        .map_err(|_| NodeError::Execution)
+        .map_err(fault("could not attach the answer's metadata"))
 }
+
+const ENCODE: &str = "could not encode a release for the ledger";
 
 fn encode(batch: &RecordBatch) -> Result<Vec<u8>, NodeError> {
     let mut bytes = Vec::new();
-    let mut writer =
-        StreamWriter::try_new(&mut bytes, &batch.schema()).map_err(|_| NodeError::Execution)?;
-    writer.write(batch).map_err(|_| NodeError::Execution)?;
-    writer.finish().map_err(|_| NodeError::Execution)?;
+    let mut writer = StreamWriter::try_new(&mut bytes, &batch.schema()).map_err(fault(ENCODE))?;
+    writer.write(batch).map_err(fault(ENCODE))?;
+    writer.finish().map_err(fault(ENCODE))?;
     drop(writer);
     Ok(bytes)
 }

@@ -38,7 +38,7 @@ use trustql_wire::{AnswerColumn, AnswerMeta, ColumnKind, PATIENTS_COLUMN, SiteRe
 
 use crate::config::Limits;
 use crate::dp::{DpStart, with_meta};
-use crate::error::NodeError;
+use crate::error::{NodeError, fault, internal};
 use crate::patient_order::OrderedFiles;
 use crate::patients::{PATIENT_COUNT, by_patient, counted_directly, in_runs, patient_count};
 
@@ -255,6 +255,10 @@ impl SiteEngine {
         let execution = executing.elapsed();
 
         let protecting = tokio::time::Instant::now();
+        #[cfg(feature = "fault-injection")]
+        if crate::faults::releases_broken() {
+            partial.columns.pop();
+        }
         let released = release(policy, &needs, &partial).map_err(NodeError::from)?;
         let columns: Vec<AnswerColumn> = partial.columns.iter().map(wire_column).collect();
         let (withheld, dp) = match (&released.report, &turn) {
@@ -272,7 +276,9 @@ impl SiteEngine {
             (ReleaseReport::Dp(report), Some(turn)) => {
                 (Withheld::default(), Some(turn.meta(report)))
             }
-            (ReleaseReport::Dp(_), None) => return Err(NodeError::Execution),
+            (ReleaseReport::Dp(_), None) => {
+                return Err(internal("a DP release without its ledger turn"));
+            }
         };
         let meta = AnswerMeta {
             trust: self.trust.clone(),
@@ -323,7 +329,7 @@ impl SiteEngine {
                 }) => f.params.args.first().cloned(),
                 _ => None,
             }
-            .ok_or(NodeError::Execution)?;
+            .ok_or_else(|| internal("a summed aggregate has no argument"))?;
             sums.push(sum(argument).alias(format!("__trustql_contribution_{j}")));
         }
         let mut group_expr = aggregate.group_expr.clone();
@@ -351,7 +357,7 @@ impl SiteEngine {
         .await
         .map_err(|_| NodeError::Timeout(self.timeout_ms()))?
         .map_err(|e| engine_error(&e))?;
-        concat_batches(&schema, &batches).map_err(|_| NodeError::Execution)
+        concat_batches(&schema, &batches).map_err(fault("could not join the answer batches"))
     }
 
     /// The physical plan, in this node's session, of `aggr_expr` over `input` by `group_expr`.
@@ -363,12 +369,12 @@ impl SiteEngine {
     ) -> Result<Arc<dyn ExecutionPlan>, NodeError> {
         let aggregate = Aggregate::try_new(input, group_expr, aggr_expr)
             .map(LogicalPlan::Aggregate)
-            .map_err(|_| NodeError::Execution)?;
+            .map_err(fault("could not build the aggregate plan"))?;
         self.ctx
             .state()
             .create_physical_plan(&aggregate)
             .await
-            .map_err(|_| NodeError::Execution)
+            .map_err(fault("could not plan the aggregate"))
     }
 
     /// Runs `aggregate` with the distinct-patient count (up to `cap` patients) added, as the
@@ -477,7 +483,7 @@ impl SiteEngine {
             columns.push(column);
         }
         let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
-            .map_err(|_| NodeError::Execution)?;
+            .map_err(fault("could not rebuild the partial answer"))?;
         Ok(PartialAnswer {
             batch,
             columns,
@@ -521,7 +527,9 @@ fn layout(plan: &AggregateExec) -> Result<Vec<Slot>, NodeError> {
     }
     for (i, expr) in plan.aggr_expr().iter().enumerate() {
         let name = expr.fun().name().to_lowercase();
-        let states = expr.state_fields().map_err(|_| NodeError::Execution)?;
+        let states = expr
+            .state_fields()
+            .map_err(fault("an aggregate has no state fields"))?;
         if name == PATIENT_COUNT {
             // Ours is the last aggregate; any other is the researcher's, counted directly.
             slots.push(if i + 1 == plan.aggr_expr().len() {
@@ -533,7 +541,7 @@ fn layout(plan: &AggregateExec) -> Result<Vec<Slot>, NodeError> {
         }
         if expr.is_distinct() {
             if name != "count" || states.len() != 1 {
-                return Err(NodeError::Execution);
+                return Err(internal("a distinct aggregate that is not COUNT"));
             }
             slots.push(Slot::Distinct(i));
             continue;
@@ -546,7 +554,7 @@ fn layout(plan: &AggregateExec) -> Result<Vec<Slot>, NodeError> {
         }
     }
     if slots.len() != plan.schema().fields().len() {
-        return Err(NodeError::Execution);
+        return Err(internal("the partial plan has an unexpected shape"));
     }
     Ok(slots)
 }
@@ -578,10 +586,11 @@ fn distinct_counts(array: &ArrayRef) -> Result<ArrayRef, NodeError> {
     let lengths = match array.data_type() {
         DataType::List(_) => arrow::compute::kernels::length::length(array),
         DataType::LargeList(_) => arrow::compute::kernels::length::length(array),
-        _ => return Err(NodeError::Execution),
+        _ => return Err(internal("a distinct state is not a list")),
     }
-    .map_err(|_| NodeError::Execution)?;
-    let lengths = cast(&lengths, &DataType::Int64).map_err(|_| NodeError::Execution)?;
+    .map_err(fault("could not count distinct values"))?;
+    let lengths =
+        cast(&lengths, &DataType::Int64).map_err(fault("could not cast distinct counts"))?;
     let values: arrow::array::Int64Array = lengths
         .as_primitive::<arrow::datatypes::Int64Type>()
         .iter()
@@ -619,11 +628,11 @@ pub(crate) fn partial_reduce(
         .into());
     };
     let Some(agg) = partial.downcast_ref::<AggregateExec>() else {
-        return Err(NodeError::Execution);
+        return Err(internal("the partial aggregate is not an AggregateExec"));
     };
-    let partial = match in_runs(agg, ordered).map_err(|_| NodeError::Execution)? {
+    let partial = match in_runs(agg, ordered).map_err(fault("could not plan the patient runs"))? {
         Some(partial) => partial,
-        None => by_patient(agg, partitions).map_err(|_| NodeError::Execution)?,
+        None => by_patient(agg, partitions).map_err(fault("could not partition by patient"))?,
     };
     let reduce = AggregateExec::try_new(
         AggregateMode::PartialReduce,
@@ -633,14 +642,14 @@ pub(crate) fn partial_reduce(
         Arc::new(CoalescePartitionsExec::new(partial)),
         agg.input_schema(),
     )
-    .map_err(|_| NodeError::Execution)?;
+    .map_err(fault("could not plan the partial reduce"))?;
     Ok(Arc::new(reduce))
 }
 
 fn engine_error(e: &DataFusionError) -> NodeError {
     match e.find_root() {
         DataFusionError::ResourcesExhausted(_) => NodeError::Memory,
-        _ => NodeError::Execution,
+        _ => fault("the query failed while running")(e),
     }
 }
 

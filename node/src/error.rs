@@ -118,3 +118,18 @@ impl NodeError {
         }
     }
 }
+
+/// An internal fault with its cause: logged here, where the cause is known (the log stays
+/// local), and bounded to [`NodeError::Execution`] for the wire.
+pub(crate) fn fault<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> NodeError {
+    move |cause| {
+        tracing::error!(%cause, "{what}");
+        NodeError::Execution
+    }
+}
+
+/// An internal fault without an underlying error: logged, and bounded for the wire.
+pub(crate) fn internal(what: &'static str) -> NodeError {
+    tracing::error!("{what}");
+    NodeError::Execution
+}

@@ -8,6 +8,8 @@ mod config;
 mod dp;
 mod engine;
 mod error;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 mod patient_order;
 mod patients;
 mod server;

@@ -10,6 +10,7 @@ use arrow_flight::{
 };
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 use trustql_audit::{AuditEntry, AuditLog, Decision};
 use trustql_policies::{now_rfc3339, today};
 use trustql_wire::{SiteRequest, Withheld};
@@ -36,17 +37,28 @@ impl NodeService {
     async fn serve(&self, ticket: &[u8]) -> Result<SiteAnswer, Status> {
         let (request, outcome) = match SiteRequest::from_ticket(ticket) {
             Ok(request) => {
-                let outcome = self.engine.answer(&request, today()).await;
+                // Every line logged while answering carries the coordinator's request id.
+                let span = tracing::info_span!(
+                    "request",
+                    id = %request.request_id,
+                    trust = %self.engine.trust(),
+                    project = %request.project,
+                );
+                let outcome = self.engine.answer(&request, today()).instrument(span).await;
                 (request, outcome)
             }
             Err(reason) => (SiteRequest::default(), Err(NodeError::BadRequest(reason))),
         };
+        log_outcome(&request, &outcome);
         let entry = self.entry(&request, &outcome);
         let audit = self.audit.clone();
         let recorded = tokio::task::spawn_blocking(move || audit.append(entry))
             .await
             .map_err(|e| NodeError::Audit(e.to_string()))
             .and_then(|r| r.map_err(NodeError::from));
+        if let Err(e) = &recorded {
+            tracing::error!(id = %request.request_id, error = ?e, "the audit record was not written");
+        }
         recorded.map_err(|e| e.to_status())?;
         outcome.map_err(|e| e.to_status())
     }
@@ -89,6 +101,24 @@ impl NodeService {
                 .and_then(|a| a.meta.dp.as_ref())
                 .map(|dp| dp.epsilon_charged),
         }
+    }
+}
+
+/// One line per request in the node's own log: refusals as information, failures with their
+/// cause (which never goes to the researcher).
+fn log_outcome(request: &SiteRequest, outcome: &Result<SiteAnswer, NodeError>) {
+    let id = request.request_id.as_str();
+    match outcome {
+        Ok(answer) => tracing::info!(
+            id,
+            released = answer.meta.released,
+            vetting_ms = answer.timings.vetting.as_secs_f64() * 1e3,
+            execution_ms = answer.timings.execution.as_secs_f64() * 1e3,
+            "answered"
+        ),
+        Err(NodeError::Refused(r)) => tracing::info!(id, rule = r.rule.name(), "refused"),
+        Err(e @ NodeError::BadRequest(_)) => tracing::info!(id, error = %e, "bad request"),
+        Err(e) => tracing::warn!(id, error = ?e, "failed"),
     }
 }
 

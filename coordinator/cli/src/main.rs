@@ -1,5 +1,9 @@
 //! `trustql`: the one command for TrustQL's users.
 
+// Doc comments here are clap's --help text, where `DIR/<TRUST>/<table>.parquet` is meant
+// literally, not as HTML.
+#![allow(rustdoc::invalid_html_tags)]
+
 mod data;
 mod demo;
 mod node;
@@ -123,8 +127,24 @@ enum SchemaAction {
     },
 }
 
+/// Logs to standard error, filtered by `RUST_LOG` as usual (`RUST_LOG=trustql_node=debug`);
+/// without it the servers say what they answer and refuse, and the other commands only warn.
+fn init_logging(command: &Command) {
+    let default = match command {
+        Command::Node { .. } | Command::Coordinator { .. } => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(&cli.command);
     let result = match cli.command {
         Command::Synth(args) => data::synth(&args),
         Command::Import {

@@ -113,14 +113,14 @@ impl Merger {
                 LogicalPlan::Aggregate(agg) => federate_aggregate(agg, &mut distinct, &rules),
                 other => Ok(Transformed::no(other)),
             })
-            .map_err(|_| engine("could not plan the merge"))?
+            .map_err(fault("could not plan the merge"))?
             .data;
         let physical = self
             .ctx
             .state()
             .create_physical_plan(&plan)
             .await
-            .map_err(|_| engine("could not plan the merge"))?;
+            .map_err(fault("could not plan the merge"))?;
         let partial = single_partial(&physical)?;
         Ok(Prepared {
             outputs,
@@ -140,7 +140,7 @@ impl Merger {
     ) -> Result<Vec<RecordBatch>, MergeError> {
         let source: Arc<dyn ExecutionPlan> =
             MemorySourceConfig::try_new_exec(&[states], prepared.partial_schema.clone(), None)
-                .map_err(|_| engine("could not hold the answers"))?;
+                .map_err(fault("could not hold the answers"))?;
         let plan = prepared
             .plan
             .clone()
@@ -151,11 +151,11 @@ impl Merger {
                     Transformed::no(node)
                 })
             })
-            .map_err(|_| engine("could not plan the merge"))?
+            .map_err(fault("could not plan the merge"))?
             .data;
         datafusion::physical_plan::collect(plan, self.ctx.task_ctx())
             .await
-            .map_err(|_| engine("the final aggregation failed"))
+            .map_err(fault("the final aggregation failed"))
     }
 }
 
@@ -379,4 +379,12 @@ fn single_partial(plan: &Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan
 
 fn engine(what: &str) -> MergeError {
     MergeError::Engine(what.to_string())
+}
+
+/// An engine error with its cause: logged here (the log stays local), bounded for the wire.
+fn fault<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> MergeError {
+    move |cause| {
+        tracing::error!(%cause, "{what}");
+        engine(what)
+    }
 }

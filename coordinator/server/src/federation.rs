@@ -133,7 +133,16 @@ impl Coordinator {
                     }
                     Err(e) => not(link.trust(), TrustStatus::Failed, e.to_string()),
                 },
-                Outcome::Not(status, reason) => not(link.trust(), status, reason),
+                Outcome::Not(status, reason) => {
+                    tracing::warn!(
+                        id = %request.request_id,
+                        trust = link.trust(),
+                        ?status,
+                        reason = %reason,
+                        "a trust did not answer"
+                    );
+                    not(link.trust(), status, reason)
+                }
             };
             trusts.push(line);
         }
@@ -199,7 +208,9 @@ impl Coordinator {
         let batches = if caller.preview {
             Vec::new()
         } else {
-            merger.merge(&prepared, states).await?
+            merger.merge(&prepared, states).await.inspect_err(|e| {
+                tracing::error!(id = %request.request_id, error = ?e, "the merge failed");
+            })?
         };
         coverage
             .noise
@@ -222,6 +233,14 @@ impl Coordinator {
                     "could not label the result".into(),
                 ))
             })?;
+        tracing::info!(
+            id = %request.request_id,
+            researcher = %caller.researcher,
+            project = %caller.project,
+            answered = answered_count,
+            total,
+            "answered"
+        );
         Ok(FederatedAnswer {
             schema,
             batches,

@@ -179,11 +179,14 @@ fn repeat(
 
 /// The batch with `meta` in its schema's metadata, as the coordinator reads it.
 pub(crate) fn with_meta(batch: RecordBatch, meta: &AnswerMeta) -> Result<RecordBatch, NodeError> {
-    let schema = batch
-        .schema()
-        .as_ref()
-        .clone()
-        .with_metadata([(ANSWER_META_KEY.to_string(), meta.to_json())].into());
+    let schema = batch.schema().as_ref().clone().with_metadata(
+        [(
+            ANSWER_META_KEY.to_string(),
+            meta.to_json()
+                .map_err(fault("could not serialise the answer's metadata"))?,
+        )]
+        .into(),
+    );
     // Not `with_schema`: that refuses to replace metadata a cached answer already carries.
     RecordBatch::try_new(Arc::new(schema), batch.columns().to_vec())
         .map_err(fault("could not attach the answer's metadata"))

@@ -100,6 +100,7 @@ impl NodeService {
                 .ok()
                 .and_then(|a| a.meta.dp.as_ref())
                 .map(|dp| dp.epsilon_charged),
+            trusts: Vec::new(),
         }
     }
 }

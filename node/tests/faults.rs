@@ -59,7 +59,8 @@ async fn a_fault_in_the_release_is_logged_with_its_cause_and_audited_as_a_failur
             sql: "SELECT stage_best, COUNT(*) FROM sim_av_tumour GROUP BY stage_best".into(),
             ..Default::default()
         }
-        .to_ticket(),
+        .to_ticket()
+        .expect("ticket"),
     );
     let outcome = match client.do_get(ticket).await {
         Ok(stream) => stream

@@ -50,7 +50,8 @@ fn ticket(id: &str, sql: &str) -> Ticket {
             sql: sql.into(),
             ..Default::default()
         }
-        .to_ticket(),
+        .to_ticket()
+        .expect("ticket"),
     )
 }
 

@@ -132,7 +132,8 @@ fn ticket(id: &str) -> Ticket {
             sql: "SELECT t.stage_best, COUNT(*), AVG(t.age) FROM sim_av_tumour t GROUP BY t.stage_best".into(),
             ..Default::default()
         }
-        .to_ticket(),
+        .to_ticket()
+        .expect("ticket"),
     )
 }
 
@@ -150,7 +151,8 @@ fn dp_ticket(id: &str, worker: usize, n: usize) -> Ticket {
             ),
             ..Default::default()
         }
-        .to_ticket(),
+        .to_ticket()
+        .expect("ticket"),
     )
 }
 
@@ -365,6 +367,7 @@ fn a_node_killed_during_a_query_is_reported_without_waiting_for_the_deadline() {
         .write(&pki, "coordinator")
         .expect("write coordinator cert");
     let config = CoordinatorConfig {
+        audit_dir: dir.path().join("coordinator-audit"),
         listen: "127.0.0.1:0".parse().expect("addr"),
         node_deadline_ms: 60_000,
         quorum: Quorum::All,

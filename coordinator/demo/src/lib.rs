@@ -4,11 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-use rand::TryRngCore;
 use serde::Serialize;
 use trustql_coordinator::{
     CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, RunningCoordinator, TlsFiles,
-    TotalsRules, token_hash,
+    TotalsRules, random_hex, token_hash,
 };
 use trustql_devcerts::DevCa;
 use trustql_node::{Limits, NodeConfig, RunningNode, TlsConfig};
@@ -146,6 +145,8 @@ pub struct Federation {
     pub coordinator: RunningCoordinator,
     /// Per-trust audit directories.
     pub audit_dirs: Vec<PathBuf>,
+    /// The coordinator's own audit log.
+    pub coordinator_audit: PathBuf,
     work: tempfile::TempDir,
 }
 
@@ -226,8 +227,10 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
         nodes.push(node);
     }
 
-    let token = random_token();
+    let token = random_hex(24).map_err(step("making the researcher token"))?;
+    let coordinator_audit = work.path().join("coordinator-audit");
     let config = CoordinatorConfig {
+        audit_dir: coordinator_audit.clone(),
         listen: "127.0.0.1:0".parse().map_err(step("parsing an address"))?,
         node_deadline_ms: options.node_deadline_ms,
         quorum: options.quorum,
@@ -288,6 +291,7 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
         nodes,
         coordinator,
         audit_dirs,
+        coordinator_audit,
         work,
     })
 }
@@ -360,12 +364,6 @@ fn write_policy(
     std::fs::create_dir_all(dir.join("policies")).map_err(step("writing the demo policies"))?;
     std::fs::write(&path, text).map_err(step("writing the demo policies"))?;
     Ok(path)
-}
-
-fn random_token() -> String {
-    let mut bytes = [0u8; 24];
-    let _ = rand::rngs::OsRng.try_fill_bytes(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The showcase queries `trustql demo --dp` runs: (title, SQL).

@@ -145,6 +145,42 @@ async fn researchers_browse_and_are_refused_clearly() {
         .expect_err("refused");
     assert!(err.to_string().contains("only SELECT"), "{err}");
 
+    // The coordinator recorded each request in its own hash-chained log: who, what, which
+    // trusts answered, what was released, and the refusals.
+    let verified = trustql_audit::verify(&fed.coordinator_audit).expect("an intact chain");
+    assert_eq!(verified.records, 3);
+    let records: Vec<trustql_audit::AuditRecord> =
+        std::fs::read_to_string(fed.coordinator_audit.join(trustql_audit::LOG_FILE))
+            .expect("coordinator audit")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("record"))
+            .collect();
+    let answered = &records[0].entry;
+    assert_eq!(answered.decision, trustql_audit::Decision::Answered);
+    assert_eq!(answered.researcher, RESEARCHER);
+    assert_eq!(answered.project, PROJECT);
+    assert!(answered.sql.starts_with("SELECT ethnicity"));
+    assert_eq!(answered.released, counts.len());
+    assert_eq!(answered.withheld.small, withheld);
+    let statuses: Vec<(&str, TrustStatus)> = answered
+        .trusts
+        .iter()
+        .map(|t| (t.trust.as_str(), t.status))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            ("TQ01", TrustStatus::Answered),
+            ("TQ02", TrustStatus::Answered),
+            ("TQ03", TrustStatus::Answered)
+        ]
+    );
+    for (record, sql) in records[1..].iter().zip(["SELECT patientid", "DROP TABLE"]) {
+        assert_eq!(record.entry.decision, trustql_audit::Decision::Refused);
+        assert!(record.entry.sql.starts_with(sql));
+        assert!(record.entry.reason.is_some());
+    }
+
     // Tokens and projects.
     let ca = std::fs::read(&fed.info.ca).expect("ca");
     for (token, project, expect) in [
@@ -233,6 +269,11 @@ async fn faulty_coordinator(
     });
     let token = "fault-token".to_string();
     let config = CoordinatorConfig {
+        // Its own log: the demo's coordinator holds the demo's.
+        audit_dir: std::env::temp_dir().join(format!(
+            "trustql-faulty-audit-{}",
+            trustql_coordinator::random_hex(8).expect("random")
+        )),
         listen: "127.0.0.1:0".parse().expect("addr"),
         node_deadline_ms: deadline_ms,
         quorum,

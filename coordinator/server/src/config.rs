@@ -33,6 +33,14 @@ pub struct CoordinatorConfig {
     /// Rules applied to the merged totals, on top of every node's own.
     #[serde(default)]
     pub disclosure: TotalsRules,
+    /// Where the coordinator keeps its own hash-chained audit log of every request
+    /// (default `coordinator-audit` beside the config file).
+    #[serde(default = "default_audit_dir")]
+    pub audit_dir: PathBuf,
+}
+
+fn default_audit_dir() -> PathBuf {
+    PathBuf::from("coordinator-audit")
 }
 
 fn default_deadline() -> u64 {
@@ -129,6 +137,7 @@ impl CoordinatorConfig {
         fix(&mut self.tls.key);
         fix(&mut self.node_client.cert);
         fix(&mut self.node_client.key);
+        fix(&mut self.audit_dir);
         for node in &mut self.nodes {
             fix(&mut node.ca);
         }

@@ -47,6 +47,10 @@ pub enum CoordinatorError {
     /// The result expired or belongs to someone else.
     #[error("no such result: run the query again")]
     UnknownResult,
+    /// A fault inside the coordinator (the random source, encoding a report); the cause is in
+    /// the coordinator's log.
+    #[error("the coordinator could not complete the request")]
+    Internal(String),
 }
 
 impl From<MergeError> for CoordinatorError {
@@ -78,10 +82,24 @@ impl CoordinatorError {
             CoordinatorError::NoQuorum { .. } => Status::unavailable(self.to_string()),
             CoordinatorError::UnknownResult => Status::not_found(self.to_string()),
             CoordinatorError::BadHeader(_) => Status::invalid_argument(self.to_string()),
-            CoordinatorError::Merge(_) => Status::internal(self.to_string()),
+            CoordinatorError::Merge(_) | CoordinatorError::Internal(_) => {
+                Status::internal(self.to_string())
+            }
             CoordinatorError::Config(_) | CoordinatorError::Tls(_) => {
                 Status::internal("the coordinator is misconfigured")
             }
         }
     }
+}
+
+/// `n` random bytes from the operating system, as lower-case hex (request ids, handles,
+/// tokens); a failing random source is an error, never a predictable value.
+pub fn random_hex(n: usize) -> Result<String, CoordinatorError> {
+    use rand::TryRngCore;
+    let mut bytes = vec![0u8; n];
+    rand::rngs::OsRng.try_fill_bytes(&mut bytes).map_err(|e| {
+        tracing::error!(error = %e, "the system random source failed");
+        CoordinatorError::Internal(format!("the system random source failed: {e}"))
+    })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }

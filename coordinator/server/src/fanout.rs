@@ -83,7 +83,10 @@ impl NodeLink {
     async fn exchange(&self, request: &SiteRequest) -> Outcome {
         let mut client = FlightServiceClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_ANSWER_BYTES);
-        let stream = match client.do_get(Ticket::new(request.to_ticket())).await {
+        let Ok(ticket) = request.to_ticket() else {
+            return garbage("the request could not be encoded");
+        };
+        let stream = match client.do_get(Ticket::new(ticket)).await {
             Ok(response) => response.into_inner(),
             Err(status) => return from_status(&status),
         };
@@ -134,6 +137,19 @@ fn garbage(reason: &str) -> Outcome {
     Outcome::Not(TrustStatus::Failed, reason.to_string())
 }
 
+/// Whether a status came from the channel (connecting, TLS, the connection dropping) rather
+/// than from the node: told by the error's source chain, not its text.
+fn from_transport(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::transport::Error>() || e.is::<std::io::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 /// Maps a node's status to coverage; node messages are bounded and never hold data.
 fn from_status(status: &tonic::Status) -> Outcome {
     let message: String = status.message().chars().take(500).collect();
@@ -148,7 +164,7 @@ fn from_status(status: &tonic::Status) -> Outcome {
             );
         }
         Code::DeadlineExceeded => TrustStatus::Failed,
-        Code::Unknown if message.contains("transport") || message.contains("connect") => {
+        Code::Unknown if from_transport(status) => {
             return Outcome::Not(
                 TrustStatus::Unreachable,
                 "the node could not be reached".into(),
@@ -157,4 +173,29 @@ fn from_status(status: &tonic::Status) -> Outcome {
         _ => TrustStatus::Failed,
     };
     Outcome::Not(kind, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_of(outcome: Outcome) -> TrustStatus {
+        match outcome {
+            Outcome::Not(status, _) => status,
+            Outcome::Answered(_) => TrustStatus::Answered,
+        }
+    }
+
+    #[test]
+    fn a_dropped_connection_is_unreachable_by_its_source_not_its_words() {
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let status = tonic::Status::from_error(Box::new(reset));
+        assert_eq!(status.code(), Code::Unknown);
+        assert_eq!(status_of(from_status(&status)), TrustStatus::Unreachable);
+        // A node's own message that happens to say "transport" is still the node's failure.
+        let worded = tonic::Status::unknown("transport connect");
+        assert_eq!(status_of(from_status(&worded)), TrustStatus::Failed);
+        let refused = tonic::Status::permission_denied("refused (table): …");
+        assert_eq!(status_of(from_status(&refused)), TrustStatus::Refused);
+    }
 }

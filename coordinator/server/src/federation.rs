@@ -5,17 +5,17 @@ use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
-use rand::TryRngCore;
 use tonic::transport::Identity;
 use trustql_merge::{Merger, SiteStates};
 use trustql_schemas::TrustSchema;
 use trustql_wire::{Coverage, SiteRequest, TrustCoverage, TrustStatus, Withheld};
 
-use trustql_policies::{AnswerProtection, TotalsRules};
+use trustql_audit::{AuditEntry, AuditLog, Decision, TrustOutcome};
+use trustql_policies::{AnswerProtection, TotalsRules, now_rfc3339};
 
 use crate::auth::{Caller, Researchers};
 use crate::config::{CoordinatorConfig, Quorum};
-use crate::error::CoordinatorError;
+use crate::error::{CoordinatorError, random_hex};
 use crate::fanout::{NodeLink, Outcome};
 use crate::noise::{NoiseSum, value_intervals};
 
@@ -42,6 +42,8 @@ pub struct Coordinator {
     quorum: Quorum,
     researchers: Researchers,
     totals: TotalsRules,
+    /// Every researcher request, hash-chained like a node's.
+    audit: Arc<AuditLog>,
 }
 
 const DISTINCT_NOTE: &str = "COUNT(DISTINCT …) is summed over trusts: a patient treated at two \
@@ -58,7 +60,10 @@ impl Coordinator {
             .iter()
             .map(|n| NodeLink::new(n, &identity))
             .collect::<Result<Vec<_>, _>>()?;
+        let audit = AuditLog::open(&config.audit_dir, &now_rfc3339())
+            .map_err(|e| CoordinatorError::Config(format!("the coordinator's audit log: {e}")))?;
         Ok(Coordinator {
+            audit: Arc::new(audit),
             merger: Merger::new(&schema, config.disclosure)?,
             dp_merger: Merger::new(&schema, TotalsRules::default())?,
             totals: config.disclosure,
@@ -80,15 +85,37 @@ impl Coordinator {
         Ok(self.merger.prepare(sql).await?.schema())
     }
 
-    /// Runs one query for a caller across every trust.
+    /// Runs one query for a caller across every trust, and records it in the coordinator's
+    /// audit log before anything is returned.
     pub async fn query(
         &self,
         caller: &Caller,
         sql: &str,
     ) -> Result<FederatedAnswer, CoordinatorError> {
+        // Random, and the same at every node, to join the audit logs.
+        let request_id = random_hex(12)?;
+        let outcome = self.federate(caller, sql, &request_id).await;
+        let entry = audit_entry(caller, sql, &request_id, &outcome);
+        let audit = self.audit.clone();
+        let recorded = tokio::task::spawn_blocking(move || audit.append(entry)).await;
+        if !matches!(recorded, Ok(Ok(_))) {
+            tracing::error!(id = %request_id, outcome = ?recorded.map(|r| r.map(|_| ())), "the audit record was not written");
+            return Err(CoordinatorError::Internal(
+                "the audit record could not be written".into(),
+            ));
+        }
+        outcome
+    }
+
+    async fn federate(
+        &self,
+        caller: &Caller,
+        sql: &str,
+        request_id: &str,
+    ) -> Result<FederatedAnswer, CoordinatorError> {
         let prepared = self.merger.prepare(sql).await?;
         let request = SiteRequest {
-            request_id: request_id(),
+            request_id: request_id.to_string(),
             researcher: caller.researcher.clone(),
             project: caller.project.clone(),
             sql: sql.to_string(),
@@ -219,7 +246,10 @@ impl Coordinator {
             prepared.schema().as_ref().clone().with_metadata(
                 [(
                     trustql_wire::COVERAGE_META_KEY.to_string(),
-                    coverage.to_json(),
+                    coverage.to_json().map_err(|e| {
+                        tracing::error!(error = %e, "could not encode the coverage report");
+                        CoordinatorError::Internal(e.to_string())
+                    })?,
                 )]
                 .into(),
             ),
@@ -257,6 +287,69 @@ impl Coordinator {
     }
 }
 
+/// The coordinator's record of one request: who asked what, which trusts answered, what was
+/// released (the SQL and the decision, never a value).
+fn audit_entry(
+    caller: &Caller,
+    sql: &str,
+    request_id: &str,
+    outcome: &Result<FederatedAnswer, CoordinatorError>,
+) -> AuditEntry {
+    let coverage = match outcome {
+        Ok(answer) => Some(&answer.coverage),
+        Err(CoordinatorError::Refused { coverage, .. }) => coverage.as_deref(),
+        Err(CoordinatorError::NoQuorum { coverage, .. }) => Some(coverage.as_ref()),
+        Err(_) => None,
+    };
+    let (decision, reason, released) = match outcome {
+        Ok(answer) => (
+            Decision::Answered,
+            None,
+            answer.batches.iter().map(RecordBatch::num_rows).sum(),
+        ),
+        Err(
+            e @ (CoordinatorError::Refused { .. }
+            | CoordinatorError::Forbidden(_)
+            | CoordinatorError::BadHeader(_)
+            | CoordinatorError::Unauthenticated),
+        ) => (Decision::Refused, Some(first_line(e)), 0),
+        Err(e) => (Decision::Failed, Some(first_line(e)), 0),
+    };
+    let mut withheld = Withheld::default();
+    let mut trusts = Vec::new();
+    for t in coverage.map(|c| c.trusts.as_slice()).unwrap_or_default() {
+        withheld.small += t.withheld.small;
+        withheld.dominated += t.withheld.dominated;
+        withheld.whole_margin += t.withheld.whole_margin;
+        withheld.margin_of_withheld += t.withheld.margin_of_withheld;
+        trusts.push(TrustOutcome {
+            trust: t.trust.clone(),
+            status: t.status,
+        });
+    }
+    AuditEntry {
+        time: now_rfc3339(),
+        request_id: request_id.to_string(),
+        researcher: caller.researcher.clone(),
+        project: caller.project.clone(),
+        sql: sql.to_string(),
+        plan_fingerprint: None,
+        decision,
+        reason,
+        released,
+        withheld,
+        // The coordinator serves no policy of its own; the trusts' records carry theirs.
+        policy_hash: String::new(),
+        epsilon: None,
+        trusts,
+    }
+}
+
+/// An error's first line (a refusal's coverage report follows it, and is in `trusts`).
+fn first_line(e: &CoordinatorError) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
 fn answered(site: &SiteStates) -> TrustCoverage {
     TrustCoverage {
         trust: site.trust.clone(),
@@ -277,13 +370,6 @@ fn not(trust: &str, status: TrustStatus, reason: String) -> TrustCoverage {
         withheld: Withheld::default(),
         dp: None,
     }
-}
-
-/// A random request id (the same at every node, to join the audit logs).
-fn request_id() -> String {
-    let mut bytes = [0u8; 12];
-    let _ = rand::rngs::OsRng.try_fill_bytes(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, CoordinatorError> {

@@ -24,11 +24,10 @@ use arrow_flight::{
 };
 use futures::{Stream, StreamExt, TryStreamExt, stream};
 use prost::Message;
-use rand::TryRngCore;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Caller;
-use crate::error::CoordinatorError;
+use crate::error::{CoordinatorError, random_hex};
 use crate::federation::{Coordinator, FederatedAnswer};
 
 /// Catalog and schema names the shared tables are listed under (DataFusion's defaults).
@@ -87,7 +86,7 @@ impl ResearcherService {
             .query(caller, sql)
             .await
             .map_err(|e| e.to_status())?;
-        let handle = random_handle();
+        let handle = random_hex(16).map_err(|e| e.to_status())?;
         let rows: usize = answer.batches.iter().map(RecordBatch::num_rows).sum();
         let info = FlightInfo::new()
             .try_with_schema(answer.schema.as_ref())
@@ -103,7 +102,13 @@ impl ResearcherService {
             )
             .with_total_records(rows as i64)
             .with_ordered(true)
-            .with_app_metadata(answer.coverage.to_json().into_bytes());
+            .with_app_metadata(
+                answer
+                    .coverage
+                    .to_json()
+                    .map_err(|_| Status::internal("the coverage report could not be encoded"))?
+                    .into_bytes(),
+            );
         let mut waiting = self
             .waiting
             .lock()
@@ -170,12 +175,6 @@ fn stream_batches(schema: SchemaRef, batches: Vec<RecordBatch>) -> DataStream {
 fn one_batch<E>(batch: Result<RecordBatch, E>) -> Result<Response<DataStream>, Status> {
     let batch = batch.map_err(|_| Status::internal("the listing could not be built"))?;
     Ok(Response::new(stream_batches(batch.schema(), vec![batch])))
-}
-
-fn random_handle() -> String {
-    let mut bytes = [0u8; 16];
-    let _ = rand::rngs::OsRng.try_fill_bytes(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[tonic::async_trait]

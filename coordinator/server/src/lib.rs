@@ -17,7 +17,7 @@ mod server;
 
 pub use auth::{EPSILON_HEADER, PREVIEW_HEADER, PROJECT_HEADER, token_hash};
 pub use config::{CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, TlsFiles};
-pub use error::CoordinatorError;
+pub use error::{CoordinatorError, random_hex};
 pub use federation::{Coordinator, FederatedAnswer};
 pub use flight_sql::ResearcherService;
 pub use server::{RunningCoordinator, start};

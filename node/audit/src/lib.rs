@@ -11,5 +11,5 @@ mod verify;
 
 pub use error::AuditError;
 pub use log::{AuditLog, LOG_FILE};
-pub use record::{AuditEntry, AuditRecord, Decision, GENESIS};
+pub use record::{AuditEntry, AuditRecord, Decision, GENESIS, TrustOutcome};
 pub use verify::{Verified, verify};

@@ -84,10 +84,14 @@ impl AuditLog {
     /// Appends a record and syncs it to disk; only then may the answer leave.
     pub fn append(&self, entry: AuditEntry) -> Result<AuditRecord, AuditError> {
         let mut state = self.state.lock().map_err(|_| poisoned(&self.path))?;
-        let record = AuditRecord::seal(state.seq + 1, &state.head, entry);
+        let unwritable = |e: serde_json::Error| AuditError::Io {
+            path: self.path.clone(),
+            reason: format!("the record could not be serialised: {e}"),
+        };
+        let record = AuditRecord::seal(state.seq + 1, &state.head, entry).map_err(unwritable)?;
         // One write of the whole line, then fsync: a kill leaves either the line or a cut-off
         // tail that `open` drops; an acknowledged record is always whole and on disk.
-        let line = record.to_line();
+        let line = record.to_line().map_err(unwritable)?;
         let result = state
             .file
             .write_all(&line)

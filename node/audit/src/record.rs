@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use trustql_wire::Withheld;
+use trustql_wire::{TrustStatus, Withheld};
 
 /// The `prev` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -49,6 +49,19 @@ pub struct AuditEntry {
     /// ε charged to the project's privacy budget by this answer (differential privacy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epsilon: Option<f64>,
+    /// At the coordinator: what became of the request at each trust (absent in a node's log,
+    /// so records written before it existed hash as they did).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusts: Vec<TrustOutcome>,
+}
+
+/// What became of a request at one trust, as the coordinator records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustOutcome {
+    /// The trust code.
+    pub trust: String,
+    /// Answered, refused, timed out, unreachable or failed.
+    pub status: TrustStatus,
 }
 
 impl AuditEntry {
@@ -67,6 +80,7 @@ impl AuditEntry {
             withheld: Withheld::default(),
             policy_hash: policy_hash.to_string(),
             epsilon: None,
+            trusts: Vec::new(),
         }
     }
 }
@@ -96,35 +110,35 @@ struct Hashed<'a> {
 
 impl AuditRecord {
     /// Seals an entry into the chain after `prev`.
-    pub fn seal(seq: u64, prev: &str, entry: AuditEntry) -> Self {
+    pub fn seal(seq: u64, prev: &str, entry: AuditEntry) -> Result<Self, serde_json::Error> {
         let mut record = AuditRecord {
             seq,
             prev: prev.to_string(),
             entry,
             hash: String::new(),
         };
-        record.hash = record.expected_hash();
-        record
+        record.hash = record.expected_hash()?;
+        Ok(record)
     }
 
     /// The hash this record's content should carry.
-    pub fn expected_hash(&self) -> String {
+    pub fn expected_hash(&self) -> Result<String, serde_json::Error> {
         let hashed = Hashed {
             seq: self.seq,
             prev: &self.prev,
             entry: &self.entry,
         };
-        let bytes = serde_json::to_vec(&hashed).unwrap_or_default();
-        Sha256::digest(&bytes)
+        let bytes = serde_json::to_vec(&hashed)?;
+        Ok(Sha256::digest(&bytes)
             .iter()
             .map(|b| format!("{b:02x}"))
-            .collect()
+            .collect())
     }
 
     /// The record as one line, newline included.
-    pub fn to_line(&self) -> Vec<u8> {
-        let mut line = serde_json::to_vec(self).unwrap_or_default();
+    pub fn to_line(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let mut line = serde_json::to_vec(self)?;
         line.push(b'\n');
-        line
+        Ok(line)
     }
 }

@@ -22,6 +22,7 @@ fn entry(n: usize) -> AuditEntry {
         withheld: Default::default(),
         policy_hash: "cd".repeat(32),
         epsilon: None,
+        trusts: Vec::new(),
     }
 }
 
@@ -100,7 +101,7 @@ fn an_edit_with_a_recomputed_hash_breaks_the_next_link() {
     let mut all = lines(dir.path());
     let mut record: trustql_audit::AuditRecord = serde_json::from_str(&all[1]).expect("parse");
     record.entry.decision = Decision::Answered;
-    record.hash = record.expected_hash();
+    record.hash = record.expected_hash().expect("hash");
     all[1] = serde_json::to_string(&record).expect("json");
     rewrite(dir.path(), &all);
     let (line, problem) = broken_line(dir.path());

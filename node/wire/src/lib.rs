@@ -42,8 +42,8 @@ pub struct SiteRequest {
 
 impl SiteRequest {
     /// Encodes the request as a Flight ticket.
-    pub fn to_ticket(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+    pub fn to_ticket(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
     }
 
     /// Decodes a Flight ticket.
@@ -158,8 +158,8 @@ pub struct AnswerMeta {
 
 impl AnswerMeta {
     /// JSON for the schema metadata.
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
+    pub fn to_json(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string(self)
     }
 
     /// Parses the schema metadata value.
@@ -253,8 +253,8 @@ pub struct Coverage {
 
 impl Coverage {
     /// JSON for metadata.
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
+    pub fn to_json(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string(self)
     }
 
     /// Parses coverage JSON.

@@ -5,13 +5,11 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Int64Type};
-use trustql_budget::Ledger;
-use trustql_node::{Limits, NodeError, SiteAnswer, SiteEngine};
+use trustql_node::{NodeError, SiteAnswer, SiteEngine};
 use trustql_policies::{Rule, approve, load_approved};
 use trustql_schemas::table_path;
 use trustql_wire::{ColumnKind, SiteRequest};
@@ -56,18 +54,7 @@ async fn engine(dir: &Path) -> SiteEngine {
     if !fed.exists() {
         common::synth(dir, 3000);
     }
-    let policy = dp_policy(dir);
-    let ledger = Ledger::open(&dir.join("state/budget.ledger")).expect("ledger");
-    SiteEngine::open(
-        "TQ01",
-        common::schema(),
-        policy,
-        &fed.join("TQ01"),
-        &Limits::default(),
-    )
-    .await
-    .expect("engine opens")
-    .with_ledger(Arc::new(ledger))
+    common::open_engine(dir, &fed, dp_policy(dir), true).await
 }
 
 fn request(project: &str, sql: &str) -> SiteRequest {

@@ -32,15 +32,7 @@ const TODAY: i32 = 20_415; // 2025-11-23
 async fn engine(dir: &std::path::Path, patients: u64, disclosure: &str) -> SiteEngine {
     let fed = common::synth(dir, patients);
     let (_, policy) = common::policy(dir, disclosure);
-    SiteEngine::open(
-        "TQ01",
-        common::schema(),
-        policy,
-        &fed.join("TQ01"),
-        &Limits::default(),
-    )
-    .await
-    .expect("engine opens")
+    common::open_engine(dir, &fed, policy, false).await
 }
 
 /// A plain DataFusion session over the same files.

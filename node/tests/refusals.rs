@@ -5,10 +5,7 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use trustql_budget::Ledger;
-use trustql_node::{Limits, NodeError, SiteEngine};
+use trustql_node::{NodeError, SiteEngine};
 use trustql_policies::{approve, load_approved};
 use trustql_wire::SiteRequest;
 
@@ -55,17 +52,7 @@ expires = "2020-01-01"
     std::fs::write(&path, text).expect("write policy");
     approve(&path, "Test Controller", &common::schema()).expect("approve");
     let policy = load_approved(&path, &common::schema()).expect("load");
-    let ledger = Ledger::open(&dir.join("state/budget.ledger")).expect("ledger");
-    SiteEngine::open(
-        "TQ01",
-        common::schema(),
-        policy,
-        &fed.join("TQ01"),
-        &Limits::default(),
-    )
-    .await
-    .expect("engine opens")
-    .with_ledger(Arc::new(ledger))
+    common::open_engine(dir, &fed, policy, true).await
 }
 
 struct Ask {

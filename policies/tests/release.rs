@@ -2,16 +2,13 @@
 //! (patient key, preview outside DP, dominance with grouping sets, ε bounds, budget), which
 //! state is what to the rules, and which totals rules a federation's answers get.
 
-use std::sync::Arc;
+mod common;
 
-use datafusion::catalog::MemTable;
-use datafusion::execution::runtime_env::RuntimeEnv;
-use datafusion::prelude::{SessionConfig, SessionContext};
+use common::{schema, session};
 use trustql_policies::{
     AnswerProtection, Budget, Moment, Needs, Policy, Refusal, Role, Rounding, Rule, StateColumn,
-    Terms, TotalsRules, aggregate_of, locked_session, needs, vet_sql,
+    Terms, TotalsRules, aggregate_of, needs, vet_sql,
 };
-use trustql_schemas::TrustSchema;
 
 const POLICY: &str = r#"
 [policy]
@@ -38,20 +35,6 @@ tables = ["sim_av_tumour"]
 expires = "2099-12-31"
 dp = { epsilon_budget = 1.5, epsilon_per_query = 1.0 }
 "#;
-
-fn schema() -> TrustSchema {
-    TrustSchema::cancer().expect("schema")
-}
-
-fn session() -> SessionContext {
-    let ctx = locked_session(SessionConfig::new(), Arc::new(RuntimeEnv::default()));
-    for table in schema().tables() {
-        let provider = MemTable::try_new(table.arrow_schema(), vec![vec![]]).expect("table");
-        ctx.register_table(table.name.as_str(), Arc::new(provider))
-            .expect("register");
-    }
-    ctx
-}
 
 /// What the release needs for `sql` in `project`, as the node would ask.
 async fn needs_for(project: &str, sql: &str, terms: Terms) -> Result<Needs, Refusal> {

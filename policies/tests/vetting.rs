@@ -1,14 +1,9 @@
 //! Vetting: queries a researcher should be able to run, and attacks that must be refused.
 
-use std::sync::Arc;
+mod common;
 
-use datafusion::catalog::MemTable;
-use datafusion::execution::runtime_env::RuntimeEnv;
-use datafusion::prelude::{SessionConfig, SessionContext};
-use trustql_policies::{
-    Policy, Refusal, Rule, Vetted, authorise, locked_session, parse_date, vet_sql,
-};
-use trustql_schemas::TrustSchema;
+use common::{schema, session};
+use trustql_policies::{Policy, Refusal, Rule, Vetted, authorise, parse_date, vet_sql};
 
 const POLICY: &str = r#"
 [policy]
@@ -35,23 +30,8 @@ tables = ["sim_av_tumour"]
 expires = "2020-01-01"
 "#;
 
-fn schema() -> TrustSchema {
-    TrustSchema::cancer().expect("schema")
-}
-
 fn policy() -> Policy {
     Policy::from_toml(POLICY).expect("policy")
-}
-
-/// A locked session over empty tables of the shared schema (vetting needs no data).
-fn session() -> SessionContext {
-    let ctx = locked_session(SessionConfig::new(), Arc::new(RuntimeEnv::default()));
-    for table in schema().tables() {
-        let provider = MemTable::try_new(table.arrow_schema(), vec![vec![]]).expect("table");
-        ctx.register_table(table.name.as_str(), Arc::new(provider))
-            .expect("register");
-    }
-    ctx
 }
 
 async fn vet_with(policy: &Policy, project: &str, sql: &str) -> Result<Vetted, Refusal> {

@@ -57,6 +57,29 @@ pub fn policy(dir: &Path, disclosure: &str) -> (PathBuf, ApprovedPolicy) {
     (path, loaded)
 }
 
+/// TQ01's engine over `fed` under `policy`, keeping DP spending in `dir/state` when `ledger`.
+pub async fn open_engine(
+    dir: &Path,
+    fed: &Path,
+    policy: ApprovedPolicy,
+    ledger: bool,
+) -> trustql_node::SiteEngine {
+    let engine = trustql_node::SiteEngine::open(
+        "TQ01",
+        schema(),
+        policy,
+        &fed.join("TQ01"),
+        &trustql_node::Limits::default(),
+    )
+    .await
+    .expect("engine opens");
+    if !ledger {
+        return engine;
+    }
+    let ledger = trustql_budget::Ledger::open(&dir.join("state/budget.ledger")).expect("ledger");
+    engine.with_ledger(std::sync::Arc::new(ledger))
+}
+
 /// No protection: every group, exact counts (for correctness checks only).
 pub const UNPROTECTED: &str =
     "min_patients = 1\nrounding = \"none\"\nwithhold_whole_margin_cells = false";

@@ -90,7 +90,7 @@ impl AggregateUDFImpl for PatientCount {
         false
     }
 
-    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+    fn state_fields(&self, args: StateFieldsArgs<'_>) -> Result<Vec<FieldRef>> {
         Ok(vec![Arc::new(Field::new(
             format_state_name(args.name, "count"),
             DataType::Int64,
@@ -98,17 +98,17 @@ impl AggregateUDFImpl for PatientCount {
         ))])
     }
 
-    fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+    fn accumulator(&self, _args: AccumulatorArgs<'_>) -> Result<Box<dyn Accumulator>> {
         Ok(Box::new(PatientSet::new(self.cap, self.runs)))
     }
 
-    fn groups_accumulator_supported(&self, _args: AccumulatorArgs) -> bool {
+    fn groups_accumulator_supported(&self, _args: AccumulatorArgs<'_>) -> bool {
         true
     }
 
     fn create_groups_accumulator(
         &self,
-        _args: AccumulatorArgs,
+        _args: AccumulatorArgs<'_>,
     ) -> Result<Box<dyn GroupsAccumulator>> {
         Ok(Box::new(PatientGroups::new(self.cap, self.runs)))
     }

@@ -156,7 +156,7 @@ pub async fn plan_sql(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan, Re
 }
 
 /// The refusal for DDL, DML, COPY, SET and other statements.
-pub fn statement_refusal() -> Refusal {
+pub(crate) fn statement_refusal() -> Refusal {
     Refusal::new(
         Rule::Statement,
         "only SELECT queries are accepted: DDL, DML, COPY, SET, DESCRIBE and other statements \
@@ -165,7 +165,7 @@ pub fn statement_refusal() -> Refusal {
 }
 
 /// The refusal for EXPLAIN.
-pub fn explain_refusal() -> Refusal {
+pub(crate) fn explain_refusal() -> Refusal {
     Refusal::new(
         Rule::Statement,
         "EXPLAIN is not available: plans can reveal table statistics",

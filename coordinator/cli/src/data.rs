@@ -12,7 +12,7 @@ use trustql_synth::{SynthConfig, generate};
 
 /// `trustql synth` options.
 #[derive(Args)]
-pub struct SynthArgs {
+pub(crate) struct SynthArgs {
     /// Number of trusts (1–99).
     #[arg(long, default_value_t = 3)]
     trusts: usize,
@@ -38,7 +38,7 @@ pub struct SynthArgs {
 
 /// `trustql import simulacrum` options.
 #[derive(Args)]
-pub struct ImportArgs {
+pub(crate) struct ImportArgs {
     /// Directory holding the v2.1.0 CSVs (sim_av_patient.csv, sim_av_tumour.csv, …).
     #[arg(long)]
     csv: PathBuf,
@@ -71,7 +71,7 @@ fn print_rows(schema: &TrustSchema, rows: &BTreeMap<String, BTreeMap<String, u64
 }
 
 /// Runs `trustql synth`.
-pub fn synth(args: &SynthArgs) -> Result<bool> {
+pub(crate) fn synth(args: &SynthArgs) -> Result<bool> {
     let schema = TrustSchema::cancer().context("loading the built-in schema")?;
     let config = SynthConfig {
         trusts: args.trusts,
@@ -96,7 +96,7 @@ pub fn synth(args: &SynthArgs) -> Result<bool> {
 }
 
 /// Runs `trustql import simulacrum`.
-pub fn import(args: &ImportArgs) -> Result<bool> {
+pub(crate) fn import(args: &ImportArgs) -> Result<bool> {
     let schema = TrustSchema::cancer().context("loading the built-in schema")?;
     let config = ImportConfig {
         trusts: args.trusts,
@@ -126,7 +126,7 @@ pub fn import(args: &ImportArgs) -> Result<bool> {
 }
 
 /// Runs `trustql schema check`; false when any problem is found.
-pub fn check(dir: &Path, schema_file: Option<&Path>) -> Result<bool> {
+pub(crate) fn check(dir: &Path, schema_file: Option<&Path>) -> Result<bool> {
     let schema = match schema_file {
         Some(path) => TrustSchema::from_path(path)?,
         None => TrustSchema::cancer().context("loading the built-in schema")?,

@@ -11,7 +11,7 @@ use crate::query::{Format, print_result};
 
 /// `trustql demo` arguments.
 #[derive(Debug, Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Number of trusts.
     #[arg(long, default_value_t = 3)]
     trusts: usize,
@@ -47,7 +47,7 @@ pub struct DemoArgs {
 }
 
 /// Launches the federation, runs the showcase, optionally keeps serving.
-pub fn demo(args: &DemoArgs) -> Result<bool> {
+pub(crate) fn demo(args: &DemoArgs) -> Result<bool> {
     let options = DemoOptions {
         trusts: args.trusts,
         patients: args.patients,

@@ -10,7 +10,7 @@ use trustql_policies::Policy;
 use trustql_schemas::TrustSchema;
 
 /// Runs a node until Ctrl-C (or SIGTERM) or until its server fails.
-pub fn run(config_path: &Path) -> Result<bool> {
+pub(crate) fn run(config_path: &Path) -> Result<bool> {
     let config = NodeConfig::load(config_path)?;
     let schema = TrustSchema::cancer().context("loading the built-in schema")?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
@@ -35,7 +35,7 @@ pub fn run(config_path: &Path) -> Result<bool> {
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -51,7 +51,7 @@ pub async fn shutdown_signal() {
 }
 
 /// Checks an audit log's chain; false (and the first bad record) if it is broken.
-pub fn verify_audit(dir: &Path) -> Result<bool> {
+pub(crate) fn verify_audit(dir: &Path) -> Result<bool> {
     match verify(dir) {
         Ok(verified) => {
             println!(
@@ -72,7 +72,7 @@ pub fn verify_audit(dir: &Path) -> Result<bool> {
 
 /// Prints spend and what is left per project from the node's ledger (read-only, so it is
 /// safe while the node runs); false if a named project is unknown.
-pub fn budget_show(config_path: &Path, only: Option<&str>) -> Result<bool> {
+pub(crate) fn budget_show(config_path: &Path, only: Option<&str>) -> Result<bool> {
     let config = NodeConfig::load(config_path)?;
     let text = std::fs::read_to_string(&config.policy)
         .with_context(|| format!("cannot read the policy {}", config.policy.display()))?;

@@ -7,7 +7,7 @@ use trustql_policies::{Finding, Policy, PolicyError, approve, load_approved};
 use trustql_schemas::TrustSchema;
 
 /// Lints a policy, prints its rules in plain words and its approval status; false on errors.
-pub fn check(path: &Path) -> Result<bool> {
+pub(crate) fn check(path: &Path) -> Result<bool> {
     let schema = TrustSchema::cancer().context("loading the built-in schema")?;
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -39,7 +39,7 @@ pub fn check(path: &Path) -> Result<bool> {
 }
 
 /// Records an approval of the policy's current content.
-pub fn approve_file(path: &Path, by: &str) -> Result<bool> {
+pub(crate) fn approve_file(path: &Path, by: &str) -> Result<bool> {
     let schema = TrustSchema::cancer().context("loading the built-in schema")?;
     let approval = approve(path, by, &schema)?;
     println!(

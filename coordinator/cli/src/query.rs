@@ -14,7 +14,7 @@ use trustql_wire::Coverage;
 
 /// Output formats.
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum Format {
+pub(crate) enum Format {
     /// An aligned table, then the coverage report.
     Table,
     /// CSV on stdout; the coverage report on stderr.
@@ -25,7 +25,7 @@ pub enum Format {
 
 /// `trustql query` arguments.
 #[derive(Debug, Args)]
-pub struct QueryArgs {
+pub(crate) struct QueryArgs {
     /// The coordinator's URL (https://host:port).
     #[arg(long)]
     coordinator: String,
@@ -53,7 +53,7 @@ pub struct QueryArgs {
 }
 
 /// Runs one query and prints it; false if it was refused.
-pub fn query(args: &QueryArgs) -> Result<bool> {
+pub(crate) fn query(args: &QueryArgs) -> Result<bool> {
     let ca = match &args.ca {
         Some(path) => Some(
             std::fs::read(path)
@@ -86,7 +86,7 @@ pub fn query(args: &QueryArgs) -> Result<bool> {
 }
 
 /// Prints a result in the chosen format.
-pub fn print_result(result: &QueryResult, format: Format) -> Result<()> {
+pub(crate) fn print_result(result: &QueryResult, format: Format) -> Result<()> {
     match format {
         Format::Table => {
             let mut offset = 0;
@@ -182,7 +182,7 @@ fn without_metadata(batch: &RecordBatch) -> Result<RecordBatch> {
 }
 
 /// Runs a coordinator until Ctrl-C.
-pub fn coordinator(config_path: &Path) -> Result<bool> {
+pub(crate) fn coordinator(config_path: &Path) -> Result<bool> {
     let config = CoordinatorConfig::load(config_path)?;
     let schema = TrustSchema::cancer().context("loading the built-in schema")?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

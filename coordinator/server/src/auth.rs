@@ -31,18 +31,18 @@ pub struct Caller {
 
 /// The known researchers.
 #[derive(Debug, Clone)]
-pub struct Researchers {
+pub(crate) struct Researchers {
     entries: Vec<ResearcherEntry>,
 }
 
 impl Researchers {
     /// From the configuration.
-    pub fn new(entries: Vec<ResearcherEntry>) -> Self {
+    pub(crate) fn new(entries: Vec<ResearcherEntry>) -> Self {
         Researchers { entries }
     }
 
     /// Checks the bearer token and resolves the project.
-    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, CoordinatorError> {
+    pub(crate) fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, CoordinatorError> {
         let header = metadata
             .get("authorization")
             .and_then(|v| v.to_str().ok())

@@ -19,7 +19,7 @@ const MAX_ANSWER_BYTES: usize = 64 << 20;
 
 /// What became of a request at one node.
 #[derive(Debug)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The node's protected states.
     Answered(Box<SiteStates>),
     /// Anything else, with the reason.
@@ -28,14 +28,14 @@ pub enum Outcome {
 
 /// A node and the channel to it (connected lazily, reconnected by tonic when it returns).
 #[derive(Clone)]
-pub struct NodeLink {
+pub(crate) struct NodeLink {
     trust: String,
     channel: Channel,
 }
 
 impl NodeLink {
     /// Sets up the channel; nothing is dialled until the first query.
-    pub fn new(entry: &NodeEntry, identity: &Identity) -> Result<Self, CoordinatorError> {
+    pub(crate) fn new(entry: &NodeEntry, identity: &Identity) -> Result<Self, CoordinatorError> {
         let ca = std::fs::read(&entry.ca).map_err(|e| {
             CoordinatorError::Tls(format!(
                 "cannot read the CA for {} ({}): {e}",
@@ -65,12 +65,12 @@ impl NodeLink {
     }
 
     /// The trust code.
-    pub fn trust(&self) -> &str {
+    pub(crate) fn trust(&self) -> &str {
         &self.trust
     }
 
     /// Sends the request and reads the answer, all within `deadline`.
-    pub async fn ask(&self, request: &SiteRequest, deadline: Duration) -> Outcome {
+    pub(crate) async fn ask(&self, request: &SiteRequest, deadline: Duration) -> Outcome {
         match tokio::time::timeout(deadline, self.exchange(request)).await {
             Ok(outcome) => outcome,
             Err(_) => Outcome::Not(

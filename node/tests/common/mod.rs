@@ -8,14 +8,14 @@ use trustql_policies::{ApprovedPolicy, approve, load_approved};
 use trustql_schemas::TrustSchema;
 use trustql_synth::{SynthConfig, generate};
 
-pub const ALL_TABLES: &str = r#"["sim_av_patient", "sim_av_tumour", "sim_sact_regimen", "sim_sact_cycle", "sim_sact_drug_detail", "sim_sact_outcome", "sim_rtds_episode", "sim_rtds_prescription"]"#;
+pub(crate) const ALL_TABLES: &str = r#"["sim_av_patient", "sim_av_tumour", "sim_sact_regimen", "sim_sact_cycle", "sim_sact_drug_detail", "sim_sact_outcome", "sim_rtds_episode", "sim_rtds_prescription"]"#;
 
-pub fn schema() -> TrustSchema {
+pub(crate) fn schema() -> TrustSchema {
     TrustSchema::cancer().expect("schema")
 }
 
 /// Generates one trust (TQ01) with `patients` patients; returns the federation directory.
-pub fn synth(dir: &Path, patients: u64) -> PathBuf {
+pub(crate) fn synth(dir: &Path, patients: u64) -> PathBuf {
     let out = dir.join("fed");
     let config = SynthConfig {
         trusts: 1,
@@ -29,7 +29,7 @@ pub fn synth(dir: &Path, patients: u64) -> PathBuf {
 }
 
 /// A plain DataFusion session (no TrustQL rules) over one site's Parquet, for exact answers.
-pub async fn plain_session(site: &Path) -> datafusion::prelude::SessionContext {
+pub(crate) async fn plain_session(site: &Path) -> datafusion::prelude::SessionContext {
     let ctx = datafusion::prelude::SessionContext::new();
     for table in schema().tables() {
         let path = trustql_schemas::table_path(site, &table.name);
@@ -45,7 +45,7 @@ pub async fn plain_session(site: &Path) -> datafusion::prelude::SessionContext {
 }
 
 /// Writes, approves and loads a policy for TQ01 with the given [disclosure] body.
-pub fn policy(dir: &Path, disclosure: &str) -> (PathBuf, ApprovedPolicy) {
+pub(crate) fn policy(dir: &Path, disclosure: &str) -> (PathBuf, ApprovedPolicy) {
     let path = dir.join("policy.toml");
     let text = format!(
         "[policy]\nversion = \"test\"\ntrust = \"TQ01\"\n\n[disclosure]\n{disclosure}\n\n\
@@ -58,7 +58,7 @@ pub fn policy(dir: &Path, disclosure: &str) -> (PathBuf, ApprovedPolicy) {
 }
 
 /// TQ01's engine over `fed` under `policy`, keeping DP spending in `dir/state` when `ledger`.
-pub async fn open_engine(
+pub(crate) async fn open_engine(
     dir: &Path,
     fed: &Path,
     policy: ApprovedPolicy,
@@ -81,11 +81,11 @@ pub async fn open_engine(
 }
 
 /// No protection: every group, exact counts (for correctness checks only).
-pub const UNPROTECTED: &str =
+pub(crate) const UNPROTECTED: &str =
     "min_patients = 1\nrounding = \"none\"\nwithhold_whole_margin_cells = false";
 
 /// Certificates for a node, its coordinator, and an impostor signed by another CA.
-pub struct Pki {
+pub(crate) struct Pki {
     pub dir: PathBuf,
     pub ca: PathBuf,
     pub ca_pem: String,
@@ -94,7 +94,7 @@ pub struct Pki {
     pub impostor: trustql_devcerts::Issued,
 }
 
-pub fn pki(dir: &Path) -> Pki {
+pub(crate) fn pki(dir: &Path) -> Pki {
     let dir = dir.join("pki");
     let ca = trustql_devcerts::DevCa::new("TrustQL test CA").expect("ca");
     let rogue = trustql_devcerts::DevCa::new("Rogue CA").expect("rogue ca");
@@ -118,7 +118,7 @@ pub fn pki(dir: &Path) -> Pki {
 }
 
 /// A node configuration for TQ01 over `fed`, listening on 127.0.0.1:0.
-pub fn node_config(
+pub(crate) fn node_config(
     dir: &Path,
     fed: &Path,
     policy: &Path,
@@ -142,7 +142,7 @@ pub fn node_config(
 }
 
 /// A Flight client over TLS to `addr`, trusting `ca_pem`, presenting `identity` if any.
-pub async fn client(
+pub(crate) async fn client(
     addr: std::net::SocketAddr,
     ca_pem: &str,
     identity: Option<&trustql_devcerts::Issued>,

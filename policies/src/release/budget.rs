@@ -6,7 +6,7 @@ use crate::refusal::{Refusal, Rule};
 use crate::release::DpNeeds;
 
 /// Room for floating-point sums of ε when comparing with the budget.
-pub const SLACK: f64 = 1e-9;
+pub(crate) const SLACK: f64 = 1e-9;
 
 /// The ε and δ a project has left at a trust.
 #[derive(Debug, Clone, Copy, PartialEq)]

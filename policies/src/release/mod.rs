@@ -27,7 +27,8 @@ use crate::policy::{PATIENT_COUNT_CAP, Policy, Project, ProjectDp};
 use crate::refusal::{Refusal, Rule};
 use crate::vet::Vetted;
 
-pub use budget::{Budget, SLACK};
+pub use budget::Budget;
+pub(crate) use budget::SLACK;
 pub use sdc::{DisclosureReport, Protected, protect, round, round_count};
 pub use state::{Contributions, Moment, PartialAnswer, Role, Source, StateColumn};
 pub use totals::{AnswerProtection, TotalsRules};

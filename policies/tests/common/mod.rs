@@ -10,12 +10,12 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use trustql_policies::locked_session;
 use trustql_schemas::TrustSchema;
 
-pub fn schema() -> TrustSchema {
+pub(crate) fn schema() -> TrustSchema {
     TrustSchema::cancer().expect("schema")
 }
 
 /// A locked session over empty tables of the shared schema (vetting needs no data).
-pub fn session() -> SessionContext {
+pub(crate) fn session() -> SessionContext {
     let ctx = locked_session(SessionConfig::new(), Arc::new(RuntimeEnv::default()));
     for table in schema().tables() {
         let provider = MemTable::try_new(table.arrow_schema(), vec![vec![]]).expect("table");

@@ -6,7 +6,7 @@ use arrow::array::{ArrayRef, Date32Array, Float64Array, Int64Array, StringArray}
 use trustql_schemas::ColumnType;
 
 /// One column of a set of CSV records.
-pub struct ColumnValues<'a> {
+pub(crate) struct ColumnValues<'a> {
     /// The records.
     pub records: &'a [&'a csv::StringRecord],
     /// Field index in each record.
@@ -24,7 +24,7 @@ impl ColumnValues<'_> {
 }
 
 /// Parses a key field: empty is null; anything else must be an integer.
-pub fn parse_key(field: Option<&str>) -> Result<Option<i64>, &'static str> {
+pub(crate) fn parse_key(field: Option<&str>) -> Result<Option<i64>, &'static str> {
     match field.map(str::trim).filter(|v| !v.is_empty()) {
         None => Ok(None),
         Some(v) => parse_int(v).map(Some).ok_or("integer"),
@@ -40,7 +40,7 @@ fn parse_int(v: &str) -> Option<i64> {
 }
 
 /// Days since 1970-01-01 for `YYYY-MM-DD` (a time after the date is ignored).
-pub fn parse_date(v: &str) -> Option<i32> {
+pub(crate) fn parse_date(v: &str) -> Option<i32> {
     let date = v.get(..10)?;
     let rest = &v[10..];
     if !(rest.is_empty() || rest.starts_with(' ') || rest.starts_with('T')) {
@@ -81,7 +81,7 @@ pub fn parse_date(v: &str) -> Option<i32> {
 }
 
 /// Builds the Arrow array for one column; on a bad value, the line and the expected type.
-pub fn parse_column(
+pub(crate) fn parse_column(
     ty: ColumnType,
     values: ColumnValues<'_>,
 ) -> Result<ArrayRef, (u64, &'static str)> {

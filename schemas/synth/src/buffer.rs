@@ -15,7 +15,7 @@ enum ColumnBuffer {
 }
 
 /// Buffers one table's rows; values are pushed in schema column order.
-pub struct TableBuffer {
+pub(crate) struct TableBuffer {
     schema: SchemaRef,
     columns: Vec<ColumnBuffer>,
     cursor: usize,
@@ -24,7 +24,7 @@ pub struct TableBuffer {
 
 impl TableBuffer {
     /// An empty buffer for a table whose columns are Int64, Utf8, Date32 or Float64.
-    pub fn new(schema: SchemaRef) -> Result<Self, SynthError> {
+    pub(crate) fn new(schema: SchemaRef) -> Result<Self, SynthError> {
         let columns = schema
             .fields()
             .iter()
@@ -70,7 +70,7 @@ impl TableBuffer {
     }
 
     /// Appends an integer (or null) to the next column.
-    pub fn int(&mut self, value: Option<i64>) -> &mut Self {
+    pub(crate) fn int(&mut self, value: Option<i64>) -> &mut Self {
         match self.next_column("int64") {
             Some(ColumnBuffer::Int64(b)) => b.append_option(value),
             Some(_) => self.wrong("int64"),
@@ -80,7 +80,7 @@ impl TableBuffer {
     }
 
     /// Appends text (or null) to the next column.
-    pub fn text(&mut self, value: Option<&str>) -> &mut Self {
+    pub(crate) fn text(&mut self, value: Option<&str>) -> &mut Self {
         match self.next_column("utf8") {
             Some(ColumnBuffer::Utf8(b)) => b.append_option(value),
             Some(_) => self.wrong("utf8"),
@@ -90,7 +90,7 @@ impl TableBuffer {
     }
 
     /// Appends a date in days since 1970-01-01 (or null) to the next column.
-    pub fn date(&mut self, value: Option<i32>) -> &mut Self {
+    pub(crate) fn date(&mut self, value: Option<i32>) -> &mut Self {
         match self.next_column("date32") {
             Some(ColumnBuffer::Date32(b)) => b.append_option(value),
             Some(_) => self.wrong("date32"),
@@ -100,7 +100,7 @@ impl TableBuffer {
     }
 
     /// Appends a float (or null) to the next column.
-    pub fn float(&mut self, value: Option<f64>) -> &mut Self {
+    pub(crate) fn float(&mut self, value: Option<f64>) -> &mut Self {
         match self.next_column("float64") {
             Some(ColumnBuffer::Float64(b)) => b.append_option(value),
             Some(_) => self.wrong("float64"),
@@ -110,7 +110,7 @@ impl TableBuffer {
     }
 
     /// Ends the current row; every column must have had exactly one value.
-    pub fn end_row(&mut self) {
+    pub(crate) fn end_row(&mut self) {
         if self.cursor != self.columns.len() && self.mismatch.is_none() {
             self.mismatch = Some(format!(
                 "a row had {} values for {} columns",
@@ -122,7 +122,7 @@ impl TableBuffer {
     }
 
     /// Takes the buffered rows as a record batch and empties the buffer.
-    pub fn finish(&mut self) -> Result<RecordBatch, SynthError> {
+    pub(crate) fn finish(&mut self) -> Result<RecordBatch, SynthError> {
         if let Some(problem) = self.mismatch.take() {
             return Err(SynthError::Encode(format!(
                 "{problem} in a generated row (a generator bug)"

@@ -4,11 +4,11 @@
 //! survival; NDRS treatment-route shares) and aim at plausibility, not precision.
 
 /// A regimen: mapped name, benchmark group, and its drugs.
-pub type Regimen = (&'static str, &'static str, &'static [&'static str]);
+pub(crate) type Regimen = (&'static str, &'static str, &'static [&'static str]);
 
 /// What happens to patients with a tumour at a group of sites.
 #[derive(Debug)]
-pub struct SiteProfile {
+pub(crate) struct SiteProfile {
     /// Name of the group (also the radiotherapy anatomical site).
     pub group: &'static str,
     /// Five-year survival for the group, all stages.
@@ -246,7 +246,7 @@ fn site_number(site: &str) -> Option<(char, u32)> {
 }
 
 /// The profile for a three-character ICD-10 site.
-pub fn profile(site: &str) -> &'static SiteProfile {
+pub(crate) fn profile(site: &str) -> &'static SiteProfile {
     let group = match site_number(site) {
         Some(('C', 50)) => "Breast",
         Some(('C', 61)) => "Prostate",
@@ -271,7 +271,7 @@ pub fn profile(site: &str) -> &'static SiteProfile {
 
 /// Who can have a tumour at a site.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SexRule {
+pub(crate) enum SexRule {
     /// Male organs.
     Male,
     /// Female organs.
@@ -283,7 +283,7 @@ pub enum SexRule {
 }
 
 /// The sex rule for a three-character ICD-10 site.
-pub fn sex_rule(site: &str) -> SexRule {
+pub(crate) fn sex_rule(site: &str) -> SexRule {
     match site_number(site) {
         Some(('C', 60..=63)) | Some(('D', 7)) => SexRule::Male,
         Some(('C', 51..=58)) | Some(('D', 6)) => SexRule::Female,
@@ -293,7 +293,7 @@ pub fn sex_rule(site: &str) -> SexRule {
 }
 
 /// Behaviour code implied by the site (malignant C, in situ D0, uncertain D37-D48, benign).
-pub fn behaviour(site: &str) -> &'static str {
+pub(crate) fn behaviour(site: &str) -> &'static str {
     match site_number(site) {
         Some(('C', _)) => "3",
         Some(('D', 0..=9)) => "2",
@@ -303,7 +303,7 @@ pub fn behaviour(site: &str) -> &'static str {
 }
 
 /// How much a stage multiplies the site's hazard of death.
-pub fn stage_hazard(stage: Option<&str>) -> f64 {
+pub(crate) fn stage_hazard(stage: Option<&str>) -> f64 {
     match stage.and_then(|s| s.chars().next()) {
         Some('0') => 0.1,
         Some('1') => 0.3,
@@ -315,7 +315,7 @@ pub fn stage_hazard(stage: Option<&str>) -> f64 {
 }
 
 /// A drug's usual dose per administration (mg) and whether it is taken by mouth.
-pub fn drug_dose(drug: &str) -> (f64, bool) {
+pub(crate) fn drug_dose(drug: &str) -> (f64, bool) {
     match drug {
         "CAPECITABINE" => (1650.0, true),
         "ENZALUTAMIDE" => (160.0, true),

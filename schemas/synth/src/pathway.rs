@@ -60,7 +60,7 @@ pub const ETHNICITY: &[(&str, u64)] = &[
 ];
 
 /// The sampling distributions, built once from the reference marginals and the schema.
-pub struct Distributions {
+pub(crate) struct Distributions {
     site: Categorical,
     site4: HashMap<String, Categorical>,
     morph: Categorical,
@@ -90,7 +90,7 @@ pub struct Distributions {
 
 impl Distributions {
     /// Builds the distributions, keeping coded fields within the schema's code sets.
-    pub fn new(schema: &TrustSchema) -> Result<Self, SynthError> {
+    pub(crate) fn new(schema: &TrustSchema) -> Result<Self, SynthError> {
         let reference = Reference::load();
         let codes = |name: &str| {
             schema
@@ -177,7 +177,7 @@ impl Distributions {
 
 /// Where a patient is seen: the diagnosing trust, and the treating trust if different.
 #[derive(Debug, Clone, Copy)]
-pub struct Placement {
+pub(crate) struct Placement {
     /// Trust that registers the diagnosis (and treats, when not shared).
     pub home: usize,
     /// Second trust giving the treatment, for patients seen at two trusts.
@@ -231,7 +231,7 @@ struct TumourFacts {
 }
 
 /// Writes every record of patient `index` into the per-trust buffers (`out[trust][table]`).
-pub fn generate_patient<R: Rng>(
+pub(crate) fn generate_patient<R: Rng>(
     d: &Distributions,
     index: u64,
     placement: Placement,

@@ -5,7 +5,7 @@
 use std::process::{Command, Output};
 
 /// Runs `trustql` with `args` and waits for it.
-pub fn trustql(args: &[&str]) -> Output {
+pub(crate) fn trustql(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_trustql"))
         .args(args)
         .output()
@@ -13,7 +13,7 @@ pub fn trustql(args: &[&str]) -> Output {
 }
 
 /// Its stdout and stderr together, for messages and assertions.
-pub fn text(output: &Output) -> String {
+pub(crate) fn text(output: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -22,7 +22,7 @@ pub fn text(output: &Output) -> String {
 }
 
 /// A `trustql demo … --serve --info FILE` running in the background.
-pub struct ServedDemo {
+pub(crate) struct ServedDemo {
     /// The demo process (killed on drop).
     pub child: std::process::Child,
     /// The info file's JSON.
@@ -35,13 +35,13 @@ pub struct ServedDemo {
 
 impl ServedDemo {
     /// `trustql query` against this demo with its own token; `args` end with the SQL.
-    pub fn query(&self, args: &[&str]) -> Output {
+    pub(crate) fn query(&self, args: &[&str]) -> Output {
         let token = self.info["token"].as_str().expect("token");
         self.query_as(token, args)
     }
 
     /// `trustql query` against this demo with `token`; `args` end with the SQL.
-    pub fn query_as(&self, token: &str, args: &[&str]) -> Output {
+    pub(crate) fn query_as(&self, token: &str, args: &[&str]) -> Output {
         let (url, ca) = (
             self.info["url"].as_str().expect("url"),
             self.info["ca"].as_str().expect("ca"),
@@ -60,7 +60,7 @@ impl Drop for ServedDemo {
 }
 
 /// Starts `trustql demo ARGS --serve --info DIR/info.json` and waits for the info file.
-pub fn serve_demo(dir: &std::path::Path, args: &[&str]) -> ServedDemo {
+pub(crate) fn serve_demo(dir: &std::path::Path, args: &[&str]) -> ServedDemo {
     use std::io::BufRead;
     let info_path = dir.join("info.json");
     let mut child = Command::new(env!("CARGO_BIN_EXE_trustql"))

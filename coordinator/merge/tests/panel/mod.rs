@@ -10,7 +10,7 @@ use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use trustql_schemas::{TrustSchema, table_path};
 
 /// The central oracle: one DataFusion session over the union of every trust's Parquet.
-pub async fn union(data_dir: &Path, trusts: &[String]) -> SessionContext {
+pub(crate) async fn union(data_dir: &Path, trusts: &[String]) -> SessionContext {
     let ctx = SessionContext::new();
     for table in TrustSchema::cancer().expect("schema").tables() {
         let paths: Vec<String> = trusts
@@ -33,7 +33,7 @@ pub async fn union(data_dir: &Path, trusts: &[String]) -> SessionContext {
 
 /// The panel: filters, one and several keys, joins on the patient key, distinct patients,
 /// SUM/AVG/VAR/STDDEV, CASE buckets, date parts, HAVING, ORDER BY … LIMIT, ROLLUP.
-pub const PANEL: &[&str] = &[
+pub(crate) const PANEL: &[&str] = &[
     "SELECT COUNT(*) FROM sim_av_patient",
     "SELECT gender, COUNT(*) FROM sim_av_patient GROUP BY gender",
     "SELECT vitalstatus, gender, COUNT(*) FROM sim_av_patient GROUP BY vitalstatus, gender",
@@ -123,7 +123,7 @@ impl Cell {
 }
 
 /// Asserts two results hold the same rows (in order when `ordered`), floats to 1e-9.
-pub fn assert_same(sql: &str, got: &RecordBatch, want: &RecordBatch, ordered: bool) {
+pub(crate) fn assert_same(sql: &str, got: &RecordBatch, want: &RecordBatch, ordered: bool) {
     assert_eq!(got.num_columns(), want.num_columns(), "{sql}: column count");
     assert_eq!(got.num_rows(), want.num_rows(), "{sql}: row count");
     let (mut got, mut want) = (cells(got), cells(want));

@@ -4,16 +4,20 @@
 //! functions, no table functions, no URL tables, no file formats or table factories, and no
 //! information_schema. Statements are refused through `SQLOptions`.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use datafusion::execution::SessionStateBuilder;
+use datafusion::common::DataFusionError;
 use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::execution::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::optimizer::Optimizer;
 use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DFStatement;
-use datafusion::sql::sqlparser::ast::Statement as SQLStatement;
+use datafusion::sql::sqlparser::ast::{
+    Expr as SQLExpr, ObjectName, Statement as SQLStatement, TableFactor, Visit, Visitor,
+};
 
 use crate::policy::SHIPPABLE_AGGREGATES;
 use crate::refusal::{Refusal, Rule};
@@ -134,7 +138,7 @@ pub async fn plan_sql(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan, Re
     let dialect = state.config().options().sql_parser.dialect;
     let statement = state
         .sql_to_statement(sql, &dialect)
-        .map_err(|e| planning_refusal(&e.to_string()))?;
+        .map_err(|e| planning_refusal(&e))?;
     // Refuse statements before planning: some (COPY) would otherwise fail later with a
     // less helpful message.
     match &statement {
@@ -145,10 +149,26 @@ pub async fn plan_sql(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan, Re
         }
         _ => return Err(statement_refusal()),
     }
+    // Functions are checked on the parsed query, by name against what this session
+    // registered, so an unknown one is refused by the function rule, not by reading the
+    // planner's error message.
+    if let DFStatement::Statement(query) = &statement {
+        let mut functions = Functions {
+            state: &state,
+            ident_normalization: state
+                .config()
+                .options()
+                .sql_parser
+                .enable_ident_normalization,
+        };
+        if let ControlFlow::Break(refusal) = query.visit(&mut functions) {
+            return Err(refusal);
+        }
+    }
     let plan = state
         .statement_to_plan(statement)
         .await
-        .map_err(|e| planning_refusal(&e.to_string()))?;
+        .map_err(|e| planning_refusal(&e))?;
     sql_options()
         .verify_plan(&plan)
         .map_err(|_| statement_refusal())?;
@@ -172,24 +192,77 @@ pub(crate) fn explain_refusal() -> Refusal {
     )
 }
 
-fn planning_refusal(message: &str) -> Refusal {
-    let first_line = message.lines().next().unwrap_or_default();
-    if let Some(rest) = first_line.split("Invalid function '").nth(1) {
-        let name: String = rest.chars().take_while(|c| *c != '\'').collect();
-        return Refusal::new(
-            Rule::Function,
-            format!("function `{name}` is not on the allow-list"),
-        );
+/// Finds the first function call or table function the session does not offer.
+struct Functions<'a> {
+    state: &'a SessionState,
+    ident_normalization: bool,
+}
+
+impl Functions<'_> {
+    fn known(&self, name: &ObjectName) -> bool {
+        let [part] = name.0.as_slice() else {
+            return false;
+        };
+        let Some(ident) = part.as_ident() else {
+            return false;
+        };
+        let name = if self.ident_normalization && ident.quote_style.is_none() {
+            ident.value.to_lowercase()
+        } else {
+            ident.value.clone()
+        };
+        self.state.scalar_functions().contains_key(&name)
+            || self.state.aggregate_functions().contains_key(&name)
+            || self.state.window_functions().contains_key(&name)
     }
-    if first_line.contains("table function") || first_line.contains("table_function") {
-        return Refusal::new(Rule::Function, "table functions are not available");
+}
+
+impl Visitor for Functions<'_> {
+    type Break = Refusal;
+
+    fn pre_visit_expr(&mut self, expr: &SQLExpr) -> ControlFlow<Refusal> {
+        match expr {
+            SQLExpr::Function(f) if !self.known(&f.name) => {
+                let name = f.name.to_string().to_lowercase();
+                let name: String = name.chars().take(64).collect();
+                ControlFlow::Break(Refusal::new(
+                    Rule::Function,
+                    format!("function `{name}` is not on the allow-list"),
+                ))
+            }
+            _ => ControlFlow::Continue(()),
+        }
     }
-    if first_line.contains("Unsupported") || first_line.contains("not supported") {
+
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<Refusal> {
+        let table_function = match factor {
+            TableFactor::Table { args, .. } => args.is_some(),
+            TableFactor::Function { .. }
+            | TableFactor::TableFunction { .. }
+            | TableFactor::UNNEST { .. } => true,
+            _ => false,
+        };
+        if table_function {
+            return ControlFlow::Break(Refusal::new(
+                Rule::Function,
+                "table functions are not available",
+            ));
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// A planning error as a refusal, classified by the error's variant: what DataFusion does not
+/// implement is unsupported, anything else is invalid SQL (planning never sees data).
+fn planning_refusal(error: &DataFusionError) -> Refusal {
+    if matches!(error.find_root(), DataFusionError::NotImplemented(_)) {
         return Refusal::new(
             Rule::Unsupported,
             "the query uses SQL that TrustQL does not support",
         );
     }
+    let message = error.to_string();
+    let first_line = message.lines().next().unwrap_or_default();
     // Planning errors come from the SQL text and the schema, never from data; still keep them
     // short and free of the planner's internals.
     let cleaned = first_line

@@ -18,9 +18,9 @@ use trustql_policies::{
     ApprovedPolicy, PartialAnswer, StateColumn, approve, authorise, load_approved, locked_session,
     protect, vet_sql,
 };
+use trustql_protocol::{ColumnKind, SiteRequest};
 use trustql_schemas::{TrustSchema, table_path, trust_codes};
 use trustql_synth::{SynthConfig, generate};
-use trustql_wire::{ColumnKind, SiteRequest};
 
 const PATIENTS: u64 = 30_000;
 const TODAY: i32 = 20_415;

@@ -9,8 +9,8 @@ use anyhow::{Context, Result, bail};
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use trustql_node::{Limits, SiteEngine};
 use trustql_policies::{approve, load_approved};
+use trustql_protocol::SiteRequest;
 use trustql_schemas::{TrustSchema, table_path};
-use trustql_wire::SiteRequest;
 
 /// One DataFusion session over the union of every trust's Parquet: the central warehouse a
 /// federation is compared with.

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::MutexGuard;
 use trustql_budget::{Charge, Ledger};
 use trustql_policies::{Budget, DpNeeds, DpReport, now_rfc3339};
-use trustql_wire::{ANSWER_META_KEY, AnswerMeta, ColumnNoise, DpMeta, SiteRequest};
+use trustql_protocol::{ANSWER_META_KEY, AnswerMeta, ColumnNoise, DpMeta, SiteRequest};
 
 use crate::engine::{SiteAnswer, SiteEngine, Timings, hex};
 use crate::error::{NodeError, fault};

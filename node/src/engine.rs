@@ -33,8 +33,10 @@ use trustql_policies::{
     Rule, SdcNeeds, Source, StateColumn, Terms, aggregate_of, authorise, locked_session, needs,
     release, vet_sql,
 };
+use trustql_protocol::{
+    AnswerColumn, AnswerMeta, ColumnKind, PATIENTS_COLUMN, SiteRequest, Withheld,
+};
 use trustql_schemas::{TrustSchema, check_site, table_path};
-use trustql_wire::{AnswerColumn, AnswerMeta, ColumnKind, PATIENTS_COLUMN, SiteRequest, Withheld};
 
 use crate::config::Limits;
 use crate::dp::{DpStart, with_meta};

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 use trustql_audit::{AuditEntry, AuditLog, Decision};
 use trustql_policies::{now_rfc3339, today};
-use trustql_wire::{SiteRequest, Withheld};
+use trustql_protocol::{SiteRequest, Withheld};
 
 use crate::engine::{SiteAnswer, SiteEngine};
 use crate::error::NodeError;

@@ -11,8 +11,8 @@ use arrow::compute::cast;
 use arrow::datatypes::{DataType, Int64Type};
 use trustql_node::{NodeError, SiteAnswer, SiteEngine};
 use trustql_policies::{Rule, approve, load_approved};
+use trustql_protocol::{ColumnKind, SiteRequest};
 use trustql_schemas::table_path;
-use trustql_wire::{ColumnKind, SiteRequest};
 
 const TODAY: i32 = 20_415;
 

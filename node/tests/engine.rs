@@ -15,7 +15,7 @@ use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::prelude::SessionContext;
 use trustql_node::{Limits, NodeError, SiteEngine};
 use trustql_policies::Rule;
-use trustql_wire::{ColumnKind, PATIENTS_COLUMN, SiteRequest};
+use trustql_protocol::{ColumnKind, PATIENTS_COLUMN, SiteRequest};
 
 fn request(sql: &str) -> SiteRequest {
     SiteRequest {

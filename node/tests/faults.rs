@@ -12,7 +12,7 @@ use futures::TryStreamExt;
 use tonic::Code;
 use trustql_audit::{AuditRecord, Decision, LOG_FILE};
 use trustql_node::{Limits, faults, start};
-use trustql_wire::SiteRequest;
+use trustql_protocol::SiteRequest;
 
 /// The log lines written while the test runs.
 #[derive(Clone, Default)]

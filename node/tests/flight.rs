@@ -13,7 +13,7 @@ use futures::TryStreamExt;
 use tonic::Code;
 use trustql_audit::{AuditRecord, Decision, LOG_FILE, verify};
 use trustql_node::{Limits, NodeError, RunningNode, start};
-use trustql_wire::{ANSWER_META_KEY, AnswerMeta, SiteRequest};
+use trustql_protocol::{ANSWER_META_KEY, AnswerMeta, SiteRequest};
 
 struct Site {
     _dir: tempfile::TempDir,

@@ -7,7 +7,7 @@ mod common;
 
 use trustql_node::{NodeError, SiteEngine};
 use trustql_policies::{approve, load_approved};
-use trustql_wire::SiteRequest;
+use trustql_protocol::SiteRequest;
 
 const TODAY: i32 = 20_415;
 

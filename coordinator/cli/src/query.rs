@@ -9,8 +9,8 @@ use arrow::datatypes::{DataType, Field, Schema};
 use clap::{Args, ValueEnum};
 use trustql_client::{Client, QueryResult};
 use trustql_coordinator::{CoordinatorConfig, start};
+use trustql_protocol::Coverage;
 use trustql_schemas::TrustSchema;
-use trustql_wire::Coverage;
 
 /// Output formats.
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -13,7 +13,7 @@ use arrow_flight::flight_service_client::FlightServiceClient;
 use futures::TryStreamExt;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use trustql_devcerts::{DevCa, Issued};
-use trustql_wire::SiteRequest;
+use trustql_protocol::SiteRequest;
 
 mod common;
 use common::{text, trustql};

@@ -10,8 +10,8 @@ use arrow_flight::sql::CommandGetTables;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-use trustql_wire::Coverage;
-pub use trustql_wire::{EPSILON_HEADER, PREVIEW_HEADER, PROJECT_HEADER};
+use trustql_protocol::Coverage;
+pub use trustql_protocol::{EPSILON_HEADER, PREVIEW_HEADER, PROJECT_HEADER};
 
 /// Errors a researcher can act on.
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,7 @@ use arrow::compute::{cast, concat_batches};
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use trustql_client::{Client, QueryResult};
 use trustql_demo::{DemoDp, DemoOptions, Federation, PROJECT, launch};
-use trustql_wire::TrustStatus;
+use trustql_protocol::TrustStatus;
 
 async fn federation() -> Federation {
     launch(&DemoOptions {

@@ -13,8 +13,8 @@ use trustql_coordinator::{
     CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, TlsFiles, token_hash,
 };
 use trustql_demo::{DemoOptions, Federation, PROJECT, RESEARCHER, launch};
+use trustql_protocol::TrustStatus;
 use trustql_schemas::TrustSchema;
-use trustql_wire::TrustStatus;
 
 async fn client(fed: &Federation) -> Client {
     let ca = std::fs::read(&fed.info.ca).expect("ca");

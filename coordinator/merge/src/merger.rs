@@ -19,8 +19,8 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use trustql_policies::{Refusal, Rule, TotalsRules, aggregate_of, locked_session, plan_sql};
+use trustql_protocol::{AnswerMeta, ColumnKind, PATIENTS_COLUMN};
 use trustql_schemas::TrustSchema;
-use trustql_wire::{AnswerMeta, ColumnKind, PATIENTS_COLUMN};
 
 use crate::error::MergeError;
 

@@ -9,9 +9,9 @@ use datafusion::prelude::SessionContext;
 use trustql_merge::{MergeError, Merger, SiteStates, TotalsRules};
 use trustql_node::{Limits, SiteEngine};
 use trustql_policies::{approve, load_approved};
+use trustql_protocol::SiteRequest;
 use trustql_schemas::{TrustSchema, trust_codes};
 use trustql_synth::{SynthConfig, generate};
-use trustql_wire::SiteRequest;
 
 const TODAY: i32 = 20_415;
 

@@ -3,7 +3,7 @@
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataMap;
 
-pub use trustql_wire::{EPSILON_HEADER, PREVIEW_HEADER, PROJECT_HEADER};
+pub use trustql_protocol::{EPSILON_HEADER, PREVIEW_HEADER, PROJECT_HEADER};
 
 use crate::config::ResearcherEntry;
 use crate::error::CoordinatorError;

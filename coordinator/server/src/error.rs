@@ -1,5 +1,5 @@
 use trustql_merge::MergeError;
-use trustql_wire::Coverage;
+use trustql_protocol::Coverage;
 
 /// Errors of the coordinator.
 #[derive(Debug, thiserror::Error)]

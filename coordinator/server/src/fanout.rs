@@ -9,7 +9,7 @@ use futures::TryStreamExt;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use trustql_merge::SiteStates;
-use trustql_wire::{ANSWER_META_KEY, AnswerMeta, SiteRequest, TrustStatus};
+use trustql_protocol::{ANSWER_META_KEY, AnswerMeta, SiteRequest, TrustStatus};
 
 use crate::config::NodeEntry;
 use crate::error::CoordinatorError;

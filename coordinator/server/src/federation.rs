@@ -7,8 +7,8 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use tonic::transport::Identity;
 use trustql_merge::{Merger, SiteStates};
+use trustql_protocol::{Coverage, SiteRequest, TrustCoverage, TrustStatus, Withheld};
 use trustql_schemas::TrustSchema;
-use trustql_wire::{Coverage, SiteRequest, TrustCoverage, TrustStatus, Withheld};
 
 use trustql_audit::{AuditEntry, AuditLog, Decision, TrustOutcome};
 use trustql_policies::{AnswerProtection, TotalsRules, now_rfc3339};
@@ -245,7 +245,7 @@ impl Coordinator {
         let schema = Arc::new(
             prepared.schema().as_ref().clone().with_metadata(
                 [(
-                    trustql_wire::COVERAGE_META_KEY.to_string(),
+                    trustql_protocol::COVERAGE_META_KEY.to_string(),
                     coverage.to_json().map_err(|e| {
                         tracing::error!(error = %e, "could not encode the coverage report");
                         CoordinatorError::Internal(e.to_string())

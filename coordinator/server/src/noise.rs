@@ -13,7 +13,7 @@ use arrow::compute::{cast, concat_batches};
 use arrow::datatypes::{DataType, Float64Type};
 use arrow::row::{RowConverter, SortField};
 use trustql_merge::{AggregateOutput, Prepared};
-use trustql_wire::{AnswerMeta, OutputNoise};
+use trustql_protocol::{AnswerMeta, OutputNoise};
 
 /// z for a two-sided 95% normal interval.
 const Z95: f64 = 1.96;

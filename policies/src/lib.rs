@@ -31,7 +31,6 @@ pub use contribution::{
 };
 pub use date::{now_rfc3339, parse_date, today};
 pub use error::PolicyError;
-pub use noise::{NoiseReport, Noisy, Released, Selection, add_noise};
 pub use policy::{
     ClassRules, Classes, Disclosure, Dominance, DpRules, Finding, Header, MAX_MIN_PATIENTS,
     PATIENT_COUNT_CAP, Policy, Project, ProjectDp, QueryRules, Rounding, SHIPPABLE_AGGREGATES,

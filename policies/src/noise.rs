@@ -27,7 +27,7 @@ use crate::error::PolicyError;
 
 /// How the groups to release are chosen.
 #[derive(Debug, Clone, Copy)]
-pub enum Selection<'a> {
+pub(crate) enum Selection<'a> {
     /// Every key has a public code set: every combination of codes (and null) is released.
     Public(&'a [Vec<String>]),
     /// A group is released when its noisy patient count passes a threshold calibrated to δ.
@@ -36,7 +36,7 @@ pub enum Selection<'a> {
 
 /// One column that gets noise.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Noisy {
+pub(crate) struct Noisy {
     /// Its index in the batch.
     pub column: usize,
     /// How much one patient can change the column, summed over all groups.
@@ -45,7 +45,7 @@ pub struct Noisy {
 
 /// What one release spent and how noisy it is.
 #[derive(Debug, Clone, PartialEq)]
-pub struct NoiseReport {
+pub(crate) struct NoiseReport {
     /// ε spent (the sum over the columns, each as OpenDP's privacy map gives it).
     pub epsilon: f64,
     /// δ spent (non-zero only when groups were chosen by threshold).
@@ -61,7 +61,7 @@ pub struct NoiseReport {
 
 /// A noisy answer.
 #[derive(Debug, Clone)]
-pub struct Released {
+pub(crate) struct Released {
     /// The released groups with noisy states.
     pub batch: RecordBatch,
     /// Spend and scales.
@@ -74,7 +74,7 @@ pub struct Released {
 /// used to choose groups by threshold, where one patient changes at most `max_rows` groups by
 /// one. Groups beyond `max_groups` after completing a public domain fall back to a threshold.
 #[allow(clippy::too_many_arguments)]
-pub fn add_noise(
+pub(crate) fn add_noise(
     batch: &RecordBatch,
     keys: &[usize],
     patients: usize,

@@ -234,7 +234,11 @@ impl SiteEngine {
                 .begin_dp(request, &project.id, dp, &plan_fingerprint, deadline)
                 .await?
             {
-                DpStart::Repeat(answer) => return Ok(*answer),
+                DpStart::Repeat(answer) => {
+                    let mut answer = *answer;
+                    answer.timings.vetting = vetting;
+                    return Ok(answer);
+                }
                 DpStart::Turn(turn) => Some(turn),
             },
             Needs::Sdc(_) => None,

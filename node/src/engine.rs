@@ -29,9 +29,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use trustql_budget::Ledger;
 use trustql_policies::{
-    ApprovedPolicy, Contributions, Needs, PATIENT_COUNT_CAP, PartialAnswer, Refusal, ReleaseReport,
-    Rule, SdcNeeds, Source, StateColumn, Terms, aggregate_of, authorise, locked_session, needs,
-    release, vet_sql,
+    ApprovedPolicy, Contributions, Needs, PartialAnswer, Refusal, ReleaseReport, Rule, SdcNeeds,
+    Source, StateColumn, Terms, aggregate_of, authorise, locked_session, needs, release, vet_sql,
 };
 use trustql_protocol::{
     AnswerColumn, AnswerMeta, ColumnKind, PATIENTS_COLUMN, SiteRequest, Withheld,
@@ -206,32 +205,15 @@ impl SiteEngine {
             .try_acquire_owned()
             .map_err(|_| NodeError::Busy)?;
         let policy = &self.policy.policy;
-        let project = authorise(policy, &request.project, &request.researcher, today)?;
-        let (plan, optimized, vetted) =
-            vet_sql(&self.ctx, &self.schema, policy, project, &request.sql).await?;
-        let Some(aggregate) = aggregate_of(&plan) else {
-            return Err(Refusal::new(Rule::NotAggregate, "no aggregation found").into());
-        };
-        let terms = Terms {
-            epsilon: request.epsilon,
-            preview: request.preview,
-        };
-        let needs = needs(
-            policy,
-            project,
-            &self.schema,
-            aggregate,
-            &optimized,
-            &vetted,
-            terms,
-        )?;
-        let plan_fingerprint = fingerprint(&optimized);
+        let planned = self.plan_release(request, today).await?;
+        let (aggregate, needs) = (planned.aggregate()?, &planned.needs);
+        let plan_fingerprint = fingerprint(&planned.optimized);
         let vetting = started.elapsed();
 
         // A DP release checks, releases and records as one step, or repeats a recorded one.
-        let turn = match &needs {
+        let turn = match needs {
             Needs::Dp(dp) => match self
-                .begin_dp(request, &project.id, dp, &plan_fingerprint, deadline)
+                .begin_dp(request, &request.project, dp, &plan_fingerprint, deadline)
                 .await?
             {
                 DpStart::Repeat(answer) => {
@@ -245,15 +227,12 @@ impl SiteEngine {
         };
 
         let executing = tokio::time::Instant::now();
-        let (run, cap, execute) = match &needs {
-            Needs::Sdc(sdc) => (aggregate, Some(sdc.patient_cap), true),
-            // The count is released with noise here, so it is exact.
-            Needs::Dp(dp) => (&dp.bounded.aggregate, None, !dp.preview),
-        };
+        let (run, cap) = to_run(aggregate, needs);
+        let execute = !matches!(needs, Needs::Dp(dp) if dp.preview);
         let mut partial = self
             .run_partial(run, needs.patient_key(), cap, deadline, execute)
             .await?;
-        if let Needs::Sdc(sdc) = &needs
+        if let Needs::Sdc(sdc) = needs
             && !sdc.contributions.is_empty()
         {
             partial.contributions = Some(self.contributions(deadline, aggregate, sdc).await?);
@@ -265,7 +244,7 @@ impl SiteEngine {
         if crate::faults::releases_broken() {
             partial.columns.pop();
         }
-        let released = release(policy, &needs, &partial).map_err(NodeError::from)?;
+        let released = release(policy, needs, &partial).map_err(NodeError::from)?;
         let columns: Vec<AnswerColumn> = partial.columns.iter().map(wire_column).collect();
         let (withheld, dp) = match (&released.report, &turn) {
             (ReleaseReport::Sdc(report), _) => (
@@ -427,18 +406,43 @@ impl SiteEngine {
         partial_reduce(&physical, partitions, &self.ordered)
     }
 
-    /// The physical plan an SDC answer to `request` runs (the reduced partial aggregate with
-    /// the capped patient count), as DataFusion's indented text: what the plan snapshots show.
-    pub async fn explain(&self, request: &SiteRequest, today: i32) -> Result<String, NodeError> {
+    /// Authorises and vets `request`, and asks `policies` what its release needs.
+    async fn plan_release(&self, request: &SiteRequest, today: i32) -> Result<Planned, NodeError> {
         let policy = &self.policy.policy;
         let project = authorise(policy, &request.project, &request.researcher, today)?;
-        let (plan, _, vetted) =
+        let (plan, optimized, vetted) =
             vet_sql(&self.ctx, &self.schema, policy, project, &request.sql).await?;
-        let (Some(aggregate), Some(patient_key)) = (aggregate_of(&plan), vetted.patient_key) else {
-            return Err(Refusal::new(Rule::Unsupported, "no aggregate over patients").into());
+        let Some(aggregate) = aggregate_of(&plan) else {
+            return Err(Refusal::new(Rule::NotAggregate, "no aggregation found").into());
         };
+        let terms = Terms {
+            epsilon: request.epsilon,
+            preview: request.preview,
+        };
+        let needs = needs(
+            policy,
+            project,
+            &self.schema,
+            aggregate,
+            &optimized,
+            &vetted,
+            terms,
+        )?;
+        Ok(Planned {
+            plan,
+            optimized,
+            needs,
+        })
+    }
+
+    /// The physical plan an answer to `request` runs (the reduced partial aggregate with the
+    /// patient count, bounded for DP), as DataFusion's indented text: what the plan snapshots
+    /// show. Nothing runs and nothing is charged.
+    pub async fn explain(&self, request: &SiteRequest, today: i32) -> Result<String, NodeError> {
+        let planned = self.plan_release(request, today).await?;
+        let (run, cap) = to_run(planned.aggregate()?, &planned.needs);
         let reduce: Arc<dyn ExecutionPlan> = self
-            .reduced_plan(aggregate, &patient_key, Some(PATIENT_COUNT_CAP))
+            .reduced_plan(run, planned.needs.patient_key(), cap)
             .await?;
         Ok(datafusion::physical_plan::displayable(reduce.as_ref())
             .indent(false)
@@ -495,6 +499,30 @@ impl SiteEngine {
             columns,
             contributions: None,
         })
+    }
+}
+
+/// A vetted request and what its release needs.
+struct Planned {
+    plan: LogicalPlan,
+    optimized: LogicalPlan,
+    needs: Needs,
+}
+
+impl Planned {
+    /// The query's one aggregation (vetting found it).
+    fn aggregate(&self) -> Result<&Aggregate, NodeError> {
+        aggregate_of(&self.plan).ok_or_else(|| internal("a vetted plan lost its aggregate"))
+    }
+}
+
+/// The aggregate an answer runs and how far it counts patients: as asked, up to the cap the
+/// thresholds need (SDC), or bounded and counted exactly, as the count is released with noise
+/// (DP).
+fn to_run<'a>(aggregate: &'a Aggregate, needs: &'a Needs) -> (&'a Aggregate, Option<u64>) {
+    match needs {
+        Needs::Sdc(sdc) => (aggregate, Some(sdc.patient_cap)),
+        Needs::Dp(dp) => (&dp.bounded.aggregate, None),
     }
 }
 

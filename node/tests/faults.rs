@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use arrow_flight::Ticket;
 use futures::TryStreamExt;
 use tonic::Code;
-use trustql_audit::{AuditRecord, Decision, LOG_FILE};
+use trustql_audit::Decision;
 use trustql_node::{Limits, faults, start};
 use trustql_protocol::SiteRequest;
 
@@ -79,11 +79,7 @@ async fn a_fault_in_the_release_is_logged_with_its_cause_and_audited_as_a_failur
     );
 
     // Audited as a failure, not as a policy decision.
-    let records: Vec<AuditRecord> = std::fs::read_to_string(config.audit_dir.join(LOG_FILE))
-        .expect("audit log")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("record"))
-        .collect();
+    let records = common::records(&config.audit_dir);
     let last = records.last().expect("a record");
     assert_eq!(last.entry.request_id, "fault-1");
     assert_eq!(last.entry.decision, Decision::Failed);

@@ -11,7 +11,7 @@ use arrow::datatypes::{DataType, Int64Type};
 use arrow_flight::{FlightData, Ticket};
 use futures::TryStreamExt;
 use tonic::Code;
-use trustql_audit::{AuditRecord, Decision, LOG_FILE, verify};
+use trustql_audit::{Decision, verify};
 use trustql_node::{Limits, NodeError, RunningNode, start};
 use trustql_protocol::{ANSWER_META_KEY, AnswerMeta, SiteRequest};
 
@@ -80,13 +80,7 @@ fn decode(messages: &[FlightData]) -> (AnswerMeta, Vec<RecordBatch>) {
     (meta, batches)
 }
 
-fn records(audit: &Path) -> Vec<AuditRecord> {
-    std::fs::read_to_string(audit.join(LOG_FILE))
-        .expect("audit log")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("record"))
-        .collect()
-}
+use common::records;
 
 async fn identifiers(fed: &Path) -> HashSet<i64> {
     let ctx = common::plain_session(&fed.join("TQ01")).await;

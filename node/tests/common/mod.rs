@@ -80,6 +80,15 @@ pub(crate) async fn open_engine(
     engine.with_ledger(std::sync::Arc::new(ledger))
 }
 
+/// Every record of the audit log in `audit`.
+pub(crate) fn records(audit: &Path) -> Vec<trustql_audit::AuditRecord> {
+    std::fs::read_to_string(audit.join(trustql_audit::LOG_FILE))
+        .expect("audit log")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("record"))
+        .collect()
+}
+
 /// No protection: every group, exact counts (for correctness checks only).
 pub(crate) const UNPROTECTED: &str =
     "min_patients = 1\nrounding = \"none\"\nwithhold_whole_margin_cells = false";

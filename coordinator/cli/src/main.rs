@@ -85,10 +85,14 @@ enum BudgetAction {
 
 #[derive(Subcommand)]
 enum AuditAction {
-    /// Check the hash chain and report the first edited, removed or reordered record.
+    /// Check the hash chain and report the first edited, removed or reordered record, and
+    /// check the log's end against its sealed head (removed or rewritten last records).
     Verify {
-        /// The node's audit directory.
+        /// The node's (or the coordinator's) audit directory.
         dir: PathBuf,
+        /// The head's key (default: audit.key in DIR).
+        #[arg(long)]
+        key: Option<PathBuf>,
     },
 }
 
@@ -164,8 +168,8 @@ fn main() -> ExitCode {
         Command::Query(args) => query::query(&args),
         Command::Demo(args) => demo::demo(&args),
         Command::Audit {
-            action: AuditAction::Verify { dir },
-        } => node::verify_audit(&dir),
+            action: AuditAction::Verify { dir, key },
+        } => node::verify_audit(&dir, key.as_deref()),
         Command::Budget {
             action: BudgetAction::Show { config, project },
         } => node::budget_show(&config, project.as_deref()),

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use trustql_audit::{AuditError, verify};
+use trustql_audit::{AuditError, KEY_FILE, verify_with_key};
 use trustql_budget::{Spend, read_spend};
 use trustql_node::{NodeConfig, start};
 use trustql_policies::Policy;
@@ -50,19 +50,21 @@ pub(crate) async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// Checks an audit log's chain; false (and the first bad record) if it is broken.
-pub(crate) fn verify_audit(dir: &Path) -> Result<bool> {
-    match verify(dir) {
+/// Checks an audit log's chain and sealed head; false (and what is wrong) if it is broken.
+pub(crate) fn verify_audit(dir: &Path, key: Option<&Path>) -> Result<bool> {
+    let key = key.map_or_else(|| dir.join(KEY_FILE), Path::to_path_buf);
+    match verify_with_key(dir, &key) {
         Ok(verified) => {
             println!(
-                "audit log in {}: {} record(s), chain intact (last hash {})",
+                "audit log in {}: {} record(s), chain intact and matching its sealed head \
+                 (last hash {})",
                 dir.display(),
                 verified.records,
                 verified.head
             );
             Ok(true)
         }
-        Err(e @ AuditError::Broken { .. }) => {
+        Err(e @ (AuditError::Broken { .. } | AuditError::Head { .. })) => {
             println!("audit log in {} is BROKEN: {e}", dir.display());
             Ok(false)
         }

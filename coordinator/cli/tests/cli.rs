@@ -180,3 +180,50 @@ fn policy_check_and_approve() {
         text(&broken)
     );
 }
+
+#[test]
+fn audit_verify_names_a_truncated_log_and_takes_a_key() {
+    use trustql_audit::{AuditEntry, AuditLog, KEY_FILE, LOG_FILE};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let audit = dir.path().join("audit");
+    let log = AuditLog::open(&audit, "2026-12-01T00:00:00Z").expect("open");
+    for n in 0..3 {
+        log.append(AuditEntry::node_note("t", format!("note {n}"), ""))
+            .expect("append");
+    }
+    drop(log);
+    let path = audit.to_str().expect("path");
+    let intact = trustql(&["audit", "verify", path]);
+    assert!(intact.status.success(), "{}", text(&intact));
+    assert!(text(&intact).contains("3 record(s)"), "{}", text(&intact));
+
+    // The key named explicitly; a key of another log fails.
+    let key = audit.join(KEY_FILE);
+    let keyed = trustql(&["audit", "verify", path, "--key", key.to_str().expect("key")]);
+    assert!(keyed.status.success(), "{}", text(&keyed));
+    let other = dir.path().join("other");
+    drop(AuditLog::open(&other, "t").expect("open"));
+    let other_key = other.join(KEY_FILE);
+    let wrong = trustql(&[
+        "audit",
+        "verify",
+        path,
+        "--key",
+        other_key.to_str().expect("key"),
+    ]);
+    assert!(!wrong.status.success());
+    assert!(text(&wrong).contains("BROKEN"), "{}", text(&wrong));
+
+    // The last record removed: the chain alone still holds, the head does not.
+    let log_file = audit.join(LOG_FILE);
+    let all = std::fs::read_to_string(&log_file).expect("log");
+    let kept: String = all.lines().take(2).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&log_file, kept).expect("truncate");
+    let truncated = trustql(&["audit", "verify", path]);
+    assert!(!truncated.status.success());
+    assert!(
+        text(&truncated).contains("removed from the end"),
+        "{}",
+        text(&truncated)
+    );
+}

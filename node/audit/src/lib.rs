@@ -2,14 +2,19 @@
 //! hash of the line before, fsync'd before the answer leaves.
 //!
 //! - [`AuditLog`]: the writer a node holds (one per audit directory, locked).
-//! - [`verify`]: checks a log's chain and names the first edited, removed or reordered record.
+//! - [`verify`]: checks a log's chain and names the first edited, removed or reordered record,
+//!   and checks its end against the sealed head (an HMAC over the record count and last hash,
+//!   kept beside the log in [`HEAD_FILE`] and keyed by a node secret, [`KEY_FILE`]), so a
+//!   truncated log or a rewritten tail is named too.
 
 mod error;
+mod head;
 mod log;
 mod record;
 mod verify;
 
-pub use error::AuditError;
+pub use error::{AuditError, HeadProblem};
+pub use head::{HEAD_FILE, HeadKey, KEY_FILE};
 pub use log::{AuditLog, LOG_FILE};
 pub use record::{AuditEntry, AuditRecord, Decision, GENESIS, TrustOutcome};
-pub use verify::{Verified, verify};
+pub use verify::{Verified, verify, verify_with_key};

@@ -1,8 +1,9 @@
-//! Checking a log's chain.
+//! Checking a log's chain and its sealed head.
 
 use std::path::Path;
 
-use crate::error::AuditError;
+use crate::error::{AuditError, HeadProblem};
+use crate::head::{HEAD_FILE, HeadKey, KEY_FILE, compare, read_head};
 use crate::log::LOG_FILE;
 use crate::record::{AuditRecord, GENESIS};
 
@@ -15,15 +16,36 @@ pub struct Verified {
     pub head: String,
 }
 
-/// Checks the chain of the log in `dir`; the error names the first bad record.
+/// What a walk over the log found.
+#[derive(Debug)]
+pub(crate) struct Walk {
+    /// The whole records, whose chain holds.
+    pub(crate) verified: Verified,
+    /// The line of a cut-off last record, if any.
+    pub(crate) torn: Option<usize>,
+    /// The `prev` of the last whole record.
+    pub(crate) last_prev: Option<String>,
+    /// Where the last whole record starts.
+    pub(crate) last_start: u64,
+    /// Bytes of whole records.
+    pub(crate) whole_len: u64,
+}
+
+/// Checks the chain of the log in `dir` and its sealed head, with the key beside the log
+/// ([`KEY_FILE`]); the error names the first bad record, or what is wrong at the end.
 pub fn verify(dir: &Path) -> Result<Verified, AuditError> {
+    verify_with_key(dir, &dir.join(KEY_FILE))
+}
+
+/// [`verify`] with the head's key read from `key`.
+pub fn verify_with_key(dir: &Path, key: &Path) -> Result<Verified, AuditError> {
     let path = dir.join(LOG_FILE);
     let bytes = std::fs::read(&path).map_err(|e| AuditError::Io {
         path: path.clone(),
         reason: e.to_string(),
     })?;
-    let (verified, torn) = check(&bytes, &path)?;
-    if let Some(line) = torn {
+    let walk = check(&bytes, &path)?;
+    if let Some(line) = walk.torn {
         return Err(AuditError::Broken {
             path,
             line,
@@ -32,11 +54,19 @@ pub fn verify(dir: &Path) -> Result<Verified, AuditError> {
                 .into(),
         });
     }
-    Ok(verified)
+    let key = HeadKey::load(key)?;
+    let head_path = dir.join(HEAD_FILE);
+    let head_error = |problem| AuditError::Head {
+        path: head_path.clone(),
+        problem,
+    };
+    let sealed = read_head(&head_path, &key)?.ok_or_else(|| head_error(HeadProblem::Missing))?;
+    compare(&sealed, &walk).map_err(head_error)?;
+    Ok(walk.verified)
 }
 
-/// Walks the chain; returns the verified prefix and the line of a cut-off last record, if any.
-pub(crate) fn check(bytes: &[u8], path: &Path) -> Result<(Verified, Option<usize>), AuditError> {
+/// Walks the chain: the verified prefix, and what lies at its end.
+pub(crate) fn check(bytes: &[u8], path: &Path) -> Result<Walk, AuditError> {
     let broken = |line: usize, problem: String| AuditError::Broken {
         path: path.to_path_buf(),
         line,
@@ -46,10 +76,19 @@ pub(crate) fn check(bytes: &[u8], path: &Path) -> Result<(Verified, Option<usize
     let mut records = 0u64;
     let mut rest = bytes;
     let mut line_no = 0usize;
+    let mut last_prev = None;
+    let mut last_start = 0u64;
+    let mut offset = 0u64;
     while !rest.is_empty() {
         line_no += 1;
         let Some(end) = rest.iter().position(|&b| b == b'\n') else {
-            return Ok((Verified { records, head }, Some(line_no)));
+            return Ok(Walk {
+                verified: Verified { records, head },
+                torn: Some(line_no),
+                last_prev,
+                last_start,
+                whole_len: offset,
+            });
         };
         let (line, tail) = rest.split_at(end);
         rest = &tail[1..];
@@ -85,7 +124,16 @@ pub(crate) fn check(bytes: &[u8], path: &Path) -> Result<(Verified, Option<usize
             ));
         }
         head = record.hash;
+        last_prev = Some(record.prev);
+        last_start = offset;
+        offset += end as u64 + 1;
         records += 1;
     }
-    Ok((Verified { records, head }, None))
+    Ok(Walk {
+        verified: Verified { records, head },
+        torn: None,
+        last_prev,
+        last_start,
+        whole_len: offset,
+    })
 }

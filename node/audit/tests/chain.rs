@@ -2,7 +2,10 @@
 
 use std::path::Path;
 
-use trustql_audit::{AuditEntry, AuditError, AuditLog, Decision, GENESIS, LOG_FILE, verify};
+use trustql_audit::{
+    AuditEntry, AuditError, AuditLog, Decision, GENESIS, HEAD_FILE, HeadProblem, KEY_FILE,
+    LOG_FILE, verify, verify_with_key,
+};
 
 fn entry(n: usize) -> AuditEntry {
     AuditEntry {
@@ -187,4 +190,167 @@ fn a_missing_log_is_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let err = verify(dir.path()).expect_err("no log");
     assert!(err.to_string().contains(LOG_FILE), "{err}");
+}
+
+fn head_problem(result: Result<impl std::fmt::Debug, AuditError>) -> HeadProblem {
+    match result {
+        Err(AuditError::Head { problem, .. }) => problem,
+        other => panic!("expected a head problem, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_intact_log_matches_its_sealed_head() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), 3);
+    assert_eq!(verify(dir.path()).expect("intact").records, 3);
+    assert!(dir.path().join(HEAD_FILE).exists());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+            .expect("key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the key is its owner's only");
+    }
+}
+
+#[test]
+fn a_removed_last_record_is_a_truncation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), 4);
+    let mut all = lines(dir.path());
+    all.pop();
+    rewrite(dir.path(), &all);
+    assert_eq!(
+        head_problem(verify(dir.path())),
+        HeadProblem::Truncated {
+            records: 3,
+            sealed: 4
+        }
+    );
+    // Nor will a node append to it.
+    assert_eq!(
+        head_problem(AuditLog::open(dir.path(), "t")),
+        HeadProblem::Truncated {
+            records: 3,
+            sealed: 4
+        }
+    );
+}
+
+#[test]
+fn an_emptied_or_deleted_log_is_a_truncation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), 2);
+    std::fs::write(dir.path().join(LOG_FILE), "").expect("empty");
+    assert!(matches!(
+        head_problem(verify(dir.path())),
+        HeadProblem::Truncated { records: 0, .. }
+    ));
+    std::fs::remove_file(dir.path().join(LOG_FILE)).expect("delete");
+    assert!(matches!(
+        head_problem(AuditLog::open(dir.path(), "t")),
+        HeadProblem::Truncated { records: 0, .. }
+    ));
+}
+
+#[test]
+fn a_rewritten_last_record_with_a_recomputed_hash_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), 4);
+    let mut all = lines(dir.path());
+    let mut record: trustql_audit::AuditRecord = serde_json::from_str(&all[3]).expect("parse");
+    record.entry.sql = "SELECT 1".into();
+    record.hash = record.expected_hash().expect("hash");
+    all[3] = serde_json::to_string(&record).expect("json");
+    rewrite(dir.path(), &all);
+    assert_eq!(
+        head_problem(verify(dir.path())),
+        HeadProblem::Rewritten { record: 4 }
+    );
+}
+
+#[test]
+fn a_missing_or_forged_head_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), 2);
+    let head = dir.path().join(HEAD_FILE);
+    let sealed = std::fs::read_to_string(&head).expect("head");
+
+    // A head for one record fewer, with the MAC left as it was.
+    let mut forged: serde_json::Value = serde_json::from_str(&sealed).expect("json");
+    forged["records"] = 1.into();
+    std::fs::write(&head, forged.to_string()).expect("write");
+    assert_eq!(head_problem(verify(dir.path())), HeadProblem::Forged);
+
+    std::fs::remove_file(&head).expect("remove");
+    assert_eq!(head_problem(verify(dir.path())), HeadProblem::Missing);
+    assert_eq!(
+        head_problem(AuditLog::open(dir.path(), "t")),
+        HeadProblem::Missing
+    );
+}
+
+#[test]
+fn the_wrong_key_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), 2);
+    let other = tempfile::tempdir().expect("tempdir");
+    write_log(other.path(), 0);
+    assert_eq!(
+        head_problem(verify_with_key(dir.path(), &other.path().join(KEY_FILE))),
+        HeadProblem::Forged
+    );
+    verify_with_key(dir.path(), &dir.path().join(KEY_FILE)).expect("its own key opens it");
+    // A missing key is an error, never a pass, and a node does not make a new one for an
+    // existing log.
+    std::fs::remove_file(dir.path().join(KEY_FILE)).expect("remove");
+    assert!(matches!(verify(dir.path()), Err(AuditError::Key { .. })));
+    assert!(matches!(
+        AuditLog::open(dir.path(), "t"),
+        Err(AuditError::Key { .. })
+    ));
+}
+
+#[test]
+fn a_key_kept_elsewhere_seals_the_head() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = tempfile::tempdir().expect("tempdir");
+    let key = keys.path().join("node-audit.key");
+    let log = AuditLog::open_with_key(dir.path(), &key, "t").expect("open");
+    log.append(entry(1)).expect("append");
+    drop(log);
+    assert!(!dir.path().join(KEY_FILE).exists());
+    assert!(matches!(verify(dir.path()), Err(AuditError::Key { .. })));
+    assert_eq!(
+        verify_with_key(dir.path(), &key).expect("intact").records,
+        1
+    );
+}
+
+#[test]
+fn a_record_the_head_never_sealed_is_dropped_at_the_next_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), 3);
+    let head = dir.path().join(HEAD_FILE);
+    let sealed = std::fs::read(&head).expect("head");
+    // A crash after the log's sync and before the head's replacement.
+    write_log(dir.path(), 1);
+    std::fs::write(&head, &sealed).expect("old head");
+    assert_eq!(
+        head_problem(verify(dir.path())),
+        HeadProblem::Unsealed {
+            sealed: 3,
+            records: 4,
+            interrupted: true
+        }
+    );
+    let log = AuditLog::open(dir.path(), "t").expect("open drops it");
+    assert_eq!(log.len(), 4, "three records and the note of the drop");
+    drop(log);
+    assert_eq!(verify(dir.path()).expect("intact").records, 4);
+    let last = lines(dir.path()).pop().expect("a line");
+    assert!(last.contains("\"decision\":\"node\""), "{last}");
 }

@@ -1,8 +1,10 @@
 //! The node's side of a differentially private release: the budget ledger. The release itself
 //! (bounding, sensitivities, noise, the budget arithmetic) is decided in `policies`; here the
-//! node takes its turn, reads what was spent, answers a repeat from the ledger at no cost, and
-//! fsyncs the charge with the released answer before the answer leaves, so asking again cannot
-//! average the noise away and a crash cannot roll the spending back.
+//! node takes its turn, reads what was spent, answers a repeat from the ledger at no cost,
+//! fsyncs the charge *before the query runs* (a query that fails or times out after vetting
+//! still costs its ε: its failure, or how long it took, could tell something), and fsyncs the
+//! released answer before it leaves, so asking again cannot average the noise away and a crash
+//! cannot roll the spending back.
 
 use std::sync::Arc;
 
@@ -11,7 +13,7 @@ use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use sha2::{Digest, Sha256};
 use tokio::sync::MutexGuard;
-use trustql_budget::{Charge, Ledger};
+use trustql_budget::{Charge, Kind, Ledger};
 use trustql_policies::{Budget, DpNeeds, DpReport, now_rfc3339};
 use trustql_protocol::{ANSWER_META_KEY, AnswerMeta, ColumnNoise, DpMeta, SiteRequest};
 
@@ -67,7 +69,8 @@ impl DpTurn<'_> {
 }
 
 impl SiteEngine {
-    /// Takes the DP turn and checks the budget, or finds the recorded answer of a repeat.
+    /// Takes the DP turn, checks the budget and charges it (fsync'd) before anything runs, or
+    /// finds the recorded answer of a repeat.
     pub(crate) async fn begin_dp(
         &self,
         request: &SiteRequest,
@@ -99,6 +102,20 @@ impl SiteEngine {
             return Ok(DpStart::Repeat(Box::new(answer)));
         }
         left.afford(needs, project, &self.trust)?;
+        if !needs.preview {
+            let spend = Charge {
+                kind: Kind::Spend,
+                at: now_rfc3339(),
+                project: project.to_string(),
+                researcher: request.researcher.clone(),
+                request_id: request.request_id.clone(),
+                query_key: query_key.clone(),
+                epsilon: needs.epsilon,
+                delta: needs.delta,
+                answer: Vec::new(),
+            };
+            write(&ledger, spend).await?;
+        }
         Ok(DpStart::Turn(DpTurn {
             _turn: turn,
             ledger,
@@ -109,8 +126,8 @@ impl SiteEngine {
         }))
     }
 
-    /// Records the release in the ledger (fsync'd) before it is returned; a preview is not
-    /// recorded.
+    /// Records the released answer in the ledger (fsync'd) before it is returned, for repeats
+    /// (its ε was charged in [`SiteEngine::begin_dp`]); a preview is not recorded.
     pub(crate) async fn charge(
         &self,
         turn: DpTurn<'_>,
@@ -120,22 +137,29 @@ impl SiteEngine {
         if turn.needs.preview {
             return Ok(answer);
         }
-        let charge = Charge {
+        let released = Charge {
+            kind: Kind::Answer,
             at: now_rfc3339(),
             project: turn.project.clone(),
             researcher: request.researcher.clone(),
             request_id: request.request_id.clone(),
             query_key: turn.query_key.clone(),
-            epsilon: turn.needs.epsilon,
-            delta: turn.needs.delta,
+            epsilon: 0.0,
+            delta: 0.0,
             answer: encode(&answer.batch)?,
         };
-        let ledger = turn.ledger.clone();
-        tokio::task::spawn_blocking(move || ledger.charge(charge))
-            .await
-            .map_err(|_| NodeError::Budget("the ledger write did not finish".into()))??;
+        write(&turn.ledger, released).await?;
         Ok(answer)
     }
+}
+
+/// Appends a line to the ledger off the async threads (it fsyncs).
+async fn write(ledger: &Arc<Ledger>, charge: Charge) -> Result<(), NodeError> {
+    let ledger = ledger.clone();
+    tokio::task::spawn_blocking(move || ledger.charge(charge))
+        .await
+        .map_err(|_| NodeError::Budget("the ledger write did not finish".into()))??;
+    Ok(())
 }
 
 /// What identifies a release for the cache: the normalised plan, the ε, the policy and the

@@ -357,3 +357,69 @@ async fn new_data_is_a_new_release() {
     assert!(!answer.meta.dp.expect("dp").repeat);
     assert_eq!(engine.ledger().expect("ledger").spent("p1").epsilon, 2.0);
 }
+
+#[tokio::test]
+async fn a_vanishing_epsilon_is_refused_and_a_spent_budget_pays_for_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path()).await;
+    let ledger = engine.ledger().expect("ledger");
+    let with = |sql: &str, epsilon: f64| {
+        let mut r = request("p1", sql);
+        r.epsilon = Some(epsilon);
+        r
+    };
+    // Below the policy's minimum (the default, 0.01): refused before anything is spent.
+    match engine.answer(&with(BY_STAGE, 1e-300), TODAY).await {
+        Err(NodeError::Refused(r)) => assert_eq!(r.rule, Rule::Budget),
+        other => panic!("a vanishing ε must be refused: {:?}", other.err()),
+    }
+    assert_eq!(ledger.spent("p1").releases, 0);
+
+    for age in [40, 50, 60] {
+        ask(
+            &engine,
+            &format!("SELECT COUNT(*) FROM sim_av_tumour WHERE age > {age}"),
+        )
+        .await;
+    }
+    assert_eq!(ledger.spent("p1").epsilon, 3.0);
+    for epsilon in [0.01, 1e-9, 1e-300] {
+        let sql = "SELECT COUNT(*) FROM sim_av_tumour WHERE age > 70";
+        match engine.answer(&with(sql, epsilon), TODAY).await {
+            Err(NodeError::Refused(r)) => assert_eq!(r.rule, Rule::Budget, "{epsilon}"),
+            other => panic!("ε {epsilon} after the budget is spent: {:?}", other.err()),
+        }
+    }
+    assert_eq!(ledger.spent("p1").releases, 3);
+}
+
+#[tokio::test]
+async fn a_query_that_fails_while_running_still_costs_its_epsilon() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path()).await;
+    // The tumour file goes bad after the node opened it: vetting passes (it reads no data),
+    // the run fails.
+    let tumours = table_path(&dir.path().join("fed/TQ01"), "sim_av_tumour");
+    let bytes = std::fs::read(&tumours).expect("read");
+    std::fs::write(&tumours, &bytes[..bytes.len() / 2]).expect("damage");
+
+    let ledger = engine.ledger().expect("ledger");
+    for attempt in 1..=2 {
+        match engine.answer(&request("p1", BY_STAGE), TODAY).await {
+            Err(NodeError::Refused(r)) => panic!("a failure, not a refusal: {r}"),
+            Err(_) => {}
+            Ok(_) => panic!("a damaged file cannot be answered"),
+        }
+        // Charged before it ran; a failed query is no repeat, so trying again costs again.
+        let spent = ledger.spent("p1");
+        assert_eq!(
+            (spent.epsilon, spent.releases),
+            (attempt as f64, attempt),
+            "attempt {attempt}"
+        );
+    }
+    drop(engine);
+    let reopened =
+        trustql_budget::Ledger::open(&dir.path().join("state/budget.ledger")).expect("ledger");
+    assert_eq!(reopened.spent("p1").epsilon, 2.0, "the spend is durable");
+}

@@ -33,7 +33,8 @@ pub use date::{now_rfc3339, parse_date, today};
 pub use error::PolicyError;
 pub use policy::{
     ClassRules, Classes, Disclosure, Dominance, DpRules, Finding, Header, MAX_MIN_PATIENTS,
-    PATIENT_COUNT_CAP, Policy, Project, ProjectDp, QueryRules, Rounding, SHIPPABLE_AGGREGATES,
+    MIN_EPSILON_FLOOR, PATIENT_COUNT_CAP, Policy, Project, ProjectDp, QueryRules, Rounding,
+    SHIPPABLE_AGGREGATES,
 };
 pub use refusal::{Refusal, Rule};
 pub use release::{

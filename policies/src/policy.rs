@@ -56,7 +56,15 @@ pub struct DpRules {
     /// `[lower, upper]` clamping bounds for SUM, AVG, VAR and STDDEV, by `table.column`; a
     /// column without bounds cannot be summed in DP mode.
     pub bounds: BTreeMap<String, [f64; 2]>,
+    /// The least ε any query spends: a request for less is refused, so a budget pays for at
+    /// most `epsilon_budget / min_epsilon_per_query` releases (an ε of 1e-300 would otherwise
+    /// make an oracle that never runs out).
+    pub min_epsilon_per_query: f64,
 }
+
+/// The smallest `[dp] min_epsilon_per_query` the lint accepts: far above the slack the
+/// budget arithmetic allows for rounding, so a spent budget pays for nothing more.
+pub const MIN_EPSILON_FLOOR: f64 = 1e-6;
 
 impl Default for DpRules {
     fn default() -> Self {
@@ -64,6 +72,7 @@ impl Default for DpRules {
             rows_per_patient: BTreeMap::new(),
             default_rows_per_patient: 1,
             bounds: BTreeMap::new(),
+            min_epsilon_per_query: 0.01,
         }
     }
 }
@@ -415,6 +424,11 @@ impl Policy {
                 error(format!(
                     "project `{id}`: epsilon_per_query exceeds epsilon_budget"
                 ));
+            } else if dp.epsilon_per_query < self.dp.min_epsilon_per_query {
+                error(format!(
+                    "project `{id}`: epsilon_per_query is below [dp] min_epsilon_per_query ({})",
+                    self.dp.min_epsilon_per_query
+                ));
             }
             let deltas_ok = positive(dp.delta_budget)
                 && dp.delta_budget < 1.0
@@ -427,6 +441,13 @@ impl Policy {
             }
         }
         let rules = &self.dp;
+        if !(rules.min_epsilon_per_query.is_finite()
+            && rules.min_epsilon_per_query >= MIN_EPSILON_FLOOR)
+        {
+            error(format!(
+                "[dp] min_epsilon_per_query must be a number of at least {MIN_EPSILON_FLOOR}"
+            ));
+        }
         if rules.default_rows_per_patient == 0 {
             error("[dp] default_rows_per_patient must be at least 1".into());
         }
@@ -577,6 +598,14 @@ impl Policy {
                      on non-public keys, {} in all",
                     dp.epsilon_per_query, dp.epsilon_budget, dp.delta_per_query, dp.delta_budget
                 );
+                let min = self.dp.min_epsilon_per_query;
+                if min > 0.0 {
+                    let _ = writeln!(
+                        out,
+                        "    at most {} releases: a query spends at least ε {min}",
+                        (dp.epsilon_budget / min).floor()
+                    );
+                }
             }
         }
         if self.projects.iter().any(|p| p.dp.is_some()) {
@@ -613,6 +642,13 @@ impl Policy {
                 out,
                 "  - groups on keys outside a public code set are released only if their noisy \
                  patient count passes a threshold"
+            );
+            let _ = writeln!(
+                out,
+                "  - a query spends at least ε {} (min_epsilon_per_query): a request for less is \
+                 refused, and each release is charged before the query runs, so a query that \
+                 fails still costs its ε",
+                r.min_epsilon_per_query
             );
         }
         out

@@ -253,3 +253,31 @@ fn dp_settings_are_linted_and_described() {
     p.dp.rows_per_patient.insert("sim_av_tumour".into(), 0);
     assert!(has(&p, "at least 1"));
 }
+
+#[test]
+fn a_minimum_epsilon_per_query_is_linted_and_described() {
+    let text = std::fs::read_to_string(example("dp.toml")).expect("example");
+    let policy = Policy::from_toml(&text).expect("dp example");
+    assert_eq!(policy.dp.min_epsilon_per_query, 0.01, "the default");
+    let described = policy.describe();
+    assert!(
+        described.contains("a query spends at least ε 0.01"),
+        "{described}"
+    );
+    assert!(described.contains("at most 2000 releases"), "{described}");
+
+    let has = |p: &Policy, needle: &str| errors(p).iter().any(|e| e.contains(needle));
+    for bad in [0.0, -1.0, 1e-300, f64::NAN, f64::INFINITY] {
+        let mut p = policy.clone();
+        p.dp.min_epsilon_per_query = bad;
+        assert!(has(&p, "min_epsilon_per_query must be"), "{bad}");
+    }
+    let mut p = policy.clone();
+    p.dp.min_epsilon_per_query = 1.0;
+    assert!(has(&p, "below [dp] min_epsilon_per_query"));
+    // Set in the file.
+    let text = text.replace("[dp]\n", "[dp]\nmin_epsilon_per_query = 0.1\n");
+    let p = Policy::from_toml(&text).expect("with a minimum");
+    assert_eq!(p.dp.min_epsilon_per_query, 0.1);
+    assert!(errors(&p).is_empty(), "{:?}", errors(&p));
+}

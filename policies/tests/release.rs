@@ -229,3 +229,68 @@ fn totals_rules_that_cannot_be_served_are_refused() {
     assert!(no_base.check().is_err());
     assert!(TotalsRules::default().check().is_ok());
 }
+
+#[tokio::test]
+async fn an_epsilon_below_the_minimum_is_refused() {
+    // The policy's minimum is the default, 0.01: a vanishing ε would buy queries forever.
+    for epsilon in [1e-300, f64::MIN_POSITIVE, 1e-9, 0.009] {
+        let terms = Terms {
+            epsilon: Some(epsilon),
+            ..Terms::default()
+        };
+        let r = refused("dp", BY_STAGE, terms).await;
+        assert_eq!(r.rule, Rule::Budget, "{epsilon}");
+        assert!(r.reason.contains("from 0.01"), "{r}");
+    }
+    let least = Terms {
+        epsilon: Some(0.01),
+        ..Terms::default()
+    };
+    match needs_for("dp", BY_STAGE, least).await {
+        Ok(Needs::Dp(dp)) => assert_eq!(dp.epsilon, 0.01),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_spent_budget_pays_for_no_epsilon_however_small() {
+    let Ok(Needs::Dp(dp)) = needs_for("dp", BY_STAGE, Terms::default()).await else {
+        panic!("a DP query");
+    };
+    let spent = Budget::left(&dp.project, 1.5, 0.0);
+    for epsilon in [1.0, 0.01, 1e-9, 1e-300] {
+        let mut tiny = (*dp).clone();
+        tiny.epsilon = epsilon;
+        let r = spent
+            .afford(&tiny, "dp", "TQ01")
+            .expect_err("nothing is left");
+        assert_eq!(r.rule, Rule::Budget, "{epsilon}");
+    }
+    // What rounding leaves over, or overspends, is not a budget: the slack is forgiven once.
+    let mut tiny = (*dp).clone();
+    tiny.epsilon = 1e-300;
+    for spent in [1.5 - 5e-10, 1.5 + 5e-10] {
+        let left = Budget::left(&dp.project, spent, 0.0);
+        assert!(left.afford(&tiny, "dp", "TQ01").is_err(), "{spent}");
+    }
+}
+
+#[tokio::test]
+async fn repeated_minimum_queries_stop_at_budget_over_minimum() {
+    let least = Terms {
+        epsilon: Some(0.01),
+        ..Terms::default()
+    };
+    let Ok(Needs::Dp(dp)) = needs_for("dp", BY_STAGE, least).await else {
+        panic!("a DP query");
+    };
+    let mut budget = Budget::left(&dp.project, 0.0, 0.0);
+    let mut answered = 0;
+    while budget.afford(&dp, "dp", "TQ01").is_ok() {
+        budget = budget.after(&dp);
+        answered += 1;
+        assert!(answered <= 1_000, "the budget never ran out");
+    }
+    // 1.5 / 0.01, with the floating-point sums' rounding forgiven once, not per query.
+    assert_eq!(answered, 150);
+}

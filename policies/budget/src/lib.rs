@@ -1,10 +1,12 @@
 //! Each project's privacy budget at one trust: a durable ledger of what was spent.
 //!
-//! Every differentially private release appends one line (project, query key, ε, δ and the
-//! released answer itself) and fsyncs it *before* the answer leaves the node. So a crash can
-//! never un-spend a release, and a repeat of the same query is answered from the ledger at no
-//! further cost: the noise cannot be averaged away by asking again. A line torn by a crash was
-//! never released (the answer is sent only after the write completes) and is cut off on open.
+//! Every differentially private release appends a [`Kind::Spend`] line (project, query key, ε,
+//! δ) and fsyncs it *before the query runs*, and once the answer is released a
+//! [`Kind::Answer`] line holding it, fsync'd *before the answer leaves the node*. So a crash, or
+//! a query that fails while running, can never un-spend a release, and a repeat of the same
+//! query is answered from the ledger at no further cost: the noise cannot be averaged away by
+//! asking again. A line torn by a crash was never acted on (the query runs, and the answer is
+//! sent, only after the write completes) and is cut off on open.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -38,9 +40,25 @@ pub enum BudgetError {
     },
 }
 
-/// One release, as recorded.
+/// What a ledger line records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Spent and answered in one line (ledgers written before spending came first).
+    #[default]
+    Release,
+    /// Spent before the query ran; its answer, if it was released, is a later `Answer` line.
+    Spend,
+    /// The answer of an earlier `Spend`, kept for repeats; it spends nothing.
+    Answer,
+}
+
+/// One line of the ledger: a release, a spend, or a released answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Charge {
+    /// What the line records.
+    #[serde(default)]
+    pub kind: Kind,
     /// When (RFC 3339, UTC).
     pub at: String,
     /// The project that spent.
@@ -51,11 +69,11 @@ pub struct Charge {
     pub request_id: String,
     /// What identifies the query for the cache (plan fingerprint and parameters).
     pub query_key: String,
-    /// ε spent.
+    /// ε spent (counted only for `Release` and `Spend`).
     pub epsilon: f64,
-    /// δ spent.
+    /// δ spent (counted only for `Release` and `Spend`).
     pub delta: f64,
-    /// The released answer (Arrow IPC bytes), returned again for a repeat.
+    /// The released answer (Arrow IPC bytes), returned again for a repeat; empty in a `Spend`.
     #[serde(with = "hex")]
     pub answer: Vec<u8>,
 }
@@ -230,12 +248,16 @@ impl Ledger {
 
 impl State {
     fn apply(&mut self, charge: Charge) {
-        let spend = self.spent.entry(charge.project.clone()).or_default();
-        spend.epsilon += charge.epsilon;
-        spend.delta += charge.delta;
-        spend.releases += 1;
-        self.answers
-            .insert((charge.project, charge.query_key), charge.answer);
+        if charge.kind != Kind::Answer {
+            let spend = self.spent.entry(charge.project.clone()).or_default();
+            spend.epsilon += charge.epsilon;
+            spend.delta += charge.delta;
+            spend.releases += 1;
+        }
+        if charge.kind != Kind::Spend {
+            self.answers
+                .insert((charge.project, charge.query_key), charge.answer);
+        }
     }
 }
 
@@ -270,6 +292,7 @@ mod tests {
 
     fn charge(project: &str, key: &str, epsilon: f64) -> Charge {
         Charge {
+            kind: Kind::Release,
             at: "2026-11-23T00:00:00Z".into(),
             project: project.into(),
             researcher: "r".into(),
@@ -297,6 +320,47 @@ mod tests {
         assert_eq!(ledger.spent("c"), Spend::default());
         assert_eq!(ledger.cached("a", "k2"), Some(vec![0, 1, 254, 255]));
         assert_eq!(ledger.cached("b", "k2"), None, "answers are per project");
+    }
+
+    #[test]
+    fn a_spend_counts_before_its_answer_and_the_answer_spends_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("budget.ledger");
+        let ledger = Ledger::open(&path).expect("open");
+        let spend = Charge {
+            kind: Kind::Spend,
+            answer: Vec::new(),
+            ..charge("a", "k1", 0.5)
+        };
+        ledger.charge(spend.clone()).expect("spend");
+        assert_eq!(ledger.spent("a").epsilon, 0.5);
+        assert_eq!(ledger.cached("a", "k1"), None, "nothing released yet");
+        // A spend whose query failed stays spent; the next try spends again.
+        ledger.charge(spend).expect("spend");
+        ledger
+            .charge(Charge {
+                kind: Kind::Answer,
+                epsilon: 0.0,
+                ..charge("a", "k1", 0.0)
+            })
+            .expect("answer");
+        drop(ledger);
+        for spent in [
+            Ledger::open(&path).expect("reopen").spent("a"),
+            read_spend(&path).expect("read")["a"],
+        ] {
+            assert_eq!((spent.epsilon, spent.releases), (1.0, 2));
+        }
+        let ledger = Ledger::open(&path).expect("reopen");
+        assert_eq!(ledger.cached("a", "k1"), Some(vec![0, 1, 254, 255]));
+        // Lines written before kinds existed are releases.
+        let old = r#"{"at":"t","project":"b","researcher":"r","request_id":"q","query_key":"k","epsilon":0.25,"delta":0.0,"answer":"00ff"}"#;
+        let mut file = OpenOptions::new().append(true).open(&path).expect("open");
+        writeln!(file, "{old}").expect("write");
+        drop(file);
+        let ledger = Ledger::open(&path).expect("reopen");
+        assert_eq!(ledger.spent("b").epsilon, 0.25);
+        assert_eq!(ledger.cached("b", "k"), Some(vec![0, 255]));
     }
 
     #[test]

@@ -28,7 +28,6 @@ use crate::refusal::{Refusal, Rule};
 use crate::vet::Vetted;
 
 pub use budget::Budget;
-pub(crate) use budget::SLACK;
 pub use sdc::{DisclosureReport, Protected, protect, round, round_count};
 pub use state::{Contributions, Moment, PartialAnswer, Role, Source, StateColumn};
 pub use totals::{AnswerProtection, TotalsRules};
@@ -135,19 +134,7 @@ pub fn needs(
         ));
     };
     if let Some(dp) = project.dp {
-        let epsilon = match terms.epsilon {
-            None => dp.epsilon_per_query,
-            Some(e) if e.is_finite() && e > 0.0 && e <= dp.epsilon_per_query + SLACK => e,
-            Some(_) => {
-                return Err(Refusal::new(
-                    Rule::Budget,
-                    format!(
-                        "a query of this project may spend ε above 0 and at most {} at this trust",
-                        dp.epsilon_per_query
-                    ),
-                ));
-            }
-        };
+        let epsilon = Budget::epsilon_for(&dp, policy.dp.min_epsilon_per_query, terms.epsilon)?;
         let bounded = bound_contributions(schema, &policy.dp, aggregate, optimized, vetted)?;
         let public = bounded.public_domain.as_ref().is_some_and(|domain| {
             let size = domain

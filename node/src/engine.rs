@@ -14,13 +14,12 @@ use std::time::Duration;
 use arrow::array::{ArrayRef, AsArray, RecordBatch};
 use arrow::compute::{cast, concat_batches};
 use arrow::datatypes::{DataType, Field, Schema};
-use datafusion::common::tree_node::Transformed;
-use datafusion::common::{Column, DataFusionError};
+use datafusion::common::DataFusionError;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::functions_aggregate::expr_fn::sum;
-use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
+use datafusion::logical_expr::{Aggregate, Expr, ExprFunctionExt, LogicalPlan};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
@@ -41,7 +40,9 @@ use crate::config::Limits;
 use crate::dp::{DpStart, with_meta};
 use crate::error::{NodeError, fault, internal};
 use crate::patient_order::OrderedFiles;
-use crate::patients::{PATIENT_COUNT, by_patient, counted_directly, in_runs, patient_count};
+use crate::patients::{
+    AGGREGATE_PATIENTS, PATIENT_COUNT, by_patient, counted_directly, in_runs, patient_count,
+};
 
 /// A protected answer, ready to stream, and what the audit log needs to know about it.
 #[derive(Debug, Clone)]
@@ -230,7 +231,7 @@ impl SiteEngine {
         let (run, cap) = to_run(aggregate, needs);
         let execute = !matches!(needs, Needs::Dp(dp) if dp.preview);
         let mut partial = self
-            .run_partial(run, needs.patient_key(), cap, deadline, execute)
+            .run_partial(run, needs, cap, deadline, execute)
             .await?;
         if let Needs::Sdc(sdc) = needs
             && !sdc.contributions.is_empty()
@@ -245,7 +246,7 @@ impl SiteEngine {
             partial.columns.pop();
         }
         let released = release(policy, needs, &partial).map_err(NodeError::from)?;
-        let columns: Vec<AnswerColumn> = partial.columns.iter().map(wire_column).collect();
+        let columns: Vec<AnswerColumn> = released.columns.iter().map(wire_column).collect();
         let (withheld, dp) = match (&released.report, &turn) {
             (ReleaseReport::Sdc(report), _) => (
                 Withheld {
@@ -302,19 +303,11 @@ impl SiteEngine {
     ) -> Result<Contributions, NodeError> {
         let mut sums = Vec::with_capacity(sdc.contributions.len());
         for (j, a) in sdc.contributions.iter().enumerate() {
-            let argument = match aggregate
+            let argument = aggregate
                 .aggr_expr
                 .get(*a)
-                .cloned()
-                .map(Expr::unalias_nested)
-            {
-                Some(Transformed {
-                    data: Expr::AggregateFunction(f),
-                    ..
-                }) => f.params.args.first().cloned(),
-                _ => None,
-            }
-            .ok_or_else(|| internal("a summed aggregate has no argument"))?;
+                .and_then(argument_of)
+                .ok_or_else(|| internal("a summed aggregate has no argument"))?;
             sums.push(sum(argument).alias(format!("__trustql_contribution_{j}")));
         }
         let mut group_expr = aggregate.group_expr.clone();
@@ -368,12 +361,12 @@ impl SiteEngine {
     pub(crate) async fn run_partial(
         &self,
         aggregate: &Aggregate,
-        patient_key: &Column,
+        needs: &Needs,
         cap: Option<u64>,
         deadline: tokio::time::Instant,
         execute: bool,
     ) -> Result<PartialAnswer, NodeError> {
-        let reduce = self.reduced_plan(aggregate, patient_key, cap).await?;
+        let reduce = self.reduced_plan(aggregate, needs, cap).await?;
         self.run(reduce, deadline, execute).await
     }
 
@@ -382,14 +375,34 @@ impl SiteEngine {
     async fn reduced_plan(
         &self,
         aggregate: &Aggregate,
-        patient_key: &Column,
+        needs: &Needs,
         cap: Option<u64>,
     ) -> Result<Arc<AggregateExec>, NodeError> {
+        let patient_key = needs.patient_key();
         let mut aggr_expr: Vec<Expr> = aggregate
             .aggr_expr
             .iter()
             .map(|e| counted_directly(e.clone(), patient_key))
             .collect();
+        // The patients each SDC aggregate reads (those with a value), before the group's own
+        // count, which stays last.
+        if let Needs::Sdc(sdc) = needs {
+            for &a in &sdc.counted {
+                let argument = aggregate
+                    .aggr_expr
+                    .get(a)
+                    .and_then(argument_of)
+                    .ok_or_else(|| internal("a counted aggregate has no argument"))?;
+                aggr_expr.push(
+                    patient_count(cap)
+                        .call(vec![Expr::Column(patient_key.clone())])
+                        .filter(argument.is_not_null())
+                        .build()
+                        .map_err(fault("could not count an aggregate's patients"))?
+                        .alias(format!("{AGGREGATE_PATIENTS}{a}")),
+                );
+            }
+        }
         aggr_expr.push(
             patient_count(cap)
                 .call(vec![Expr::Column(patient_key.clone())])
@@ -441,9 +454,8 @@ impl SiteEngine {
     pub async fn explain(&self, request: &SiteRequest, today: i32) -> Result<String, NodeError> {
         let planned = self.plan_release(request, today).await?;
         let (run, cap) = to_run(planned.aggregate()?, &planned.needs);
-        let reduce: Arc<dyn ExecutionPlan> = self
-            .reduced_plan(run, planned.needs.patient_key(), cap)
-            .await?;
+        let reduce: Arc<dyn ExecutionPlan> =
+            self.reduced_plan(run, &planned.needs, cap).await?;
         Ok(datafusion::physical_plan::displayable(reduce.as_ref())
             .indent(false)
             .to_string())
@@ -475,6 +487,9 @@ impl SiteEngine {
                 Slot::Key => (StateColumn::key(name), array.clone()),
                 Slot::GroupingId => (StateColumn::grouping_id(name), array.clone()),
                 Slot::Patients => (StateColumn::patients(PATIENTS_COLUMN), array.clone()),
+                Slot::AggregatePatients(a) => {
+                    (StateColumn::aggregate_patients(name, a), array.clone())
+                }
                 Slot::DistinctPatients(a) => (StateColumn::distinct(name, a), array.clone()),
                 Slot::Distinct(a) => (StateColumn::distinct(name, a), distinct_counts(array)?),
                 Slot::State {
@@ -499,6 +514,14 @@ impl SiteEngine {
             columns,
             contributions: None,
         })
+    }
+}
+
+/// The first argument of an aggregate expression.
+fn argument_of(expr: &Expr) -> Option<Expr> {
+    match expr.clone().unalias_nested().data {
+        Expr::AggregateFunction(f) => f.params.args.first().cloned(),
+        _ => None,
     }
 }
 
@@ -532,6 +555,8 @@ enum Slot {
     Key,
     GroupingId,
     Patients,
+    /// The patients aggregate `.0` reads (SDC thresholds only).
+    AggregatePatients(usize),
     /// The researcher's COUNT(DISTINCT <patient key>), counted as patients.
     DistinctPatients(usize),
     Distinct(usize),
@@ -565,9 +590,16 @@ fn layout(plan: &AggregateExec) -> Result<Vec<Slot>, NodeError> {
             .state_fields()
             .map_err(fault("an aggregate has no state fields"))?;
         if name == PATIENT_COUNT {
-            // Ours is the last aggregate; any other is the researcher's, counted directly.
+            // Ours are the last aggregate and those named for the aggregate whose patients
+            // they count; any other is the researcher's, counted directly.
+            let counted = expr
+                .name()
+                .strip_prefix(AGGREGATE_PATIENTS)
+                .and_then(|a| a.parse().ok());
             slots.push(if i + 1 == plan.aggr_expr().len() {
                 Slot::Patients
+            } else if let Some(a) = counted {
+                Slot::AggregatePatients(a)
             } else {
                 Slot::DistinctPatients(i)
             });
@@ -600,7 +632,8 @@ fn wire_column(column: &StateColumn) -> AnswerColumn {
         kind: match column.source {
             Source::Key => ColumnKind::Key,
             Source::GroupingId => ColumnKind::GroupingId,
-            Source::Patients => ColumnKind::Patients,
+            // Per-aggregate counts never leave (the release drops them).
+            Source::Patients | Source::AggregatePatients => ColumnKind::Patients,
             Source::DistinctCount => ColumnKind::DistinctCount,
             Source::State => ColumnKind::State,
         },

@@ -52,6 +52,10 @@ use trustql_policies::PATIENT_COUNT_CAP;
 
 use crate::patient_order::OrderedFiles;
 
+/// Name prefix of the patient count of one SDC aggregate (its index follows): the patients
+/// with a value for its argument, for that aggregate's threshold.
+pub(crate) const AGGREGATE_PATIENTS: &str = "__trustql_patients_of_";
+
 /// The aggregate's name, as the physical plan shows it.
 pub(crate) const PATIENT_COUNT: &str = "trustql_patient_count";
 

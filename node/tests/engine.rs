@@ -432,7 +432,7 @@ async fn rollup_subtotals_of_withheld_cells_are_withheld_at_the_node() {
 }
 
 #[tokio::test]
-async fn rounding_rounds_counts_but_never_biases_means() {
+async fn rounding_rounds_every_count_a_state_carries() {
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = engine(
         dir.path(),
@@ -441,7 +441,9 @@ async fn rounding_rounds_counts_but_never_biases_means() {
     )
     .await;
     let ctx = plain(dir.path()).await;
-    let sql = "SELECT site_icd10_o2_3char, COUNT(*), AVG(age) FROM sim_av_tumour GROUP BY site_icd10_o2_3char";
+    // AVG's count is rounded too: an exact one beside SUM would give the exact count that the
+    // rounded COUNT hides (SUM / AVG).
+    let sql = "SELECT site_icd10_o2_3char, COUNT(*), AVG(age), SUM(age) FROM sim_av_tumour GROUP BY site_icd10_o2_3char";
     let answer = engine.answer(&request(sql), TODAY).await.expect("answer");
     assert!(answer.meta.released > 3);
     let finished = finish(&ctx, sql, answer.batch.clone()).await;
@@ -466,20 +468,100 @@ async fn rounding_rounds_counts_but_never_biases_means() {
             )
         })
         .collect();
+    let mut biased = 0;
     for row in rows_as_text(&finished) {
         let parts: Vec<&str> = row.split('|').collect();
-        let (count, mean): (i64, f64) = (
+        let (count, mean, sum): (i64, f64, f64) = (
             parts[1].parse().expect("count"),
             parts[2].parse().expect("avg"),
+            parts[3].parse().expect("sum"),
         );
         let (exact_count, exact_mean) = exact[parts[0]];
         assert_eq!(count % 5, 0, "counts are rounded to 5: {row}");
         assert!((count - exact_count).abs() <= 2, "{row}");
+        // SUM / AVG is AVG's count (the mean is printed to 6 places): rounded as well.
+        let recovered = sum / mean;
         assert!(
-            (mean - exact_mean).abs() < 1e-6,
-            "the mean is exact: {row} vs {exact_mean}"
+            (recovered - recovered.round()).abs() < 1e-3 && recovered.round() as i64 % 5 == 0,
+            "AVG's count is rounded: {row}"
         );
+        // The mean divides the exact sum by the rounded count: off by at most 2 in n.
+        let n = exact_count as f64;
+        assert!(
+            (mean - exact_mean).abs() <= exact_mean * 2.0 / (n - 2.0) + 1e-9,
+            "{row} vs {exact_mean}"
+        );
+        if (mean - exact_mean).abs() > 1e-9 {
+            biased += 1;
+        }
     }
+    assert!(biased > 0, "some group's count was not a multiple of 5");
+}
+
+#[tokio::test]
+async fn each_aggregate_reads_at_least_the_minimum_of_patients() {
+    // A group of many patients where only a few have a value: COUNT(col), SUM, AVG of that
+    // column describe the few, so the minimum applies to the patients each aggregate reads.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(
+        dir.path(),
+        3_000,
+        "min_patients = 10\nrounding = \"none\"\nwithhold_whole_margin_cells = false",
+    )
+    .await;
+    let ctx = plain(dir.path()).await;
+    let truth = ctx
+        .sql(
+            "SELECT site_icd10_o2_3char, stage_best, COUNT(DISTINCT patientid), \
+             COUNT(DISTINCT CASE WHEN date_first_surgery IS NOT NULL THEN patientid END) \
+             FROM sim_av_tumour GROUP BY 1, 2",
+        )
+        .await
+        .expect("sql")
+        .collect()
+        .await
+        .expect("collect");
+    let truth = concat_batches(&truth[0].schema(), &truth).expect("concat");
+    let readers: std::collections::HashMap<String, (i64, i64)> = rows_as_text(&truth)
+        .into_iter()
+        .map(|row| {
+            let parts: Vec<&str> = row.split('|').collect();
+            (
+                format!("{}|{}", parts[0], parts[1]),
+                (parts[2].parse().expect("p"), parts[3].parse().expect("q")),
+            )
+        })
+        .collect();
+    let targets: Vec<&String> = readers
+        .iter()
+        .filter(|(_, (p, q))| *p >= 10 && (1..10).contains(q))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(!targets.is_empty(), "the data has no group to attack");
+
+    let sql = "SELECT site_icd10_o2_3char, stage_best, COUNT(*), COUNT(date_first_surgery) \
+               FROM sim_av_tumour GROUP BY 1, 2";
+    let answer = engine.answer(&request(sql), TODAY).await.expect("answer");
+    let released = rows_as_text(&finish(&ctx, sql, answer.batch.clone()).await);
+    assert!(!released.is_empty());
+    for row in &released {
+        let parts: Vec<&str> = row.split('|').collect();
+        let key = format!("{}|{}", parts[0], parts[1]);
+        let (p, q) = readers[&key];
+        assert!(p >= 10 && q >= 10, "released over too few patients: {row}");
+    }
+    assert!(answer.meta.withheld.small >= targets.len());
+    // Only the group's own patients stay in the answer: no per-aggregate count leaves.
+    assert_eq!(
+        answer
+            .meta
+            .columns
+            .iter()
+            .filter(|c| c.kind == ColumnKind::Patients)
+            .count(),
+        1
+    );
+    assert_eq!(answer.batch.num_columns(), answer.meta.columns.len());
 }
 
 #[tokio::test]

@@ -4,7 +4,8 @@
 //!   [`approve`] / [`load_approved`] bind an approval to the file's exact content.
 //! - [`locked_session`] / [`plan_sql`]: a DataFusion session with only allow-listed functions
 //!   and no statements, for planning researcher SQL.
-//! - [`vet_plan`]: the rules a query must pass, checked on DataFusion's logical plans.
+//! - [`vet_plan`]: the rules a query must pass, checked on DataFusion's logical plans; a
+//!   project protected by suppression and rounding is answered only table-builder shapes.
 //! - [`needs`] and [`release`]: the release contract. What the node must compute for a query,
 //!   and the only way its partial answer becomes releasable: disclosure control ([`protect`]:
 //!   suppression, rounding, dominance) or differential privacy ([`bound_contributions`],
@@ -21,6 +22,7 @@ mod policy;
 mod refusal;
 mod release;
 mod session;
+mod shape;
 mod vet;
 
 pub use approval::{

@@ -163,6 +163,14 @@ pub struct Disclosure {
     pub withhold_whole_margin_cells: bool,
 }
 
+impl Disclosure {
+    /// The correctness mode used by tests: no minimum, no rounding. It answers the full
+    /// aggregate SQL; every other SDC setting answers table-builder queries only.
+    pub fn is_unprotected(&self) -> bool {
+        self.min_patients <= 1 && self.rounding == Rounding::None
+    }
+}
+
 impl Default for Disclosure {
     fn default() -> Self {
         Disclosure {
@@ -497,9 +505,26 @@ impl Policy {
             }
         );
         let _ = writeln!(out, "Disclosure control:");
+        if d.is_unprotected() {
+            let _ = writeln!(
+                out,
+                "  - UNPROTECTED correctness mode (minimum 1, no rounding; for tests only): the \
+                 full aggregate SQL is answered exactly"
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "  - projects outside differential privacy are answered table-builder queries \
+                 only (joins on the patient key; WHERE comparing a column with constants; GROUP \
+                 BY columns or a coarsening of one column; COUNT, COUNT(DISTINCT patient key), \
+                 and SUM/AVG/VAR/STDDEV of columns with public bounds); DP projects are \
+                 answered the full aggregate SQL their budget pays for"
+            );
+        }
         let _ = writeln!(
             out,
-            "  - a group is released only if it has at least {} distinct patients",
+            "  - a group is released only if it has at least {} distinct patients, and each \
+             aggregate only if that many of them have a value for it",
             d.min_patients
         );
         let _ = writeln!(
@@ -515,9 +540,9 @@ impl Policy {
             // Say plainly what rounding does not cover, so a controller can decide.
             let _ = writeln!(
                 out,
-                "    (sums and means are exact: a SUM of a 0/1 indicator, or a SUM divided by the \
-                 AVG of the same column, gives an exact count; allow only COUNT in [query] \
-                 aggregates if rounded counts must hold)"
+                "    (every count an aggregate carries is rounded, AVG's and VAR's too; sums are \
+                 exact: a SUM of a column that only takes a few values can still tell a count \
+                 apart — allow only COUNT in [query] aggregates if that matters)"
             );
         }
         match d.dominance {

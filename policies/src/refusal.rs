@@ -49,6 +49,8 @@ pub enum Rule {
     Unsupported,
     /// The project's privacy budget at this trust cannot pay for the query.
     Budget,
+    /// An SDC project's query that is not table-builder SQL (DP mode answers it).
+    TableBuilder,
 }
 
 impl Rule {
@@ -76,6 +78,7 @@ impl Rule {
             Rule::Invalid => "invalid-sql",
             Rule::Unsupported => "unsupported",
             Rule::Budget => "privacy-budget",
+            Rule::TableBuilder => "table-builder",
         }
     }
 }

@@ -148,6 +148,11 @@ pub fn vet_plan(
     if let Some(input) = innermost {
         vetter.lineage(&input, &mut Vec::new(), true)?;
     }
+    // Rounding and thresholds survive only table-builder shapes; DP answers the rest. Checked
+    // last, so a query any mode refuses hears the precise rule it broke.
+    if project.dp.is_none() && !policy.disclosure.is_unprotected() {
+        crate::shape::check(schema, policy, agg)?;
+    }
     tables.sort();
     tables.dedup();
     let grouping_sets = agg
@@ -645,7 +650,17 @@ impl Vetter<'_> {
                         Some(prev) => prev
                             .into_iter()
                             .zip(lineage)
-                            .map(|(a, b)| merge_origins([a, b].into_iter().flatten()))
+                            .map(|(a, b)| match (a, b) {
+                                (Some(a), Some(b)) => merge_origins([a, b].into_iter()),
+                                // A constant in one branch: the column's rows are not all
+                                // patients' rows, so it is no key and cannot count patients.
+                                (Some(o), None) | (None, Some(o)) => Some(Origin {
+                                    key: None,
+                                    bare: false,
+                                    ..o
+                                }),
+                                (None, None) => None,
+                            })
                             .collect(),
                     });
                 }

@@ -142,8 +142,12 @@ fn description_is_in_plain_words() {
     assert!(words.contains("at least 20 distinct patients"), "{words}");
     assert!(words.contains("nearest multiple of 10"), "{words}");
     assert!(
-        words.contains("sums and means are exact"),
+        words.contains("sums are exact"),
         "a controller is told what rounding does not cover: {words}"
+    );
+    assert!(
+        words.contains("table-builder queries only"),
+        "and which queries SDC answers: {words}"
     );
     assert!(
         words.contains("2 largest contributions make up more than 85% "),

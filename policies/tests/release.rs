@@ -171,12 +171,12 @@ async fn keys_outside_a_public_code_set_spend_delta() {
 }
 
 #[test]
-fn only_counts_own_count_is_a_released_frequency() {
+fn every_count_a_state_carries_is_a_released_frequency() {
     let state = StateColumn::state;
     assert_eq!(state("c", 0, "COUNT", "count").role(), Role::Count);
     assert_eq!(StateColumn::distinct("d", 0).role(), Role::Count);
-    // AVG's count is a denominator: rounding it would bias the mean.
-    assert_eq!(state("a", 0, "avg", "count").role(), Role::Other);
+    // AVG's count beside an exact SUM would give the exact count a rounded COUNT hides.
+    assert_eq!(state("a", 0, "avg", "count").role(), Role::Count);
     assert_eq!(state("a", 0, "avg", "sum").role(), Role::Sum);
     assert_eq!(state("s", 0, "sum", "sum").role(), Role::Sum);
     assert_eq!(
@@ -186,6 +186,10 @@ fn only_counts_own_count_is_a_released_frequency() {
     assert_eq!(state("v", 0, "var", "m2").role(), Role::Moment(Moment::M2));
     assert_eq!(state("m", 0, "max", "max").role(), Role::Other);
     assert_eq!(StateColumn::patients("p").role(), Role::Patients);
+    assert_eq!(
+        StateColumn::aggregate_patients("q", 0).role(),
+        Role::AggregatePatients
+    );
 }
 
 #[test]

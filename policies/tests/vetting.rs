@@ -45,6 +45,22 @@ async fn vet(sql: &str) -> Result<Vetted, Refusal> {
     vet_with(&policy(), "p1", sql).await
 }
 
+/// The same projects in the unprotected correctness mode, which answers the full aggregate SQL.
+fn full_sql_policy() -> Policy {
+    Policy::from_toml(&format!(
+        "{POLICY}\n[disclosure]\nmin_patients = 1\nrounding = \"none\"\n"
+    ))
+    .expect("policy")
+}
+
+/// Accepted as full SQL, and refused as no table-builder query under the default SDC policy.
+async fn accepted_beyond_table_builder(sql: &str) {
+    if let Err(r) = vet_with(&full_sql_policy(), "p1", sql).await {
+        panic!("should be accepted in full-SQL mode: {sql}\n{r}");
+    }
+    refused(sql, Rule::TableBuilder).await;
+}
+
 async fn accepted(sql: &str) -> Vetted {
     match vet(sql).await {
         Ok(v) => v,
@@ -90,7 +106,10 @@ async fn ordinary_aggregate_queries_are_accepted() {
     accepted("SELECT SUM(actual_dose_per_administration), drug_group FROM sim_sact_drug_detail GROUP BY drug_group").await;
     accepted("SELECT MAX(actual_dose_per_administration) FROM sim_sact_drug_detail").await;
     accepted("SELECT COUNT(patientid), COUNT(DISTINCT patientid) FROM sim_av_tumour").await;
-    accepted("SELECT COUNT(*) FROM sim_av_tumour WHERE TRY_CAST(stage_best AS INT) = 3").await;
+    accepted_beyond_table_builder(
+        "SELECT COUNT(*) FROM sim_av_tumour WHERE TRY_CAST(stage_best AS INT) = 3",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -464,7 +483,7 @@ async fn functions_are_checked_by_name_wherever_they_are_called() {
         assert_eq!(r.rule, Rule::Function, "{sql}: {r}");
     }
     // The same function unquoted is the allow-listed one.
-    accepted("SELECT COUNT(*) FROM sim_av_tumour WHERE ABS(age) > 1").await;
+    accepted_beyond_table_builder("SELECT COUNT(*) FROM sim_av_tumour WHERE ABS(age) > 1").await;
 }
 
 #[tokio::test]

@@ -96,6 +96,15 @@ pub struct Column {
     /// `table.column` this column refers to (a foreign key), if any.
     #[serde(default)]
     pub references: Option<String>,
+    /// Public `[lower, upper]` range of a numeric column: known to anyone, so it may bound a
+    /// sum's sensitivity and its perturbation. SDC modes sum, average and take variances only
+    /// of columns that have one; a trust's policy may narrow it.
+    #[serde(default)]
+    pub bounds: Option<[f64; 2]>,
+    /// Narrowest band a CASE may cut a numeric column into (ages in bands at least 5 years
+    /// wide): a narrower band singles out fewer patients than the table builder allows.
+    #[serde(default)]
+    pub band_width: Option<f64>,
     /// What the column holds.
     pub description: String,
 }
@@ -351,6 +360,23 @@ impl TrustSchema {
                 }
                 if let Some(reference) = &column.references {
                     self.validate_reference(&table.name, column, reference)?;
+                }
+                let numeric = matches!(column.ty, ColumnType::Int64 | ColumnType::Float64);
+                if let Some([lower, upper]) = column.bounds
+                    && (!numeric || !lower.is_finite() || !upper.is_finite() || lower >= upper)
+                {
+                    return bad(format!(
+                        "bounds of `{}.{}` must be finite with lower < upper, on a numeric column",
+                        table.name, column.name
+                    ));
+                }
+                if let Some(width) = column.band_width
+                    && (!numeric || !width.is_finite() || width <= 0.0)
+                {
+                    return bad(format!(
+                        "band_width of `{}.{}` must be positive, on a numeric column",
+                        table.name, column.name
+                    ));
                 }
             }
             if let Some(pk) = &table.primary_key

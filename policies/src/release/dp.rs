@@ -44,6 +44,9 @@ pub(crate) fn release_dp(
                 continue;
             }
             Role::GroupingId => return Err(internal("grouping sets under differential privacy")),
+            Role::AggregatePatients => {
+                return Err(internal("per-aggregate patient counts in a DP answer"));
+            }
             // Measured only to choose groups by threshold; otherwise released as null.
             Role::Patients => {
                 patients = Some(index);

@@ -83,6 +83,10 @@ pub struct SdcNeeds {
     pub contributions: Vec<usize>,
     /// The dominance rule's n: how many of the largest contributions it adds up.
     pub top: u32,
+    /// The aggregates whose argument can be missing for some of the group's patients: each
+    /// needs its own patient count ([`Source::AggregatePatients`]), so that an AVG over the
+    /// two patients who have a value is not released because the group has twenty.
+    pub counted: Vec<usize>,
 }
 
 /// What a differentially private release needs.
@@ -189,13 +193,44 @@ pub fn needs(
             ));
         }
     }
+    // COUNT(*) and COUNT(DISTINCT patient) read every patient of the group; any aggregate of a
+    // column reads only the patients with a value.
+    let counted = if policy.disclosure.min_patients > 1 {
+        aggregate
+            .aggr_expr
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| reads_a_column(e))
+            .map(|(a, _)| a)
+            .collect()
+    } else {
+        Vec::new()
+    };
     Ok(Needs::Sdc(SdcNeeds {
         patient_key,
         // Thresholds need no more patients than twice the largest any rule may set.
         patient_cap: PATIENT_COUNT_CAP,
         contributions,
         top,
+        counted,
     }))
+}
+
+/// Whether an aggregate reads a value that some rows may lack: anything but COUNT(*) and
+/// COUNT(DISTINCT …), which the node counts as patients.
+fn reads_a_column(expr: &Expr) -> bool {
+    match expr.clone().unalias_nested().data {
+        Expr::AggregateFunction(f) => {
+            let constant = f
+                .params
+                .args
+                .iter()
+                .all(|a| matches!(a, Expr::Literal(v, _) if !v.is_null()));
+            let distinct_count = f.params.distinct && f.func.name() == "count";
+            !constant && !distinct_count
+        }
+        _ => false,
+    }
 }
 
 /// The aggregate function an aggregate expression calls, lower case.
@@ -211,6 +246,8 @@ fn function_of(expr: &Expr) -> Option<String> {
 pub struct Release {
     /// The released groups and states.
     pub batch: RecordBatch,
+    /// What each released column is (the partial answer's, less what stays at the trust).
+    pub columns: Vec<StateColumn>,
     /// What protection did.
     pub report: ReleaseReport,
 }
@@ -256,6 +293,7 @@ pub fn release(
             let protected = protect(answer, &policy.disclosure, max_groups)?;
             Ok(Release {
                 batch: protected.batch,
+                columns: protected.columns,
                 report: ReleaseReport::Sdc(protected.report),
             })
         }
@@ -263,6 +301,7 @@ pub fn release(
             let (batch, report) = dp::release_dp(needs, answer, max_groups)?;
             Ok(Release {
                 batch,
+                columns: answer.columns.clone(),
                 report: ReleaseReport::Dp(report),
             })
         }

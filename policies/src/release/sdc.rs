@@ -16,7 +16,7 @@ use datafusion::common::hash_utils::RandomState;
 
 use crate::policy::{Disclosure, Rounding};
 use crate::refusal::{Refusal, Rule};
-use crate::release::{Contributions, PartialAnswer, ReleaseError, Role};
+use crate::release::{Contributions, Moment, PartialAnswer, ReleaseError, Role, StateColumn};
 
 /// Rows that differ only at one key: (grouped keys, that key, the other grouped keys' ids).
 type Bucket = (u64, usize, Vec<u32>);
@@ -51,6 +51,8 @@ impl DisclosureReport {
 pub struct Protected {
     /// Released groups, counts rounded.
     pub batch: RecordBatch,
+    /// What each released column is.
+    pub columns: Vec<StateColumn>,
     /// What was withheld and why.
     pub report: DisclosureReport,
 }
@@ -132,9 +134,22 @@ pub fn protect(
         n: keys.len(),
     };
 
+    // The minimum holds for the group and for the patients each aggregate reads.
+    let read_by_aggregates = roles
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| **r == Role::AggregatePatients)
+        .map(|(i, _)| column_as_i64(batch, i))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut verdicts = vec![Verdict::Release; rows];
     for (row, verdict) in verdicts.iter_mut().enumerate() {
-        if patients[row].unwrap_or(0) < rules.min_patients as i64 {
+        let fewest = read_by_aggregates
+            .iter()
+            .map(|c| c[row].unwrap_or(0))
+            .chain([patients[row].unwrap_or(0)])
+            .min()
+            .unwrap_or(0);
+        if fewest < rules.min_patients as i64 {
             *verdict = Verdict::Small;
         }
     }
@@ -158,7 +173,17 @@ pub fn protect(
         }
     }
     let batch = rounded_release(batch, &roles, rules, &verdicts)?;
-    Ok(Protected { batch, report })
+    let columns = answer
+        .columns
+        .iter()
+        .filter(|c| c.role() != Role::AggregatePatients)
+        .cloned()
+        .collect();
+    Ok(Protected {
+        batch,
+        columns,
+        report,
+    })
 }
 
 fn column_as_i64(batch: &RecordBatch, index: usize) -> Result<Vec<Option<i64>>, ReleaseError> {
@@ -355,10 +380,13 @@ fn rounded_release(
     verdicts: &[Verdict],
 ) -> Result<RecordBatch, ReleaseError> {
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(roles.len());
+    let mut fields = Vec::with_capacity(roles.len());
     for (index, role) in roles.iter().enumerate() {
         let column = batch.column(index);
         match role {
-            Role::Count | Role::Patients => {
+            // Thresholds' input only: it stays at the trust.
+            Role::AggregatePatients => continue,
+            Role::Count | Role::Patients | Role::Moment(Moment::Count) => {
                 let rounded: Int64Array = column_as_i64(batch, index)?
                     .into_iter()
                     .map(|v| v.map(|x| round(x, rules)))
@@ -370,8 +398,9 @@ fn rounded_release(
             }
             _ => columns.push(column.clone()),
         }
+        fields.push(batch.schema().field(index).clone());
     }
-    let schema = Schema::new(batch.schema().fields().clone());
+    let schema = Schema::new(fields);
     let rounded = RecordBatch::try_new(Arc::new(schema), columns)
         .map_err(|_| internal("could not rebuild the answer"))?;
     let keep: BooleanArray = verdicts

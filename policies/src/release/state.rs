@@ -14,6 +14,9 @@ pub enum Source {
     GroupingId,
     /// The node's own count of distinct patients in the group.
     Patients,
+    /// The node's count of the group's patients one aggregate reads (those with a value for
+    /// its argument): decides that aggregate's threshold and never leaves the trust.
+    AggregatePatients,
     /// A researcher's COUNT(DISTINCT …), finished into a count at the node.
     DistinctCount,
     /// One state column of an aggregate's accumulator.
@@ -45,13 +48,16 @@ pub enum Role {
     GroupingId,
     /// Distinct patients in the group.
     Patients,
-    /// A released frequency (COUNT's count, a COUNT(DISTINCT)).
+    /// Distinct patients one aggregate reads; used by the thresholds, never released.
+    AggregatePatients,
+    /// A released frequency: COUNT's count, a COUNT(DISTINCT), and AVG's count, which
+    /// SUM / AVG would otherwise give exactly beside a rounded COUNT.
     Count,
     /// A sum of values (SUM's, AVG's): dominance applies.
     Sum,
     /// One of the (n, mean, m2) moments of VAR or STDDEV.
     Moment(Moment),
-    /// Any other state (AVG's count, MIN, MAX).
+    /// Any other state (MIN, MAX).
     Other,
 }
 
@@ -80,6 +86,14 @@ impl StateColumn {
     /// The node's distinct-patient count.
     pub fn patients(name: impl Into<String>) -> Self {
         Self::plain(name, Source::Patients)
+    }
+
+    /// The patients aggregate `aggregate` reads.
+    pub fn aggregate_patients(name: impl Into<String>, aggregate: usize) -> Self {
+        StateColumn {
+            aggregate: Some(aggregate),
+            ..Self::plain(name, Source::AggregatePatients)
+        }
     }
 
     /// A researcher's COUNT(DISTINCT …) of aggregate `aggregate`, as a count.
@@ -124,13 +138,15 @@ impl StateColumn {
         MOMENT_AGGREGATES.contains(&self.function.as_str())
     }
 
-    /// What it is to the release rules. Only COUNT's own count is a released frequency: the
-    /// count inside AVG or VAR is a denominator, and rounding it would bias every mean.
+    /// What it is to the release rules. Every count a state carries is a frequency, whichever
+    /// aggregate carries it: AVG's count (the mean of an SDC answer divides by the rounded
+    /// count, the price of not releasing the exact one) and VAR's n (a moment, rounded too).
     pub fn role(&self) -> Role {
         match self.source {
             Source::Key => Role::Key,
             Source::GroupingId => Role::GroupingId,
             Source::Patients => Role::Patients,
+            Source::AggregatePatients => Role::AggregatePatients,
             Source::DistinctCount => Role::Count,
             Source::State if self.is_moment_aggregate() => match self.state.as_str() {
                 "count" => Role::Moment(Moment::Count),
@@ -139,7 +155,7 @@ impl StateColumn {
                 _ => Role::Other,
             },
             Source::State => match (self.function.as_str(), self.state.as_str()) {
-                ("count", "count") => Role::Count,
+                ("count" | "avg", "count") => Role::Count,
                 ("sum" | "avg", "sum") => Role::Sum,
                 _ => Role::Other,
             },

@@ -615,4 +615,21 @@ async fn dominated_sums_are_withheld_by_the_largest_contributions() {
             .all(|f| !f.name().starts_with("__trustql_top")),
         "the largest contributions never leave the node"
     );
+    // Without groups (once a panic): the same rule on the one total, SUM and AVG alike.
+    let site = |dominated: bool| {
+        rows_as_text(&oracle)
+            .into_iter()
+            .find(|row| row.ends_with(if dominated { "|true" } else { "|false" }))
+            .and_then(|row| row.split('|').next().map(str::to_string))
+            .expect("a site")
+    };
+    for (dominated, released) in [(true, 0), (false, 1)] {
+        let sql = format!(
+            "SELECT SUM(age), AVG(age) FROM sim_av_tumour WHERE site_icd10_o2 = '{}'",
+            site(dominated)
+        );
+        let answer = engine.answer(&request(&sql), TODAY).await.expect("answer");
+        assert_eq!(answer.meta.released, released, "{sql}");
+        assert_eq!(answer.meta.withheld.dominated, 1 - released, "{sql}");
+    }
 }

@@ -118,6 +118,9 @@ async fn counts_in_disguise_are_refused() {
         "SELECT COUNT(*) FILTER (WHERE age > 80), COUNT(*) FROM sim_av_tumour",
         "SELECT COUNT(*), SUM(age - age + 1) FROM sim_av_tumour",
         "SELECT COUNT(*), VAR(CASE WHEN age > 90 THEN 1 END) FROM sim_av_tumour",
+        // A constant offset per row hides a dominant contributor from the dominance rule
+        // (class 8): the rule must see the quantity released, so only columns are summed.
+        "SELECT SUM(CASE WHEN age > 90 THEN 1001 ELSE 1000 END) - SUM(1000) FROM sim_av_tumour",
     ] {
         not_table_builder(sql).await;
         // DP answers them, its budget paying for what they reveal.

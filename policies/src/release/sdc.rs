@@ -231,25 +231,19 @@ fn top_contributions(
     if rows.num_columns() != keys.len() + 1 + aggregates.len() {
         return Err(internal("the contributions do not match the answer's keys"));
     }
-    // Match groups by their keys, encoded alike on both sides.
-    let fields: Vec<SortField> = keys
-        .iter()
-        .map(|&i| SortField::new(batch.column(i).data_type().clone()))
-        .collect();
-    let converter = RowConverter::new(fields).map_err(|_| internal("keys not comparable"))?;
-    let answer_keys: Vec<ArrayRef> = keys.iter().map(|&i| batch.column(i).clone()).collect();
+    // Match groups by their keys, encoded alike on both sides. Without keys there is one
+    // group, and the row encoding (which cannot count rows of no columns) is not needed.
     let contribution_keys = keys
         .iter()
         .enumerate()
         .map(|(k, &i)| cast(rows.column(k), batch.column(i).data_type()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| internal("contribution keys do not match the answer's"))?;
-    let answer_rows = converter
-        .convert_columns(&answer_keys)
-        .map_err(|_| internal("keys not comparable"))?;
-    let contribution_rows = converter
-        .convert_columns(&contribution_keys)
-        .map_err(|_| internal("keys not comparable"))?;
+    let answer_keys: Vec<ArrayRef> = keys.iter().map(|&i| batch.column(i).clone()).collect();
+    let (answer_rows, contribution_rows) = (
+        group_codes(&answer_keys, batch.num_rows())?,
+        group_codes(&contribution_keys, rows.num_rows())?,
+    );
     let first = keys.len() + 1;
     let values = (0..aggregates.len())
         .map(|j| column_as_f64(rows.column(first + j)))
@@ -257,7 +251,7 @@ fn top_contributions(
     let mut by_group: HashMap<Vec<u8>, Vec<Vec<f64>>> = HashMap::new();
     for row in 0..rows.num_rows() {
         let entry = by_group
-            .entry(contribution_rows.row(row).as_ref().to_vec())
+            .entry(contribution_rows[row].clone())
             .or_insert_with(|| vec![Vec::new(); aggregates.len()]);
         for (j, v) in values.iter().enumerate() {
             if let Some(v) = v[row] {
@@ -273,7 +267,7 @@ fn top_contributions(
                 .ok_or(internal("a sum has no per-patient contributions"))?;
             let tops = (0..batch.num_rows())
                 .map(|row| {
-                    by_group.get(answer_rows.row(row).as_ref()).map(|lists| {
+                    by_group.get(&answer_rows[row]).map(|lists| {
                         let mut list = lists[j].clone();
                         list.sort_by(|a, b| b.total_cmp(a));
                         list.iter().take(n as usize).sum::<f64>()
@@ -283,6 +277,22 @@ fn top_contributions(
             Ok((column, tops))
         })
         .collect()
+}
+
+/// Each row's group keys as comparable bytes (empty for every row when there are no keys).
+fn group_codes(keys: &[ArrayRef], rows: usize) -> Result<Vec<Vec<u8>>, ReleaseError> {
+    if keys.is_empty() {
+        return Ok(vec![Vec::new(); rows]);
+    }
+    let fields = keys
+        .iter()
+        .map(|k| SortField::new(k.data_type().clone()))
+        .collect();
+    let converter = RowConverter::new(fields).map_err(|_| internal("keys not comparable"))?;
+    let encoded = converter
+        .convert_columns(keys)
+        .map_err(|_| internal("keys not comparable"))?;
+    Ok((0..rows).map(|r| encoded.row(r).as_ref().to_vec()).collect())
 }
 
 /// A group whose largest contributions exceed `k` percent of a sum is withheld.

@@ -219,7 +219,9 @@ impl Builder<'_> {
                     join.join_type,
                     JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full
                 ) {
-                    return Err(refuse("semi-, anti- and mark joins are not table-builder SQL"));
+                    return Err(refuse(
+                        "semi-, anti- and mark joins are not table-builder SQL",
+                    ));
                 }
                 let mut shapes = self.shapes(&join.left)?;
                 shapes.extend(self.shapes(&join.right)?);
@@ -263,9 +265,11 @@ impl Builder<'_> {
             let index = schema
                 .index_of_column(c)
                 .map_err(|_| refuse("a column could not be resolved"))?;
-            return input.get(index).cloned().flatten().ok_or_else(|| {
-                refuse(format!("`{}` is not read from a schema table", c.name))
-            });
+            return input
+                .get(index)
+                .cloned()
+                .flatten()
+                .ok_or_else(|| refuse(format!("`{}` is not read from a schema table", c.name)));
         }
         self.coarsening(expr, schema, input)?
             .map(Shape::Coarse)
@@ -439,7 +443,9 @@ impl Builder<'_> {
             }
             Expr::Not(inner) => self.predicate(inner, schema, input, atoms),
             Expr::IsNull(inner) | Expr::IsNotNull(inner) => {
-                let source = self.operand(inner, schema, input).ok_or_else(not_predicate)?;
+                let source = self
+                    .operand(inner, schema, input)
+                    .ok_or_else(not_predicate)?;
                 atoms.push(Atom::new(source, AtomOp::Null, None));
                 Ok(())
             }
@@ -472,7 +478,9 @@ impl Builder<'_> {
                 } else {
                     return Err(not_predicate());
                 };
-                let source = self.operand(column, schema, input).ok_or_else(not_predicate)?;
+                let source = self
+                    .operand(column, schema, input)
+                    .ok_or_else(not_predicate)?;
                 let op = match op {
                     Operator::Eq | Operator::NotEq => AtomOp::Equal,
                     // `col < c` and `col >= c` cut at c; `col <= c` and `col > c` at c + 1.
@@ -491,7 +499,9 @@ impl Builder<'_> {
                 if !is_constant(low) || !is_constant(high) {
                     return Err(not_predicate());
                 }
-                let source = self.operand(inner, schema, input).ok_or_else(not_predicate)?;
+                let source = self
+                    .operand(inner, schema, input)
+                    .ok_or_else(not_predicate)?;
                 let mut atom = Atom::new(source, AtomOp::Between, None);
                 atom.range = number(low).zip(number(high));
                 atoms.push(atom);
@@ -503,7 +513,9 @@ impl Builder<'_> {
                 if !list.iter().all(is_constant) {
                     return Err(not_predicate());
                 }
-                let source = self.operand(inner, schema, input).ok_or_else(not_predicate)?;
+                let source = self
+                    .operand(inner, schema, input)
+                    .ok_or_else(not_predicate)?;
                 atoms.push(Atom::new(source, AtomOp::Equal, None));
                 Ok(())
             }
@@ -515,7 +527,9 @@ impl Builder<'_> {
                 if !is_constant(pattern) {
                     return Err(not_predicate());
                 }
-                let source = self.operand(inner, schema, input).ok_or_else(not_predicate)?;
+                let source = self
+                    .operand(inner, schema, input)
+                    .ok_or_else(not_predicate)?;
                 atoms.push(Atom::new(source, AtomOp::Equal, None));
                 Ok(())
             }
@@ -541,7 +555,9 @@ impl Builder<'_> {
     /// One aggregate of the aggregation.
     fn aggregate(&self, expr: &Expr, schema: &DFSchema, input: &Shapes) -> Result<(), Refusal> {
         let Expr::AggregateFunction(AggregateFunction { func, params }) = unalias(expr) else {
-            return Err(refuse("only plain aggregate functions are table-builder SQL"));
+            return Err(refuse(
+                "only plain aggregate functions are table-builder SQL",
+            ));
         };
         let name = func.name().to_lowercase();
         let upper = name.to_uppercase();

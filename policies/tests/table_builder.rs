@@ -124,7 +124,9 @@ async fn counts_in_disguise_are_refused() {
     ] {
         not_table_builder(sql).await;
         // DP answers them, its budget paying for what they reveal.
-        vet("dp", sql).await.unwrap_or_else(|r| panic!("{sql}: {r}"));
+        vet("dp", sql)
+            .await
+            .unwrap_or_else(|r| panic!("{sql}: {r}"));
     }
 }
 

@@ -292,7 +292,9 @@ fn group_codes(keys: &[ArrayRef], rows: usize) -> Result<Vec<Vec<u8>>, ReleaseEr
     let encoded = converter
         .convert_columns(keys)
         .map_err(|_| internal("keys not comparable"))?;
-    Ok((0..rows).map(|r| encoded.row(r).as_ref().to_vec()).collect())
+    Ok((0..rows)
+        .map(|r| encoded.row(r).as_ref().to_vec())
+        .collect())
 }
 
 /// A group whose largest contributions exceed `k` percent of a sum is withheld.

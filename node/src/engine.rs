@@ -385,14 +385,19 @@ impl SiteEngine {
             .map(|e| counted_directly(e.clone(), patient_key))
             .collect();
         // The patients each SDC aggregate reads (those with a value), before the group's own
-        // count, which stays last.
+        // count, which stays last; aggregates of the same column share one count.
         if let Needs::Sdc(sdc) = needs {
+            let mut counted: Vec<Expr> = Vec::new();
             for &a in &sdc.counted {
                 let argument = aggregate
                     .aggr_expr
                     .get(a)
                     .and_then(argument_of)
                     .ok_or_else(|| internal("a counted aggregate has no argument"))?;
+                if counted.contains(&argument) {
+                    continue;
+                }
+                counted.push(argument.clone());
                 aggr_expr.push(
                     patient_count(cap)
                         .call(vec![Expr::Column(patient_key.clone())])

@@ -25,6 +25,8 @@ pub struct NodeConfig {
     pub state_dir: PathBuf,
     /// TLS material.
     pub tls: TlsConfig,
+    /// Who may ask this node: the coordinator's client certificate and request-signing key.
+    pub coordinator: CoordinatorIdentity,
     /// Resource limits.
     #[serde(default)]
     pub limits: Limits,
@@ -40,6 +42,29 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// The certificate authority whose clients (coordinators) are trusted (PEM).
     pub client_ca: PathBuf,
+}
+
+/// The coordinator this node answers, pinned: a certificate of the client CA is not enough
+/// (another trust's node, or the coordinator's researcher-facing server, has one too), and
+/// the coordinator must sign each request it vouches for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorIdentity {
+    /// SHA-256 of the DER of each coordinator client certificate accepted (hex; colons, as
+    /// `openssl x509 -fingerprint -sha256` prints, are allowed). The certificate must also
+    /// carry the clientAuth extended key usage.
+    pub client_cert_sha256: Vec<String>,
+    /// The coordinator's Ed25519 request-signing public keys (PEM `PUBLIC KEY` files); more
+    /// than one while a key is being replaced.
+    pub request_keys: Vec<PathBuf>,
+    /// How far a signed request's issue time may be from the node's clock, in seconds;
+    /// request ids are remembered this long to refuse replays.
+    #[serde(default = "default_max_request_age")]
+    pub max_request_age_secs: u64,
+}
+
+fn default_max_request_age() -> u64 {
+    300
 }
 
 /// Resource limits.
@@ -90,7 +115,10 @@ impl NodeConfig {
             &mut config.tls.cert,
             &mut config.tls.key,
             &mut config.tls.client_ca,
-        ] {
+        ]
+        .into_iter()
+        .chain(config.coordinator.request_keys.iter_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }

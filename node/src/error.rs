@@ -27,6 +27,29 @@ pub enum NodeError {
     /// The request is not a TrustQL site request.
     #[error("bad site request: {0}")]
     BadRequest(String),
+    /// The caller's certificate is not one this node pins as its coordinator's; what it was
+    /// (fingerprint, subject, usage) is for the node's audit log, never for the caller.
+    #[error("the caller is not this trust's coordinator: {0}")]
+    NotCoordinator(String),
+    /// The request is unsigned, signed by an unknown key, or its signature does not verify.
+    #[error("the site request was not vouched for by the coordinator: {0}")]
+    Unvouched(trustql_protocol::ProtocolError),
+    /// The coordinator signed the request for another trust.
+    #[error("the site request was signed for another trust")]
+    OtherTrust,
+    /// The request's issue time is outside the node's window.
+    #[error(
+        "the site request was issued {age_secs} s from this trust's clock; at most {window_secs} s is accepted"
+    )]
+    Stale {
+        /// How far from the node's clock, in whole seconds.
+        age_secs: u64,
+        /// The window.
+        window_secs: u64,
+    },
+    /// The request id was seen before within the window: a replay.
+    #[error("the site request id was already used (a replayed request)")]
+    Replayed,
     /// The query was refused by a rule.
     #[error("{0}")]
     Refused(Refusal),
@@ -98,6 +121,14 @@ impl NodeError {
         match self {
             NodeError::Refused(r) => Status::permission_denied(r.to_string()),
             NodeError::BadRequest(_) => Status::invalid_argument(self.to_string()),
+            // Says nothing of the certificate presented, or of what this node would take.
+            NodeError::NotCoordinator(_) => Status::permission_denied(
+                "this trust takes site requests only from the coordinator it is configured to trust",
+            ),
+            NodeError::Unvouched(_)
+            | NodeError::OtherTrust
+            | NodeError::Stale { .. }
+            | NodeError::Replayed => Status::unauthenticated(self.to_string()),
             NodeError::Timeout(_) => Status::deadline_exceeded(self.to_string()),
             NodeError::Memory | NodeError::Busy => Status::resource_exhausted(self.to_string()),
             NodeError::Execution | NodeError::Internal(_) => Status::internal(self.to_string()),

@@ -8,6 +8,7 @@ mod config;
 mod dp;
 mod engine;
 mod error;
+mod gate;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
 mod patient_order;
@@ -15,7 +16,7 @@ mod patients;
 mod server;
 mod service;
 
-pub use config::{LEDGER_FILE, Limits, NodeConfig, TlsConfig};
+pub use config::{CoordinatorIdentity, LEDGER_FILE, Limits, NodeConfig, TlsConfig};
 pub use engine::{SiteAnswer, SiteEngine, Timings, fingerprint};
 pub use error::NodeError;
 pub use server::{RunningNode, start};

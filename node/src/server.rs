@@ -17,6 +17,7 @@ use trustql_schemas::TrustSchema;
 use crate::config::NodeConfig;
 use crate::engine::SiteEngine;
 use crate::error::NodeError;
+use crate::gate::Gate;
 use crate::service::{MAX_REQUEST_BYTES, NodeService};
 
 /// A node serving in the background.
@@ -78,6 +79,7 @@ pub async fn start(config: &NodeConfig, schema: TrustSchema) -> Result<RunningNo
     .await?
     .with_ledger(Arc::new(Ledger::open(&config.ledger_path())?));
     let tls = tls_config(config)?;
+    let gate = Gate::new(&config.trust, &config.coordinator)?;
     let audit = Arc::new(AuditLog::open(&config.audit_dir, &now_rfc3339())?);
     audit.append(AuditEntry::node_note(
         &now_rfc3339(),
@@ -95,7 +97,7 @@ pub async fn start(config: &NodeConfig, schema: TrustSchema) -> Result<RunningNo
         path: config.listen.to_string().into(),
         reason: e.to_string(),
     })?;
-    let service = FlightServiceServer::new(NodeService::new(Arc::new(engine), audit))
+    let service = FlightServiceServer::new(NodeService::new(Arc::new(engine), audit, gate))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let router = Server::builder()
         .tls_config(tls)

@@ -1,4 +1,5 @@
 //! The node's Arrow Flight service: one `DoGet` per site request, audited before it answers.
+//! Before anything else it checks who is asking (see `gate`).
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use trustql_protocol::{SiteRequest, Withheld};
 
 use crate::engine::{SiteAnswer, SiteEngine};
 use crate::error::NodeError;
+use crate::gate::{Gate, now_unix_ms};
 
 /// Largest site request the node decodes (the SQL is capped far below this by policy).
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
@@ -25,29 +27,41 @@ pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 pub struct NodeService {
     engine: Arc<SiteEngine>,
     audit: Arc<AuditLog>,
+    gate: Gate,
 }
 
 impl NodeService {
-    /// A service answering from `engine` and recording to `audit`.
-    pub fn new(engine: Arc<SiteEngine>, audit: Arc<AuditLog>) -> Self {
-        NodeService { engine, audit }
+    /// A service answering from `engine` and recording to `audit`, for the caller `gate`
+    /// admits.
+    pub(crate) fn new(engine: Arc<SiteEngine>, audit: Arc<AuditLog>, gate: Gate) -> Self {
+        NodeService {
+            engine,
+            audit,
+            gate,
+        }
     }
 
-    /// Answers one ticket: decode, answer, record; nothing is sent before the record is on disk.
-    async fn serve(&self, ticket: &[u8]) -> Result<SiteAnswer, Status> {
-        let (request, outcome) = match SiteRequest::from_ticket(ticket) {
-            Ok(request) => {
-                // Every line logged while answering carries the coordinator's request id.
-                let span = tracing::info_span!(
-                    "request",
-                    id = %request.request_id,
-                    trust = %self.engine.trust(),
-                    project = %request.project,
-                );
-                let outcome = self.engine.answer(&request, today()).instrument(span).await;
-                (request, outcome)
-            }
-            Err(reason) => (SiteRequest::default(), Err(NodeError::BadRequest(reason))),
+    /// Answers one ticket: who is asking, decode, answer, record; nothing is sent before the
+    /// record is on disk.
+    async fn serve(&self, request: Request<Ticket>) -> Result<SiteAnswer, Status> {
+        let peer = request.peer_certs();
+        let (request, outcome) = match self.gate.admit_peer(peer.as_deref().map(Vec::as_slice)) {
+            // The ticket of a stranger is not even opened.
+            Err(e) => (SiteRequest::default(), Err(e)),
+            Ok(()) => match self.gate.open(&request.get_ref().ticket, now_unix_ms()) {
+                (request, Err(e)) => (request, Err(e)),
+                (request, Ok(())) => {
+                    // Every line logged while answering carries the coordinator's request id.
+                    let span = tracing::info_span!(
+                        "request",
+                        id = %request.request_id,
+                        trust = %self.engine.trust(),
+                        project = %request.project,
+                    );
+                    let outcome = self.engine.answer(&request, today()).instrument(span).await;
+                    (request, outcome)
+                }
+            },
         };
         log_outcome(&request, &outcome);
         let entry = self.entry(&request, &outcome);
@@ -74,7 +88,13 @@ impl NodeService {
             ),
             Err(e) => (
                 match e {
-                    NodeError::Refused(_) | NodeError::BadRequest(_) => Decision::Refused,
+                    NodeError::Refused(_)
+                    | NodeError::BadRequest(_)
+                    | NodeError::NotCoordinator(_)
+                    | NodeError::Unvouched(_)
+                    | NodeError::OtherTrust
+                    | NodeError::Stale { .. }
+                    | NodeError::Replayed => Decision::Refused,
                     _ => Decision::Failed,
                 },
                 Some(e.to_string()),
@@ -119,7 +139,28 @@ fn log_outcome(request: &SiteRequest, outcome: &Result<SiteAnswer, NodeError>) {
         ),
         Err(NodeError::Refused(r)) => tracing::info!(id, rule = r.rule.name(), "refused"),
         Err(e @ NodeError::BadRequest(_)) => tracing::info!(id, error = %e, "bad request"),
+        Err(
+            e @ (NodeError::NotCoordinator(_)
+            | NodeError::Unvouched(_)
+            | NodeError::OtherTrust
+            | NodeError::Stale { .. }
+            | NodeError::Replayed),
+        ) => tracing::warn!(id, error = %e, "refused: not vouched for by the coordinator"),
         Err(e) => tracing::warn!(id, error = ?e, "failed"),
+    }
+}
+
+impl NodeService {
+    /// The peer check for calls that carry no site request: a refused peer is logged here
+    /// (it reached no data, so it is not an audited request).
+    fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let peer = request.peer_certs();
+        self.gate
+            .admit_peer(peer.as_deref().map(Vec::as_slice))
+            .map_err(|e| {
+                tracing::warn!(error = %e, "refused a call from a stranger");
+                e.to_status()
+            })
     }
 }
 
@@ -145,7 +186,7 @@ impl FlightService for NodeService {
         &self,
         request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
-        let answer = self.serve(&request.into_inner().ticket).await?;
+        let answer = self.serve(request).await?;
         let schema = answer.batch.schema();
         let stream = FlightDataEncoderBuilder::new()
             .with_schema(schema)
@@ -156,64 +197,73 @@ impl FlightService for NodeService {
 
     async fn handshake(
         &self,
-        _request: Request<Streaming<HandshakeRequest>>,
+        request: Request<Streaming<HandshakeRequest>>,
     ) -> Result<Response<Self::HandshakeStream>, Status> {
+        self.admit(&request)?;
         unsupported("Handshake (nodes authenticate by mutual TLS)")
     }
 
     async fn list_flights(
         &self,
-        _request: Request<Criteria>,
+        request: Request<Criteria>,
     ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        self.admit(&request)?;
         unsupported("ListFlights")
     }
 
     async fn get_flight_info(
         &self,
-        _request: Request<FlightDescriptor>,
+        request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        self.admit(&request)?;
         unsupported("GetFlightInfo")
     }
 
     async fn poll_flight_info(
         &self,
-        _request: Request<FlightDescriptor>,
+        request: Request<FlightDescriptor>,
     ) -> Result<Response<PollInfo>, Status> {
+        self.admit(&request)?;
         unsupported("PollFlightInfo")
     }
 
     async fn get_schema(
         &self,
-        _request: Request<FlightDescriptor>,
+        request: Request<FlightDescriptor>,
     ) -> Result<Response<SchemaResult>, Status> {
+        self.admit(&request)?;
         unsupported("GetSchema")
     }
 
     async fn do_put(
         &self,
-        _request: Request<Streaming<FlightData>>,
+        request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoPutStream>, Status> {
+        self.admit(&request)?;
         unsupported("DoPut")
     }
 
     async fn do_exchange(
         &self,
-        _request: Request<Streaming<FlightData>>,
+        request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        self.admit(&request)?;
         unsupported("DoExchange")
     }
 
     async fn do_action(
         &self,
-        _request: Request<Action>,
+        request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
+        self.admit(&request)?;
         unsupported("DoAction")
     }
 
     async fn list_actions(
         &self,
-        _request: Request<Empty>,
+        request: Request<Empty>,
     ) -> Result<Response<Self::ListActionsStream>, Status> {
+        self.admit(&request)?;
         unsupported("ListActions")
     }
 }

@@ -7,7 +7,6 @@ mod common;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use arrow_flight::Ticket;
 use futures::TryStreamExt;
 use tonic::Code;
 use trustql_audit::Decision;
@@ -51,16 +50,15 @@ async fn a_fault_in_the_release_is_logged_with_its_cause_and_audited_as_a_failur
         .expect("connect");
 
     faults::break_releases(true);
-    let ticket = Ticket::new(
+    let ticket = common::signed_ticket(
+        &pki,
         SiteRequest {
             request_id: "fault-1".into(),
             researcher: "alice".into(),
             project: "p1".into(),
             sql: "SELECT stage_best, COUNT(*) FROM sim_av_tumour GROUP BY stage_best".into(),
             ..Default::default()
-        }
-        .to_ticket()
-        .expect("ticket"),
+        },
     );
     let outcome = match client.do_get(ticket).await {
         Ok(stream) => stream

@@ -41,17 +41,17 @@ async fn site(patients: u64, disclosure: &str, limits: Limits) -> Site {
     }
 }
 
-fn ticket(id: &str, sql: &str) -> Ticket {
-    Ticket::new(
+/// A request as the coordinator sends it: signed, for TQ01, issued now.
+fn ticket(site: &Site, id: &str, sql: &str) -> Ticket {
+    common::signed_ticket(
+        &site.pki,
         SiteRequest {
             request_id: id.into(),
             researcher: "alice".into(),
             project: "p1".into(),
             sql: sql.into(),
             ..Default::default()
-        }
-        .to_ticket()
-        .expect("ticket"),
+        },
     )
 }
 
@@ -111,7 +111,7 @@ async fn answers_travel_over_mutual_tls_without_identifiers_and_are_recorded_fir
     let sql = "SELECT t.stage_best, r.intent_of_treatment, COUNT(DISTINCT t.patientid), COUNT(*), AVG(t.age) \
                FROM sim_av_tumour t JOIN sim_sact_regimen r ON r.encore_patient_id = t.patientid \
                GROUP BY t.stage_best, r.intent_of_treatment";
-    let messages = raw_get(&site, ticket("req-1", sql))
+    let messages = raw_get(&site, ticket(&site, "req-1", sql))
         .await
         .expect("answered");
     let (meta, batches) = decode(&messages);
@@ -178,7 +178,7 @@ async fn refusals_are_clear_statuses_and_are_recorded() {
 
     let status = raw_get(
         &site,
-        ticket("r-id", "SELECT patientid FROM sim_av_patient"),
+        ticket(&site, "r-id", "SELECT patientid FROM sim_av_patient"),
     )
     .await
     .expect_err("identifiers are refused");
@@ -191,7 +191,7 @@ async fn refusals_are_clear_statuses_and_are_recorded() {
 
     let status = raw_get(
         &site,
-        ticket("r-file", "SELECT COUNT(*) FROM '/etc/passwd'"),
+        ticket(&site, "r-file", "SELECT COUNT(*) FROM '/etc/passwd'"),
     )
     .await
     .expect_err("file tables are refused");
@@ -253,7 +253,7 @@ async fn clients_without_a_trusted_certificate_are_refused_at_the_handshake() {
     for identity in [None, Some(&site.pki.impostor)] {
         let refused = match common::client(site.node.addr(), &site.pki.ca_pem, identity).await {
             Err(_) => true,
-            Ok(mut client) => client.do_get(ticket("x", sql)).await.is_err(),
+            Ok(mut client) => client.do_get(ticket(&site, "x", sql)).await.is_err(),
         };
         assert!(
             refused,
@@ -270,7 +270,7 @@ async fn clients_without_a_trusted_certificate_are_refused_at_the_handshake() {
     .await
     {
         Err(_) => true,
-        Ok(mut client) => client.do_get(ticket("y", sql)).await.is_err(),
+        Ok(mut client) => client.do_get(ticket(&site, "y", sql)).await.is_err(),
     };
     assert!(
         refused,
@@ -279,7 +279,7 @@ async fn clients_without_a_trusted_certificate_are_refused_at_the_handshake() {
 
     // None of them reached the engine; the trusted coordinator still does.
     assert_eq!(records(&site.audit).len(), 1);
-    let messages = raw_get(&site, ticket("ok", sql))
+    let messages = raw_get(&site, ticket(&site, "ok", sql))
         .await
         .expect("trusted client answered");
     assert_eq!(decode(&messages).0.request_id, "ok");
@@ -309,7 +309,7 @@ async fn a_query_over_the_time_limit_fails_clearly_and_the_node_answers_the_next
 
     let slow = {
         let site = site.clone();
-        tokio::spawn(async move { raw_get(&site, ticket("slow", SLOW)).await })
+        tokio::spawn(async move { raw_get(&site, ticket(&site, "slow", SLOW)).await })
     };
     // Time for the first request to connect, pass vetting and hold the only slot.
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -318,7 +318,7 @@ async fn a_query_over_the_time_limit_fails_clearly_and_the_node_answers_the_next
         "the slow query ended early: {:?}",
         slow.await.map(|r| r.map(|_| ()))
     );
-    let busy = raw_get(&site, ticket("busy", FAST))
+    let busy = raw_get(&site, ticket(&site, "busy", FAST))
         .await
         .expect_err("one query at a time");
     assert_eq!(busy.code(), Code::ResourceExhausted);
@@ -336,7 +336,7 @@ async fn a_query_over_the_time_limit_fails_clearly_and_the_node_answers_the_next
     );
     assert!(status.message().contains("2000 ms"), "{}", status.message());
 
-    let messages = raw_get(&site, ticket("next", FAST))
+    let messages = raw_get(&site, ticket(&site, "next", FAST))
         .await
         .expect("the node still answers");
     assert_eq!(decode(&messages).0.request_id, "next");
@@ -369,7 +369,7 @@ async fn a_query_over_the_memory_limit_fails_clearly_and_the_node_answers_the_ne
         JOIN sim_sact_cycle b ON b.merged_regimen_id = r.merged_regimen_id \
         JOIN sim_sact_cycle c ON c.merged_regimen_id = r.merged_regimen_id \
         GROUP BY 1, 2, 3";
-    let status = raw_get(&site, ticket("huge", huge))
+    let status = raw_get(&site, ticket(&site, "huge", huge))
         .await
         .expect_err("over the memory limit");
     assert_eq!(
@@ -379,7 +379,7 @@ async fn a_query_over_the_memory_limit_fails_clearly_and_the_node_answers_the_ne
         status.message()
     );
     assert!(status.message().contains("memory"), "{}", status.message());
-    let messages = raw_get(&site, ticket("next", FAST))
+    let messages = raw_get(&site, ticket(&site, "next", FAST))
         .await
         .expect("the node still answers");
     assert_eq!(decode(&messages).0.request_id, "next");
@@ -430,7 +430,7 @@ async fn a_node_with_a_broken_policy_or_certificate_will_not_start() {
     // A certificate whose key does not match.
     let other = trustql_devcerts::DevCa::new("x")
         .expect("ca")
-        .issue("n", &["localhost"])
+        .issue_server("n", &["localhost"])
         .expect("issue");
     let other = other.write(&pki.dir, "other").expect("write");
     bad.tls.key = other.key;

@@ -12,8 +12,8 @@ use arrow_flight::Ticket;
 use arrow_flight::flight_service_client::FlightServiceClient;
 use futures::TryStreamExt;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use trustql_devcerts::{DevCa, Issued};
-use trustql_protocol::SiteRequest;
+use trustql_devcerts::{DevCa, Issued, SigningKey};
+use trustql_protocol::{RequestSigner, SignedRequest, SiteRequest};
 
 mod common;
 use common::{text, trustql};
@@ -22,7 +22,10 @@ struct Site {
     config: PathBuf,
     audit: PathBuf,
     ca_pem: String,
+    /// The coordinator's client certificate, which the node pins.
     coordinator: Issued,
+    /// The coordinator's request-signing key.
+    signer: Arc<RequestSigner>,
 }
 
 /// One synthetic trust, an approved policy, certificates and a node.toml with relative paths.
@@ -62,27 +65,54 @@ fn site(dir: &Path) -> Site {
     assert!(approved.status.success(), "{}", text(&approved));
 
     let ca = DevCa::new("kill test CA").expect("ca");
-    ca.write_cert(&dir.join("pki"), "ca.pem").expect("ca pem");
-    ca.issue("TQ01", &["localhost", "127.0.0.1"])
+    let pki = dir.join("pki");
+    ca.write_cert(&pki, "ca.pem").expect("ca pem");
+    ca.issue_server("TQ01", &["localhost", "127.0.0.1"])
         .expect("node cert")
-        .write(&dir.join("pki"), "node")
+        .write(&pki, "node")
         .expect("write");
+    let coordinator = ca
+        .issue_client("coordinator (client)")
+        .expect("coordinator cert");
+    // The researcher-facing certificate, for the test that runs a coordinator.
+    ca.issue_server("coordinator", &["localhost"])
+        .expect("server cert")
+        .write(&pki, "coordinator")
+        .expect("write server cert");
+    let key = SigningKey::generate().expect("signing key");
+    key.write(&pki, "coordinator-requests").expect("write key");
     let config = dir.join("node.toml");
     std::fs::write(
         &config,
-        "trust = \"TQ01\"\ndata_dir = \"fed/TQ01\"\npolicy = \"policy.toml\"\nlisten = \"127.0.0.1:0\"\n\
-         audit_dir = \"audit\"\nstate_dir = \"state\"\n\n[tls]\ncert = \"pki/node.pem\"\nkey = \"pki/node.key\"\n\
-         client_ca = \"pki/ca.pem\"\n",
+        format!(
+            "trust = \"TQ01\"\ndata_dir = \"fed/TQ01\"\npolicy = \"policy.toml\"\nlisten = \"127.0.0.1:0\"\n\
+             audit_dir = \"audit\"\nstate_dir = \"state\"\n\n[tls]\ncert = \"pki/node.pem\"\nkey = \"pki/node.key\"\n\
+             client_ca = \"pki/ca.pem\"\n\n[coordinator]\nclient_cert_sha256 = [\"{}\"]\n\
+             request_keys = [\"pki/coordinator-requests.pub\"]\n",
+            coordinator.sha256_fingerprint()
+        ),
     )
     .expect("node.toml");
     Site {
         config,
         audit: dir.join("audit"),
         ca_pem: ca.cert_pem(),
-        coordinator: ca
-            .issue("coordinator", &["localhost"])
-            .expect("coordinator cert"),
+        coordinator,
+        signer: Arc::new(RequestSigner::from_pem(key.key_pem.as_bytes()).expect("key")),
     }
+}
+
+/// `request` signed by the coordinator for TQ01, now.
+fn signed(signer: &RequestSigner, request: SiteRequest) -> Ticket {
+    let signed = SignedRequest {
+        trust: "TQ01".into(),
+        issued_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as u64,
+        request,
+    };
+    Ticket::new(signer.sign(&signed).expect("signed"))
 }
 
 /// Starts `trustql node` and reads the address it announces.
@@ -123,37 +153,30 @@ async fn client(site: &Site, addr: SocketAddr) -> FlightServiceClient<Channel> {
     FlightServiceClient::new(channel)
 }
 
-fn ticket(id: &str) -> Ticket {
-    Ticket::new(
-        SiteRequest {
-            request_id: id.into(),
-            researcher: "alice".into(),
-            project: "p1".into(),
-            sql: "SELECT t.stage_best, COUNT(*), AVG(t.age) FROM sim_av_tumour t GROUP BY t.stage_best".into(),
-            ..Default::default()
-        }
-        .to_ticket()
-        .expect("ticket"),
-    )
+fn ticket(id: &str) -> SiteRequest {
+    SiteRequest {
+        request_id: id.into(),
+        researcher: "alice".into(),
+        project: "p1".into(),
+        sql: "SELECT t.stage_best, COUNT(*), AVG(t.age) FROM sim_av_tumour t GROUP BY t.stage_best"
+            .into(),
+        ..Default::default()
+    }
 }
 
 /// A differentially private query that no earlier one repeats.
-fn dp_ticket(id: &str, worker: usize, n: usize) -> Ticket {
-    Ticket::new(
-        SiteRequest {
-            request_id: id.into(),
-            researcher: "alice".into(),
-            project: "dp".into(),
-            sql: format!(
-                "SELECT stage_best, COUNT(*) FROM sim_av_tumour \
-                 WHERE age > {n} AND age < {} GROUP BY stage_best",
-                200 + worker
-            ),
-            ..Default::default()
-        }
-        .to_ticket()
-        .expect("ticket"),
-    )
+fn dp_ticket(id: &str, worker: usize, n: usize) -> SiteRequest {
+    SiteRequest {
+        request_id: id.into(),
+        researcher: "alice".into(),
+        project: "dp".into(),
+        sql: format!(
+            "SELECT stage_best, COUNT(*) FROM sim_av_tumour \
+             WHERE age > {n} AND age < {} GROUP BY stage_best",
+            200 + worker
+        ),
+        ..Default::default()
+    }
 }
 
 /// The ledger's lines as JSON; a SIGKILL may have torn the last one (never released), which
@@ -224,7 +247,7 @@ fn hammer_then_kill(
     site: &Site,
     addr: SocketAddr,
     child: &mut Child,
-    make: fn(usize, usize) -> Ticket,
+    make: fn(usize, usize) -> SiteRequest,
 ) -> Vec<String> {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let answered: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -233,13 +256,12 @@ fn hammer_then_kill(
         for worker in 0..3 {
             let mut client = client(site, addr).await;
             let answered = answered.clone();
+            let signer = site.signer.clone();
             tasks.push(tokio::spawn(async move {
                 for n in 0.. {
-                    let ticket = make(worker, n);
-                    let id = SiteRequest::from_ticket(&ticket.ticket)
-                        .expect("a site request")
-                        .request_id;
-                    let Ok(response) = client.do_get(ticket).await else {
+                    let request = make(worker, n);
+                    let id = request.request_id.clone();
+                    let Ok(response) = client.do_get(signed(&signer, request)).await else {
                         break;
                     };
                     let Ok(messages) = response.into_inner().try_collect::<Vec<_>>().await else {
@@ -364,7 +386,7 @@ fn a_node_killed_during_a_query_is_reported_without_waiting_for_the_deadline() {
     let (mut child, addr) = spawn_node(&site);
     let pki = dir.path().join("pki");
     site.coordinator
-        .write(&pki, "coordinator")
+        .write(&pki, "coordinator-client")
         .expect("write coordinator cert");
     let config = CoordinatorConfig {
         audit_dir: dir.path().join("coordinator-audit"),
@@ -376,9 +398,10 @@ fn a_node_killed_during_a_query_is_reported_without_waiting_for_the_deadline() {
             key: pki.join("coordinator.key"),
         },
         node_client: TlsFiles {
-            cert: pki.join("coordinator.pem"),
-            key: pki.join("coordinator.key"),
+            cert: pki.join("coordinator-client.pem"),
+            key: pki.join("coordinator-client.key"),
         },
+        request_signing_key: pki.join("coordinator-requests.key"),
         nodes: vec![NodeEntry {
             trust: "TQ01".into(),
             url: format!("https://{addr}"),

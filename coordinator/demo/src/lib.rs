@@ -9,8 +9,8 @@ use trustql_coordinator::{
     CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, RunningCoordinator, TlsFiles,
     TotalsRules, random_hex, token_hash,
 };
-use trustql_devcerts::DevCa;
-use trustql_node::{Limits, NodeConfig, RunningNode, TlsConfig};
+use trustql_devcerts::{DevCa, SigningKey};
+use trustql_node::{CoordinatorIdentity, Limits, NodeConfig, RunningNode, TlsConfig};
 use trustql_policies::Rounding;
 use trustql_schemas::{TrustSchema, trust_codes};
 use trustql_synth::{SynthConfig, generate};
@@ -19,6 +19,9 @@ use trustql_synth::{SynthConfig, generate};
 pub const PROJECT: &str = "demo";
 /// The researcher the demo token belongs to.
 pub const RESEARCHER: &str = "analyst";
+/// A second researcher on the demo project at every trust (the demo's coordinator gives them
+/// no token; tests that run their own coordinator do).
+pub const COLLEAGUE: &str = "colleague";
 
 /// Errors setting up the demo.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +144,8 @@ pub struct Federation {
     pub info: DemoInfo,
     /// The nodes, in trust order.
     pub nodes: Vec<RunningNode>,
+    /// Their configurations, in the same order (to start one again).
+    pub node_configs: Vec<NodeConfig>,
     /// The coordinator.
     pub coordinator: RunningCoordinator,
     /// Per-trust audit directories.
@@ -187,20 +192,28 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
         .write_cert(&pki, "ca.pem")
         .map_err(step("writing the CA"))?;
     let hosts = ["localhost", "127.0.0.1"];
+    // Researchers see the server certificate; nodes see (and pin) only the client one.
     let server = ca
-        .issue("coordinator", &hosts)
+        .issue_server("coordinator", &hosts)
         .and_then(|c| c.write(&pki, "coordinator"))
         .map_err(step("making the coordinator certificate"))?;
-    let client = ca
-        .issue("coordinator (client)", &["localhost"])
-        .and_then(|c| c.write(&pki, "coordinator-client"))
+    let client_cert = ca
+        .issue_client("coordinator (client)")
         .map_err(step("making the coordinator's client certificate"))?;
+    let client_pin = client_cert.sha256_fingerprint();
+    let client = client_cert
+        .write(&pki, "coordinator-client")
+        .map_err(step("writing the coordinator's client certificate"))?;
+    let signing = SigningKey::generate()
+        .and_then(|k| k.write(&pki, "coordinator-requests"))
+        .map_err(step("making the coordinator's request-signing key"))?;
 
     let mut nodes = Vec::new();
     let mut audit_dirs = Vec::new();
+    let mut node_configs = Vec::new();
     for trust in &trusts {
         let cert = ca
-            .issue(&format!("{trust} node"), &hosts)
+            .issue_server(&format!("{trust} node"), &hosts)
             .and_then(|c| c.write(&pki, &format!("node-{trust}")))
             .map_err(step("making a node certificate"))?;
         let policy = write_policy(&dir, trust, options.unprotected, options.dp)?;
@@ -218,6 +231,11 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
                 key: cert.key,
                 client_ca: ca_path.clone(),
             },
+            coordinator: CoordinatorIdentity {
+                client_cert_sha256: vec![client_pin.clone()],
+                request_keys: vec![signing.public.clone()],
+                max_request_age_secs: 300,
+            },
             limits: Limits::default(),
         };
         audit_dirs.push(config.audit_dir.clone());
@@ -225,6 +243,7 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
             .await
             .map_err(step(&format!("starting the node of {trust}")))?;
         nodes.push(node);
+        node_configs.push(config);
     }
 
     let token = random_hex(24).map_err(step("making the researcher token"))?;
@@ -242,6 +261,7 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
             cert: client.cert,
             key: client.key,
         },
+        request_signing_key: signing.key,
         nodes: nodes
             .iter()
             .map(|n| NodeEntry {
@@ -289,6 +309,7 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
     Ok(Federation {
         info,
         nodes,
+        node_configs,
         coordinator,
         audit_dirs,
         coordinator_audit,
@@ -329,7 +350,7 @@ fn write_policy(
         "# Demo policy for {trust}{}\n[policy]\nversion = \"demo-1\"\ntrust = \"{trust}\"\n\
          description = \"TrustQL demo policy\"\n\n[disclosure]\n{disclosure}\n\n[query]\nmax_groups = 20000\n\n\
          [[project]]\nid = \"{PROJECT}\"\ntitle = \"Cancer pathways across the region (demonstration)\"\n\
-         researchers = [\"{RESEARCHER}\"]\ntables = [\"sim_av_patient\", \"sim_av_tumour\", \"sim_sact_regimen\", \
+         researchers = [\"{RESEARCHER}\", \"{COLLEAGUE}\"]\ntables = [\"sim_av_patient\", \"sim_av_tumour\", \"sim_sact_regimen\", \
          \"sim_sact_cycle\", \"sim_sact_drug_detail\", \"sim_sact_outcome\", \"sim_rtds_episode\", \
          \"sim_rtds_prescription\"]\nexpires = \"2099-12-31\"\n",
         if unprotected {

@@ -285,6 +285,7 @@ async fn faulty_coordinator(
             cert: pki.join("coordinator-client.pem"),
             key: pki.join("coordinator-client.key"),
         },
+        request_signing_key: pki.join("coordinator-requests.key"),
         nodes,
         disclosure: Default::default(),
         researchers: vec![ResearcherEntry {
@@ -352,21 +353,9 @@ async fn faulty_nodes_are_reported_within_the_deadline() {
     assert!(again.coverage.is_some());
 
     // The node comes back on the same address: the coordinator's channel reconnects.
-    let work = fed.work_dir();
-    let config = trustql_node::NodeConfig {
-        trust: trust.clone(),
-        data_dir: fed.info.data_dir.join(&trust),
-        policy: work.join("policies").join(format!("{trust}.toml")),
-        listen: stopped_addr,
-        audit_dir: work.join("audit").join(&trust),
-        state_dir: work.join("state").join(&trust),
-        tls: trustql_node::TlsConfig {
-            cert: work.join("pki").join(format!("node-{trust}.pem")),
-            key: work.join("pki").join(format!("node-{trust}.key")),
-            client_ca: fed.info.ca.clone(),
-        },
-        limits: trustql_node::Limits::default(),
-    };
+    let mut config = fed.node_configs[2].clone();
+    assert_eq!(config.trust, trust);
+    config.listen = stopped_addr;
     let _back = trustql_node::start(&config, TrustSchema::cancer().expect("schema"))
         .await
         .expect("the node restarts");
@@ -472,4 +461,129 @@ async fn prepared_statements_and_sql_info_work_for_standard_clients() {
             .await
             .is_err()
     );
+}
+
+/// A coordinator over the demo's nodes presenting `node_client` and signing with
+/// `request_signing_key`; its researcher's token.
+async fn coordinator_as(
+    fed: &Federation,
+    node_client: TlsFiles,
+    request_signing_key: std::path::PathBuf,
+) -> (trustql_coordinator::RunningCoordinator, String) {
+    let pki = fed.work_dir().join("pki");
+    let token = "identity-token".to_string();
+    let config = CoordinatorConfig {
+        audit_dir: fed.work_dir().join(format!(
+            "coordinator-audit-{}",
+            trustql_coordinator::random_hex(8).expect("random")
+        )),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        node_deadline_ms: 5_000,
+        quorum: Quorum::All,
+        tls: TlsFiles {
+            cert: pki.join("coordinator.pem"),
+            key: pki.join("coordinator.key"),
+        },
+        node_client,
+        request_signing_key,
+        nodes: fed
+            .nodes
+            .iter()
+            .map(|n| NodeEntry {
+                trust: n.trust().into(),
+                url: format!("https://{}", n.addr()),
+                ca: fed.info.ca.clone(),
+                server_name: Some("localhost".into()),
+            })
+            .collect(),
+        disclosure: Default::default(),
+        researchers: vec![ResearcherEntry {
+            name: RESEARCHER.into(),
+            token_sha256: token_hash(&token),
+            projects: vec![PROJECT.into()],
+        }],
+    };
+    let running = trustql_coordinator::start(&config, TrustSchema::cancer().expect("schema"))
+        .await
+        .expect("start");
+    (running, token)
+}
+
+#[tokio::test]
+async fn nodes_answer_only_the_pinned_coordinator_client_and_its_signing_key() {
+    let fed = launch(&options(false)).await.expect("launch");
+    let ca = std::fs::read(&fed.info.ca).expect("ca");
+    let pki = fed.work_dir().join("pki");
+    let files = |stem: &str| TlsFiles {
+        cert: pki.join(format!("{stem}.pem")),
+        key: pki.join(format!("{stem}.key")),
+    };
+    let signing_key = pki.join("coordinator-requests.key");
+    let other_key = trustql_devcerts::SigningKey::generate()
+        .expect("key")
+        .write(&pki, "other-requests")
+        .expect("write")
+        .key;
+    let sql = "SELECT gender, COUNT(*) FROM sim_av_patient GROUP BY gender";
+    let answered = |fed: &Federation| -> usize {
+        fed.audit_dirs
+            .iter()
+            .map(|dir| {
+                std::fs::read_to_string(dir.join("audit.jsonl"))
+                    .expect("audit")
+                    .matches("\"decision\":\"answered\"")
+                    .count()
+            })
+            .sum()
+    };
+
+    for (what, node_client, key, expect) in [
+        (
+            "the researcher-facing server certificate",
+            files("coordinator"),
+            signing_key.clone(),
+            TrustStatus::Unreachable,
+        ),
+        (
+            "another trust's node certificate",
+            files("node-TQ02"),
+            signing_key.clone(),
+            TrustStatus::Unreachable,
+        ),
+        (
+            "the pinned client certificate with another signing key",
+            files("coordinator-client"),
+            other_key,
+            TrustStatus::Failed,
+        ),
+    ] {
+        let (coordinator, token) = coordinator_as(&fed, node_client, key).await;
+        let url = format!("https://127.0.0.1:{}", coordinator.addr().port());
+        let mut client = Client::connect(&url, Some(&ca), &token, None)
+            .await
+            .expect("connect");
+        let err = client
+            .query(sql)
+            .await
+            .expect_err(&format!("{what}: no trust answers"));
+        let text = err.to_string();
+        let status = match expect {
+            TrustStatus::Unreachable => "unreachable",
+            _ => "failed",
+        };
+        for trust in &fed.info.trusts {
+            assert!(text.contains(trust), "{what}: {text}");
+        }
+        assert!(text.contains(status), "{what}: {text}");
+        if expect == TrustStatus::Failed {
+            assert!(text.contains("not vouched for"), "{what}: {text}");
+        }
+        assert_eq!(answered(&fed), 0, "{what}: a node answered");
+    }
+
+    // The demo's own coordinator (pinned client certificate, pinned key) is answered.
+    let mut demo = client(&fed).await;
+    let result = demo.query(sql).await.expect("answered");
+    assert!(result.coverage.expect("coverage").complete);
+    assert_eq!(answered(&fed), fed.info.trusts.len());
 }

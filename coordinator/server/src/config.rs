@@ -22,8 +22,12 @@ pub struct CoordinatorConfig {
     pub quorum: Quorum,
     /// The certificate researchers see.
     pub tls: TlsFiles,
-    /// The client certificate presented to nodes.
+    /// The client certificate presented to nodes (clientAuth; nodes pin it). Never the
+    /// researcher-facing one: nodes refuse a server certificate as a client.
     pub node_client: TlsFiles,
+    /// The Ed25519 private key (PEM PKCS#8) the coordinator signs every site request with,
+    /// vouching for the researcher and project it authenticated; nodes hold its public half.
+    pub request_signing_key: PathBuf,
     /// The trusts' nodes.
     #[serde(rename = "node")]
     pub nodes: Vec<NodeEntry>,
@@ -137,6 +141,7 @@ impl CoordinatorConfig {
         fix(&mut self.tls.key);
         fix(&mut self.node_client.cert);
         fix(&mut self.node_client.key);
+        fix(&mut self.request_signing_key);
         fix(&mut self.audit_dir);
         for node in &mut self.nodes {
             fix(&mut node.ca);
@@ -195,6 +200,7 @@ mod tests {
             "listen = \"127.0.0.1:0\"\n\
              tls = {{ cert = \"c.pem\", key = \"k.pem\" }}\n\
              node_client = {{ cert = \"c.pem\", key = \"k.pem\" }}\n\
+             request_signing_key = \"requests.key\"\n\
              [[node]]\ntrust = \"TQ01\"\nurl = \"https://127.0.0.1:1\"\nca = \"ca.pem\"\n\
              [disclosure]\n{disclosure}\n"
         ))

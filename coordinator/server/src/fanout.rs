@@ -1,6 +1,9 @@
-//! One long-lived mutual-TLS channel per node, and asking them all at once.
+//! One long-lived mutual-TLS channel per node, and asking them all at once. Each request is
+//! signed for the node it goes to, so the node can tell the coordinator vouched for it.
 
-use std::time::Duration;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arrow::compute::concat_batches;
 use arrow_flight::Ticket;
@@ -9,7 +12,9 @@ use futures::TryStreamExt;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use trustql_merge::SiteStates;
-use trustql_protocol::{ANSWER_META_KEY, AnswerMeta, SiteRequest, TrustStatus};
+use trustql_protocol::{
+    ANSWER_META_KEY, AnswerMeta, RequestSigner, SignedRequest, SiteRequest, TrustStatus,
+};
 
 use crate::config::NodeEntry;
 use crate::error::CoordinatorError;
@@ -26,16 +31,34 @@ pub(crate) enum Outcome {
     Not(TrustStatus, String),
 }
 
+/// Reads the coordinator's request-signing key (`request_signing_key`).
+pub(crate) fn load_signer(path: &Path) -> Result<Arc<RequestSigner>, CoordinatorError> {
+    let pem = std::fs::read(path).map_err(|e| {
+        CoordinatorError::Config(format!(
+            "cannot read the request-signing key {}: {e}",
+            path.display()
+        ))
+    })?;
+    RequestSigner::from_pem(&pem).map(Arc::new).map_err(|e| {
+        CoordinatorError::Config(format!("the request-signing key {}: {e}", path.display()))
+    })
+}
+
 /// A node and the channel to it (connected lazily, reconnected by tonic when it returns).
 #[derive(Clone)]
 pub(crate) struct NodeLink {
     trust: String,
     channel: Channel,
+    signer: Arc<RequestSigner>,
 }
 
 impl NodeLink {
     /// Sets up the channel; nothing is dialled until the first query.
-    pub(crate) fn new(entry: &NodeEntry, identity: &Identity) -> Result<Self, CoordinatorError> {
+    pub(crate) fn new(
+        entry: &NodeEntry,
+        identity: &Identity,
+        signer: Arc<RequestSigner>,
+    ) -> Result<Self, CoordinatorError> {
         let ca = std::fs::read(&entry.ca).map_err(|e| {
             CoordinatorError::Tls(format!(
                 "cannot read the CA for {} ({}): {e}",
@@ -61,6 +84,7 @@ impl NodeLink {
         Ok(NodeLink {
             trust: entry.trust.clone(),
             channel,
+            signer,
         })
     }
 
@@ -83,7 +107,15 @@ impl NodeLink {
     async fn exchange(&self, request: &SiteRequest) -> Outcome {
         let mut client = FlightServiceClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_ANSWER_BYTES);
-        let Ok(ticket) = request.to_ticket() else {
+        // Signed for this trust, now: the node refuses it anywhere else, later, or twice.
+        let signed = SignedRequest {
+            trust: self.trust.clone(),
+            issued_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            request: request.clone(),
+        };
+        let Ok(ticket) = self.signer.sign(&signed) else {
             return garbage("the request could not be encoded");
         };
         let stream = match client.do_get(Ticket::new(ticket)).await {

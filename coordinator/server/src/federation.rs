@@ -16,7 +16,7 @@ use trustql_policies::{AnswerProtection, TotalsRules, now_rfc3339};
 use crate::auth::{Caller, Researchers};
 use crate::config::{CoordinatorConfig, Quorum};
 use crate::error::{CoordinatorError, random_hex};
-use crate::fanout::{NodeLink, Outcome};
+use crate::fanout::{NodeLink, Outcome, load_signer};
 use crate::noise::{NoiseSum, value_intervals};
 
 /// A merged, protected answer and its coverage.
@@ -55,10 +55,11 @@ impl Coordinator {
         let cert = read(&config.node_client.cert, "client certificate")?;
         let key = read(&config.node_client.key, "client key")?;
         let identity = Identity::from_pem(cert, key);
+        let signer = load_signer(&config.request_signing_key)?;
         let links = config
             .nodes
             .iter()
-            .map(|n| NodeLink::new(n, &identity))
+            .map(|n| NodeLink::new(n, &identity, signer.clone()))
             .collect::<Result<Vec<_>, _>>()?;
         let audit = AuditLog::open(&config.audit_dir, &now_rfc3339())
             .map_err(|e| CoordinatorError::Config(format!("the coordinator's audit log: {e}")))?;

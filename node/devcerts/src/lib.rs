@@ -1,6 +1,10 @@
 //! Development certificates: a throwaway certificate authority and the server and client
-//! certificates it signs, for `trustql demo` and tests. Never for production: the keys are
-//! generated on the spot and written unencrypted.
+//! certificates it signs, and the coordinator's request-signing key, for `trustql demo` and
+//! tests. Never for production: the keys are generated on the spot and written unencrypted.
+//!
+//! Server and client certificates are separate, each with its one extended key usage, so a
+//! server's certificate (a node's, or the coordinator's researcher-facing one) cannot be used
+//! to call a node.
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +12,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
 };
+use sha2::{Digest, Sha256};
 
 /// Errors making or writing development certificates.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +41,20 @@ pub struct DevCa {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
+/// What a certificate may be used for (its extended key usage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// TLS server only.
+    Server,
+    /// TLS client only.
+    Client,
+    /// Both, as some CAs issue: only to test that nodes refuse such certificates as clients
+    /// unless pinned.
+    ServerAndClient,
+    /// No extended key usage at all (any use, to TLS libraries): only for tests.
+    Unrestricted,
+}
+
 /// A certificate and its private key, in PEM.
 #[derive(Debug, Clone)]
 pub struct Issued {
@@ -43,6 +62,26 @@ pub struct Issued {
     pub cert_pem: String,
     /// The private key (PEM, PKCS#8).
     pub key_pem: String,
+    /// The certificate (DER).
+    pub cert_der: Vec<u8>,
+}
+
+/// An Ed25519 key pair for signing site requests, in PEM.
+#[derive(Debug, Clone)]
+pub struct SigningKey {
+    /// The private key (PEM, PKCS#8), for the coordinator.
+    pub key_pem: String,
+    /// The public key (PEM, SubjectPublicKeyInfo), for the nodes.
+    pub public_pem: String,
+}
+
+/// Where [`SigningKey::write`] put a key pair.
+#[derive(Debug, Clone)]
+pub struct SigningKeyFiles {
+    /// The private key.
+    pub key: PathBuf,
+    /// The public key.
+    pub public: PathBuf,
 }
 
 /// Where [`Issued::write`] put a certificate and its key.
@@ -82,8 +121,18 @@ impl DevCa {
         self.issuer.pem()
     }
 
-    /// Signs a certificate for `name`, valid as server for `hosts` and as a client.
-    pub fn issue(&self, name: &str, hosts: &[&str]) -> Result<Issued, DevCertError> {
+    /// Signs a server certificate for `name`, valid for `hosts` (serverAuth only).
+    pub fn issue_server(&self, name: &str, hosts: &[&str]) -> Result<Issued, DevCertError> {
+        self.issue(name, hosts, Usage::Server)
+    }
+
+    /// Signs a client certificate for `name` (clientAuth only).
+    pub fn issue_client(&self, name: &str) -> Result<Issued, DevCertError> {
+        self.issue(name, &[], Usage::Client)
+    }
+
+    /// Signs a certificate for `name`, valid for `hosts`, with the given usage.
+    pub fn issue(&self, name: &str, hosts: &[&str], usage: Usage) -> Result<Issued, DevCertError> {
         let fail = |e: rcgen::Error| DevCertError::Generate {
             name: name.to_string(),
             reason: e.to_string(),
@@ -95,15 +144,21 @@ impl DevCa {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = match usage {
+            Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Usage::ServerAndClient => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            Usage::Unrestricted => Vec::new(),
+        };
         let key = KeyPair::generate().map_err(fail)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(fail)?;
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            cert_der: cert.der().to_vec(),
         })
     }
 
@@ -129,6 +184,42 @@ impl Issued {
         };
         write(&files.cert, self.cert_pem.as_bytes(), false)?;
         write(&files.key, self.key_pem.as_bytes(), true)?;
+        Ok(files)
+    }
+}
+
+impl Issued {
+    /// SHA-256 of the certificate's DER, in hex: what a node pins its coordinator by.
+    pub fn sha256_fingerprint(&self) -> String {
+        Sha256::digest(&self.cert_der)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+impl SigningKey {
+    /// A new Ed25519 key pair.
+    pub fn generate() -> Result<Self, DevCertError> {
+        let fail = |e: rcgen::Error| DevCertError::Generate {
+            name: "request-signing key".into(),
+            reason: e.to_string(),
+        };
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(fail)?;
+        Ok(SigningKey {
+            key_pem: key.serialize_pem(),
+            public_pem: key.public_key_pem(),
+        })
+    }
+
+    /// Writes `dir/<stem>.key` (readable by its owner only) and `dir/<stem>.pub`.
+    pub fn write(&self, dir: &Path, stem: &str) -> Result<SigningKeyFiles, DevCertError> {
+        let files = SigningKeyFiles {
+            key: dir.join(format!("{stem}.key")),
+            public: dir.join(format!("{stem}.pub")),
+        };
+        write(&files.key, self.key_pem.as_bytes(), true)?;
+        write(&files.public, self.public_pem.as_bytes(), false)?;
         Ok(files)
     }
 }
@@ -169,8 +260,9 @@ mod tests {
     fn issued_certificates_are_pem_and_written_privately() {
         let ca = DevCa::new("test CA").expect("ca");
         let issued = ca
-            .issue("node", &["localhost", "127.0.0.1"])
+            .issue_server("node", &["localhost", "127.0.0.1"])
             .expect("issue");
+        assert_eq!(issued.sha256_fingerprint().len(), 64);
         assert!(issued.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(issued.key_pem.contains("PRIVATE KEY"));
         assert_ne!(issued.cert_pem, ca.cert_pem());

@@ -1,9 +1,15 @@
 //! The messages that cross the wire between the coordinator and a node, in one place.
 //!
 //! A site request travels as the Flight `Ticket` of a `DoGet` (JSON); the answer is an Arrow
-//! stream whose schema metadata carries [`AnswerMeta`] under [`ANSWER_META_KEY`].
+//! stream whose schema metadata carries [`AnswerMeta`] under [`ANSWER_META_KEY`]. The ticket
+//! is signed by the coordinator ([`RequestSigner`]), and a node opens it only with the keys
+//! it was configured with ([`RequestVerifier`]).
+
+mod signed;
 
 use serde::{Deserialize, Serialize};
+
+pub use signed::{ProtocolError, RequestSigner, RequestVerifier, SignedRequest, VerifyingKey};
 
 /// gRPC header of a researcher's call naming the project.
 pub const PROJECT_HEADER: &str = "x-trustql-project";
@@ -41,12 +47,12 @@ pub struct SiteRequest {
 }
 
 impl SiteRequest {
-    /// Encodes the request as a Flight ticket.
+    /// Encodes the request as JSON: unsigned, which a node refuses (see [`RequestSigner`]).
     pub fn to_ticket(&self) -> Result<Vec<u8>, serde_json::Error> {
         serde_json::to_vec(self)
     }
 
-    /// Decodes a Flight ticket.
+    /// Decodes the JSON of an unsigned request.
     pub fn from_ticket(bytes: &[u8]) -> Result<Self, String> {
         serde_json::from_slice(bytes).map_err(|e| format!("not a TrustQL site request: {e}"))
     }

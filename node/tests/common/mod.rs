@@ -93,14 +93,21 @@ pub(crate) fn records(audit: &Path) -> Vec<trustql_audit::AuditRecord> {
 pub(crate) const UNPROTECTED: &str =
     "min_patients = 1\nrounding = \"none\"\nwithhold_whole_margin_cells = false";
 
-/// Certificates for a node, its coordinator, and an impostor signed by another CA.
+/// Certificates for a node, its coordinator, and an impostor signed by another CA; the
+/// coordinator's request-signing key.
 pub(crate) struct Pki {
     pub dir: PathBuf,
     pub ca: PathBuf,
     pub ca_pem: String,
+    /// The CA itself, to issue more certificates in a test.
+    pub authority: trustql_devcerts::DevCa,
     pub node: trustql_devcerts::CertFiles,
+    /// The coordinator's client certificate, which the node pins.
     pub coordinator: trustql_devcerts::Issued,
     pub impostor: trustql_devcerts::Issued,
+    /// The coordinator's request-signing key, and its public half's file.
+    pub signer: trustql_protocol::RequestSigner,
+    pub request_key: PathBuf,
 }
 
 pub(crate) fn pki(dir: &Path) -> Pki {
@@ -108,22 +115,59 @@ pub(crate) fn pki(dir: &Path) -> Pki {
     let ca = trustql_devcerts::DevCa::new("TrustQL test CA").expect("ca");
     let rogue = trustql_devcerts::DevCa::new("Rogue CA").expect("rogue ca");
     let node = ca
-        .issue("TQ01 node", &["localhost", "127.0.0.1"])
+        .issue_server("TQ01 node", &["localhost", "127.0.0.1"])
         .expect("node cert")
         .write(&dir, "node")
         .expect("write node cert");
+    let key = trustql_devcerts::SigningKey::generate().expect("signing key");
+    let key_files = key.write(&dir, "requests").expect("write signing key");
     Pki {
         ca: ca.write_cert(&dir, "ca.pem").expect("write ca"),
         ca_pem: ca.cert_pem(),
         node,
         coordinator: ca
-            .issue("coordinator", &["localhost"])
+            .issue_client("coordinator (client)")
             .expect("coordinator cert"),
         impostor: rogue
-            .issue("coordinator", &["localhost"])
+            .issue_client("coordinator (client)")
             .expect("impostor cert"),
+        signer: trustql_protocol::RequestSigner::from_pem(key.key_pem.as_bytes())
+            .expect("the signing key loads"),
+        request_key: key_files.public,
+        authority: ca,
         dir,
     }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64
+}
+
+/// `request` as the coordinator sends it to TQ01: signed, issued now.
+pub(crate) fn signed_ticket(
+    pki: &Pki,
+    request: trustql_protocol::SiteRequest,
+) -> arrow_flight::Ticket {
+    signed_ticket_at(pki, request, "TQ01", now_ms())
+}
+
+/// `request` signed by the coordinator for `trust`, issued at `issued_unix_ms`.
+pub(crate) fn signed_ticket_at(
+    pki: &Pki,
+    request: trustql_protocol::SiteRequest,
+    trust: &str,
+    issued_unix_ms: u64,
+) -> arrow_flight::Ticket {
+    let signed = trustql_protocol::SignedRequest {
+        trust: trust.into(),
+        issued_unix_ms,
+        request,
+    };
+    arrow_flight::Ticket::new(pki.signer.sign(&signed).expect("signed"))
 }
 
 /// A node configuration for TQ01 over `fed`, listening on 127.0.0.1:0.
@@ -145,6 +189,11 @@ pub(crate) fn node_config(
             cert: pki.node.cert.clone(),
             key: pki.node.key.clone(),
             client_ca: pki.ca.clone(),
+        },
+        coordinator: trustql_node::CoordinatorIdentity {
+            client_cert_sha256: vec![pki.coordinator.sha256_fingerprint()],
+            request_keys: vec![pki.request_key.clone()],
+            max_request_age_secs: 300,
         },
         limits,
     }

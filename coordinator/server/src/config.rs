@@ -178,11 +178,27 @@ impl CoordinatorConfig {
         if self.node_deadline_ms == 0 {
             return err("node_deadline_ms must be positive".into());
         }
+        // One entry per researcher and per token: a result waiting for a researcher is theirs
+        // by name, so a second entry of the same name (another token) could fetch it.
+        let mut names = std::collections::HashSet::new();
+        let mut tokens = std::collections::HashSet::new();
         for r in &self.researchers {
             if r.token_sha256.len() != 64 || !r.token_sha256.bytes().all(|b| b.is_ascii_hexdigit())
             {
                 return err(format!(
                     "researcher {}: token_sha256 must be 64 hex digits",
+                    r.name
+                ));
+            }
+            if !names.insert(r.name.as_str()) {
+                return err(format!(
+                    "researcher {} is listed twice; give each researcher one [[researcher]] entry",
+                    r.name
+                ));
+            }
+            if !tokens.insert(r.token_sha256.to_ascii_lowercase()) {
+                return err(format!(
+                    "researcher {} has the same token as another researcher",
                     r.name
                 ));
             }
@@ -214,5 +230,53 @@ mod tests {
             .validate()
             .expect_err("too high");
         assert!(err.to_string().contains("at most 1000"), "{err}");
+    }
+
+    fn researcher(name: &str, token: &str) -> ResearcherEntry {
+        ResearcherEntry {
+            name: name.into(),
+            token_sha256: crate::token_hash(token),
+            projects: vec!["p1".into()],
+        }
+    }
+
+    #[test]
+    fn a_researcher_listed_twice_or_sharing_a_token_is_refused_when_the_config_loads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("coordinator.toml");
+        let entry = |name: &str, token: &str| {
+            format!(
+                "[[researcher]]\nname = \"{name}\"\ntoken_sha256 = \"{}\"\nprojects = [\"p1\"]\n",
+                crate::token_hash(token)
+            )
+        };
+        let base = "listen = \"127.0.0.1:0\"\nrequest_signing_key = \"requests.key\"\n\
+                    tls = { cert = \"c.pem\", key = \"k.pem\" }\n\
+                    node_client = { cert = \"c.pem\", key = \"k.pem\" }\n\
+                    [[node]]\ntrust = \"TQ01\"\nurl = \"https://127.0.0.1:1\"\nca = \"ca.pem\"\n";
+        std::fs::write(
+            &path,
+            format!("{base}{}{}", entry("alice", "t1"), entry("bob", "t2")),
+        )
+        .expect("write");
+        let loaded = CoordinatorConfig::load(&path).expect("distinct researchers load");
+        assert_eq!(loaded.request_signing_key, dir.path().join("requests.key"));
+
+        std::fs::write(
+            &path,
+            format!("{base}{}{}", entry("alice", "t1"), entry("alice", "t2")),
+        )
+        .expect("write");
+        let err = CoordinatorConfig::load(&path).expect_err("a name listed twice");
+        assert!(matches!(err, CoordinatorError::Config(_)), "{err}");
+        assert!(
+            err.to_string().contains("researcher alice is listed twice"),
+            "{err}"
+        );
+
+        let mut shared = config("");
+        shared.researchers = vec![researcher("alice", "t1"), researcher("bob", "t1")];
+        let err = shared.validate().expect_err("a shared token");
+        assert!(err.to_string().contains("same token"), "{err}");
     }
 }

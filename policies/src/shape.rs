@@ -89,13 +89,13 @@ fn refuse(what: impl std::fmt::Display) -> Refusal {
     Refusal::new(
         Rule::TableBuilder,
         format!(
-            "{what}. This project is protected by suppression and rounding, which answer \
-             table-builder queries only: joins on the patient key; WHERE comparing a column with \
-             constants (=, <, IN, BETWEEN, IS NULL, LIKE; AND, OR, NOT); GROUP BY columns or a \
-             coarsening of one column (year or month of a date, a code prefix such as \
-             substr(col, 1, 1), a CASE of constant bands); COUNT(*), COUNT(col), COUNT(DISTINCT \
-             patient key), and SUM, AVG, VAR or STDDEV of a column with public bounds. A project \
-             in differential-privacy mode answers the rest"
+            "{what}. Suppression and rounding answer table-builder queries only; a project in \
+             differential-privacy mode answers the rest. Table-builder SQL: joins on the \
+             patient key; WHERE comparing a column with constants (=, <, IN, BETWEEN, IS NULL, \
+             LIKE; AND, OR, NOT); GROUP BY columns or a coarsening of one column (year or month \
+             of a date, a code prefix such as substr(col, 1, 1), a CASE of constant bands); \
+             COUNT(*), COUNT(col), COUNT(DISTINCT patient key), and SUM, AVG, VAR or STDDEV of \
+             a column with public bounds"
         ),
     )
 }

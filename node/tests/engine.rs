@@ -40,6 +40,18 @@ async fn plain(dir: &std::path::Path) -> SessionContext {
     common::plain_session(&dir.join("fed/TQ01")).await
 }
 
+/// Ground truth: `sql` run by plain DataFusion over the trust's files, as one batch.
+async fn truth(ctx: &SessionContext, sql: &str) -> RecordBatch {
+    let batches = ctx
+        .sql(sql)
+        .await
+        .expect("sql")
+        .collect()
+        .await
+        .expect("collect");
+    concat_batches(&batches[0].schema(), &batches).expect("concat")
+}
+
 /// Finishes the node's states with DataFusion's own Final aggregation of the same query.
 async fn finish(ctx: &SessionContext, sql: &str, states: RecordBatch) -> RecordBatch {
     let state = datafusion::execution::SessionStateBuilder::new_from_existing(ctx.state())
@@ -447,14 +459,7 @@ async fn rounding_rounds_every_count_a_state_carries() {
     let answer = engine.answer(&request(sql), TODAY).await.expect("answer");
     assert!(answer.meta.released > 3);
     let finished = finish(&ctx, sql, answer.batch.clone()).await;
-    let exact = ctx
-        .sql(sql)
-        .await
-        .expect("sql")
-        .collect()
-        .await
-        .expect("collect");
-    let exact = concat_batches(&exact[0].schema(), &exact).expect("concat");
+    let exact = truth(&ctx, sql).await;
     let exact: std::collections::HashMap<String, (i64, f64)> = rows_as_text(&exact)
         .into_iter()
         .map(|row| {
@@ -510,28 +515,20 @@ async fn each_aggregate_reads_at_least_the_minimum_of_patients() {
     )
     .await;
     let ctx = plain(dir.path()).await;
-    let truth = ctx
-        .sql(
-            "SELECT site_icd10_o2_3char, stage_best, COUNT(DISTINCT patientid), \
-             COUNT(DISTINCT CASE WHEN date_first_surgery IS NOT NULL THEN patientid END) \
-             FROM sim_av_tumour GROUP BY 1, 2",
-        )
-        .await
-        .expect("sql")
-        .collect()
-        .await
-        .expect("collect");
-    let truth = concat_batches(&truth[0].schema(), &truth).expect("concat");
-    let readers: std::collections::HashMap<String, (i64, i64)> = rows_as_text(&truth)
-        .into_iter()
-        .map(|row| {
-            let parts: Vec<&str> = row.split('|').collect();
-            (
-                format!("{}|{}", parts[0], parts[1]),
-                (parts[2].parse().expect("p"), parts[3].parse().expect("q")),
-            )
-        })
-        .collect();
+    let readers_sql = "SELECT site_icd10_o2_3char, stage_best, COUNT(DISTINCT patientid), \
+        COUNT(DISTINCT CASE WHEN date_first_surgery IS NOT NULL THEN patientid END) \
+        FROM sim_av_tumour GROUP BY 1, 2";
+    let readers: std::collections::HashMap<String, (i64, i64)> =
+        rows_as_text(&truth(&ctx, readers_sql).await)
+            .into_iter()
+            .map(|row| {
+                let parts: Vec<&str> = row.split('|').collect();
+                (
+                    format!("{}|{}", parts[0], parts[1]),
+                    (parts[2].parse().expect("p"), parts[3].parse().expect("q")),
+                )
+            })
+            .collect();
     let targets: Vec<&String> = readers
         .iter()
         .filter(|(_, (p, q))| *p >= 10 && (1..10).contains(q))
@@ -578,17 +575,12 @@ async fn dominated_sums_are_withheld_by_the_largest_contributions() {
     let ctx = plain(dir.path()).await;
     let sql = "SELECT site_icd10_o2, SUM(age) FROM sim_av_tumour GROUP BY site_icd10_o2";
     let answer = engine.answer(&request(sql), TODAY).await.expect("answer");
-    let oracle = ctx
-        .sql(
-            "SELECT site_icd10_o2, CAST(MAX(s) AS DOUBLE) / SUM(s) > 0.6 AS dominated FROM \
-             (SELECT site_icd10_o2, patientid, SUM(age) AS s FROM sim_av_tumour GROUP BY 1, 2) GROUP BY 1",
-        )
-        .await
-        .expect("sql")
-        .collect()
-        .await
-        .expect("collect");
-    let oracle = concat_batches(&oracle[0].schema(), &oracle).expect("concat");
+    let oracle = truth(
+        &ctx,
+        "SELECT site_icd10_o2, CAST(MAX(s) AS DOUBLE) / SUM(s) > 0.6 AS dominated FROM \
+         (SELECT site_icd10_o2, patientid, SUM(age) AS s FROM sim_av_tumour GROUP BY 1, 2) GROUP BY 1",
+    )
+    .await;
     let dominated: HashSet<String> = rows_as_text(&oracle)
         .into_iter()
         .filter_map(|row| row.strip_suffix("|true").map(str::to_string))

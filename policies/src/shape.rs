@@ -169,31 +169,25 @@ impl Builder<'_> {
                     .schema
                     .table(name)
                     .map_err(|_| refuse(format!("`{name}` is not a table of the schema")))?;
-                let shapes: Shapes = scan
-                    .projected_schema
-                    .fields()
-                    .iter()
-                    .map(|f| {
-                        table
-                            .column(f.name())
-                            .map(|c| Shape::Plain(format!("{name}.{}", c.name)))
-                    })
-                    .collect();
-                if !scan.filters.is_empty() {
-                    let full = DFSchema::try_from_qualified_schema(
-                        scan.table_name.clone(),
-                        &scan.source.schema(),
-                    )
-                    .map_err(|_| refuse("the scan could not be inspected"))?;
-                    let all: Shapes = full
-                        .fields()
+                // Every field of a registered table is a plain column of it.
+                let plain = |fields: &datafusion::arrow::datatypes::Fields| -> Shapes {
+                    fields
                         .iter()
                         .map(|f| {
                             table
                                 .column(f.name())
                                 .map(|c| Shape::Plain(format!("{name}.{}", c.name)))
                         })
-                        .collect();
+                        .collect()
+                };
+                let shapes = plain(scan.projected_schema.inner().fields());
+                if !scan.filters.is_empty() {
+                    let full = DFSchema::try_from_qualified_schema(
+                        scan.table_name.clone(),
+                        &scan.source.schema(),
+                    )
+                    .map_err(|_| refuse("the scan could not be inspected"))?;
+                    let all = plain(full.inner().fields());
                     for filter in &scan.filters {
                         self.condition(filter, &full, &all)?;
                     }

@@ -25,7 +25,7 @@ use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use trustql_budget::Ledger;
 use trustql_policies::{
     ApprovedPolicy, Contributions, Needs, PartialAnswer, Refusal, ReleaseReport, Rule, SdcNeeds,
@@ -197,16 +197,29 @@ impl SiteEngine {
     /// Answers one site request, or says why not: vet, decide what the release needs, run the
     /// partial aggregation, release through `policies`, charge a DP release, in one path.
     pub async fn answer(&self, request: &SiteRequest, today: i32) -> Result<SiteAnswer, NodeError> {
-        // One limit for the whole request, however many plans it runs.
+        // One limit for the whole request, planning and vetting included, however many plans
+        // it runs.
         let started = tokio::time::Instant::now();
         let deadline = started + self.timeout;
-        let _permit = self
+        tokio::time::timeout_at(deadline, self.answer_by(request, today, started, deadline))
+            .await
+            .map_err(|_| NodeError::Timeout(self.timeout_ms()))?
+    }
+
+    async fn answer_by(
+        &self,
+        request: &SiteRequest,
+        today: i32,
+        started: tokio::time::Instant,
+        deadline: tokio::time::Instant,
+    ) -> Result<SiteAnswer, NodeError> {
+        let permit = self
             .permits
             .clone()
             .try_acquire_owned()
             .map_err(|_| NodeError::Busy)?;
         let policy = &self.policy.policy;
-        let planned = self.plan_release(request, today).await?;
+        let (planned, _permit) = self.plan_in_time(request, today, permit, deadline).await?;
         let (aggregate, needs) = (planned.aggregate()?, &planned.needs);
         let plan_fingerprint = fingerprint(&planned.optimized);
         let vetting = started.elapsed();
@@ -426,31 +439,32 @@ impl SiteEngine {
 
     /// Authorises and vets `request`, and asks `policies` what its release needs.
     async fn plan_release(&self, request: &SiteRequest, today: i32) -> Result<Planned, NodeError> {
-        let policy = &self.policy.policy;
-        let project = authorise(policy, &request.project, &request.researcher, today)?;
-        let (plan, optimized, vetted) =
-            vet_sql(&self.ctx, &self.schema, policy, project, &request.sql).await?;
-        let Some(aggregate) = aggregate_of(&plan) else {
-            return Err(Refusal::new(Rule::NotAggregate, "no aggregation found").into());
-        };
-        let terms = Terms {
-            epsilon: request.epsilon,
-            preview: request.preview,
-        };
-        let needs = needs(
-            policy,
-            project,
-            &self.schema,
-            aggregate,
-            &optimized,
-            &vetted,
-            terms,
-        )?;
-        Ok(Planned {
-            plan,
-            optimized,
-            needs,
-        })
+        plan_release(&self.ctx, &self.schema, &self.policy.policy, request, today).await
+    }
+
+    /// [`SiteEngine::plan_release`] on a blocking thread, within `deadline`: planning and
+    /// vetting are CPU work that never yields, so only off the async threads can the deadline
+    /// cut them short. The query slot's `permit` goes with them and comes back, so a plan still
+    /// running after its request timed out keeps holding its slot until it stops.
+    async fn plan_in_time(
+        &self,
+        request: &SiteRequest,
+        today: i32,
+        permit: OwnedSemaphorePermit,
+        deadline: tokio::time::Instant,
+    ) -> Result<(Planned, OwnedSemaphorePermit), NodeError> {
+        let (ctx, schema) = (self.ctx.clone(), self.schema.clone());
+        let (policy, request) = (self.policy.policy.clone(), request.clone());
+        let runtime = tokio::runtime::Handle::current();
+        let planning = tokio::task::spawn_blocking(move || {
+            let planned = runtime.block_on(plan_release(&ctx, &schema, &policy, &request, today));
+            (planned, permit)
+        });
+        let (planned, permit) = tokio::time::timeout_at(deadline, planning)
+            .await
+            .map_err(|_| NodeError::Timeout(self.timeout_ms()))?
+            .map_err(|_| internal("the planning task failed"))?;
+        Ok((planned?, permit))
     }
 
     /// The physical plan an answer to `request` runs (the reduced partial aggregate with the
@@ -528,6 +542,33 @@ fn argument_of(expr: &Expr) -> Option<Expr> {
         Expr::AggregateFunction(f) => f.params.args.first().cloned(),
         _ => None,
     }
+}
+
+/// Authorises and vets `request` against `policy`, and asks `policies` what its release needs.
+async fn plan_release(
+    ctx: &SessionContext,
+    schema: &TrustSchema,
+    policy: &trustql_policies::Policy,
+    request: &SiteRequest,
+    today: i32,
+) -> Result<Planned, NodeError> {
+    let project = authorise(policy, &request.project, &request.researcher, today)?;
+    let (plan, optimized, vetted) = vet_sql(ctx, schema, policy, project, &request.sql).await?;
+    let Some(aggregate) = aggregate_of(&plan) else {
+        return Err(Refusal::new(Rule::NotAggregate, "no aggregation found").into());
+    };
+    let terms = Terms {
+        epsilon: request.epsilon,
+        preview: request.preview,
+    };
+    let needs = needs(
+        policy, project, schema, aggregate, &optimized, &vetted, terms,
+    )?;
+    Ok(Planned {
+        plan,
+        optimized,
+        needs,
+    })
 }
 
 /// A vetted request and what its release needs.

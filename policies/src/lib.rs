@@ -23,6 +23,7 @@ mod refusal;
 mod release;
 mod session;
 mod shape;
+mod text;
 mod vet;
 
 pub use approval::{
@@ -35,10 +36,11 @@ pub use date::{now_rfc3339, parse_date, today};
 pub use error::PolicyError;
 pub use policy::{
     ClassRules, Classes, Disclosure, Dominance, DpRules, Finding, Header, MAX_MIN_PATIENTS,
-    MIN_EPSILON_FLOOR, PATIENT_COUNT_CAP, Policy, Project, ProjectDp, QueryRules, Rounding,
-    SHIPPABLE_AGGREGATES,
+    MAX_NESTING, MIN_EPSILON_FLOOR, PATIENT_COUNT_CAP, Policy, Project, ProjectDp, QueryRules,
+    Rounding, SHIPPABLE_AGGREGATES,
 };
 pub use refusal::{Refusal, Rule};
+pub use text::{TextLimits, check_text};
 pub use release::{
     AnswerProtection, Budget, Contributions, DisclosureReport, DpNeeds, DpReport, Moment, Needs,
     NoisyColumn, PartialAnswer, Protected, Release, ReleaseError, ReleaseReport, Role, SdcNeeds,

@@ -8,6 +8,7 @@ use trustql_schemas::{ColumnType, DisclosureClass, TrustSchema};
 
 use crate::date::parse_date;
 use crate::error::PolicyError;
+use crate::text::TextLimits;
 
 /// Aggregates whose partial state is a few numbers per group, so may cross the wire.
 pub const SHIPPABLE_AGGREGATES: [&str; 9] = [
@@ -136,6 +137,10 @@ pub enum Rounding {
     Midpoint6,
 }
 
+/// The deepest `[query] max_nesting` a policy may allow: the SQL parser's own recursion limit
+/// (DataFusion's `sql_parser.recursion_limit`, 50) takes a few levels per parenthesis.
+pub const MAX_NESTING: usize = 24;
+
 /// The largest minimum number of patients any rule may ask for, and the largest rounding
 /// base. Nodes count distinct patients per group only up to [`PATIENT_COUNT_CAP`].
 pub const MAX_MIN_PATIENTS: u64 = 1000;
@@ -261,6 +266,22 @@ pub struct QueryRules {
     pub max_groups: usize,
     /// Most joins in one query.
     pub max_joins: usize,
+    /// Deepest nesting of parentheses and CASE in the SQL text (checked before parsing).
+    pub max_nesting: usize,
+    /// Most operators (+, =, AND, WHEN …) in the SQL text (checked before parsing): planning
+    /// is superlinear in them, and a few thousand overflow the stack.
+    pub max_operators: usize,
+}
+
+impl QueryRules {
+    /// The caps checked on the SQL text before it is parsed.
+    pub fn text_limits(&self) -> TextLimits {
+        TextLimits {
+            max_chars: self.max_query_chars,
+            max_nesting: self.max_nesting,
+            max_operators: self.max_operators,
+        }
+    }
 }
 
 impl Default for QueryRules {
@@ -271,6 +292,8 @@ impl Default for QueryRules {
             max_in_list: 50,
             max_groups: 5_000,
             max_joins: 4,
+            max_nesting: 16,
+            max_operators: 100,
         }
     }
 }
@@ -366,6 +389,13 @@ impl Policy {
         let q = &self.query;
         if q.max_query_chars == 0 || q.max_groups == 0 {
             error("[query] max_query_chars and max_groups must be positive".into());
+        }
+        if q.max_nesting == 0 || q.max_operators == 0 {
+            error("[query] max_nesting and max_operators must be positive".into());
+        }
+        if q.max_nesting > MAX_NESTING {
+            // Deeper than this, the parser's own recursion limit refuses first.
+            error(format!("[query] max_nesting may be at most {MAX_NESTING}"));
         }
         let mut ids = HashSet::new();
         for project in &self.projects {
@@ -597,6 +627,11 @@ impl Policy {
             out,
             "  - at most {} characters, {} values per IN list, {} joins, {} groups",
             q.max_query_chars, q.max_in_list, q.max_joins, q.max_groups
+        );
+        let _ = writeln!(
+            out,
+            "  - at most {} operators and nesting {} deep, checked before the SQL is parsed",
+            q.max_operators, q.max_nesting
         );
         let _ = writeln!(out, "Projects:");
         if self.projects.is_empty() {

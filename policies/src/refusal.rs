@@ -39,6 +39,9 @@ pub enum Rule {
     InList,
     /// SQL text longer than the policy allows.
     QueryLength,
+    /// SQL nested deeper, or with more operators, than the policy allows (checked before
+    /// parsing).
+    QueryComplexity,
     /// More groups than the policy allows.
     TooManyGroups,
     /// An expression that fails on some rows, so its success would reveal them.
@@ -73,6 +76,7 @@ impl Rule {
             Rule::Recursion => "recursion",
             Rule::InList => "in-list",
             Rule::QueryLength => "query-length",
+            Rule::QueryComplexity => "query-complexity",
             Rule::TooManyGroups => "group-count",
             Rule::ErrorOracle => "error-oracle",
             Rule::Invalid => "invalid-sql",

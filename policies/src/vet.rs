@@ -94,19 +94,10 @@ pub fn authorise<'a>(
     Ok(p)
 }
 
-/// Checks the SQL text before it is parsed (length).
+/// Checks the SQL text before it is parsed: length, nesting and operators
+/// ([`crate::check_text`]), so no query can overflow the stack or burn the CPU in planning.
 pub fn vet_text(sql: &str, policy: &Policy) -> Result<(), Refusal> {
-    let chars = sql.chars().count();
-    if chars > policy.query.max_query_chars {
-        return Err(Refusal::new(
-            Rule::QueryLength,
-            format!(
-                "the query is {chars} characters long; this trust accepts at most {}",
-                policy.query.max_query_chars
-            ),
-        ));
-    }
-    Ok(())
+    crate::text::check_text(sql, &policy.query.text_limits())
 }
 
 /// Vets a planned query. `plan` is the unoptimised plan, `optimized` the same after DataFusion's

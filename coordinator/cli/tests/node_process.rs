@@ -402,6 +402,7 @@ fn a_node_killed_during_a_query_is_reported_without_waiting_for_the_deadline() {
             key: pki.join("coordinator-client.key"),
         },
         request_signing_key: pki.join("coordinator-requests.key"),
+        limits: Default::default(),
         nodes: vec![NodeEntry {
             trust: "TQ01".into(),
             url: format!("https://{addr}"),

@@ -262,6 +262,7 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
             key: client.key,
         },
         request_signing_key: signing.key,
+        limits: Default::default(),
         nodes: nodes
             .iter()
             .map(|n| NodeEntry {

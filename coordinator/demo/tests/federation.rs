@@ -286,6 +286,7 @@ async fn faulty_coordinator(
             key: pki.join("coordinator-client.key"),
         },
         request_signing_key: pki.join("coordinator-requests.key"),
+        limits: Default::default(),
         nodes,
         disclosure: Default::default(),
         researchers: vec![ResearcherEntry {
@@ -486,6 +487,7 @@ async fn coordinator_as(
         },
         node_client,
         request_signing_key,
+        limits: Default::default(),
         nodes: fed
             .nodes
             .iter()

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use trustql_policies::TotalsRules;
 
 use crate::error::CoordinatorError;
+use crate::limits::Limits;
 
 /// The coordinator configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -41,6 +42,9 @@ pub struct CoordinatorConfig {
     /// (default `coordinator-audit` beside the config file).
     #[serde(default = "default_audit_dir")]
     pub audit_dir: PathBuf,
+    /// What one request may cost: SQL size and shape, results waiting to be fetched.
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 fn default_audit_dir() -> PathBuf {
@@ -175,6 +179,7 @@ impl CoordinatorConfig {
             ));
         }
         self.disclosure.check().or_else(err)?;
+        self.limits.check().or_else(err)?;
         if self.node_deadline_ms == 0 {
             return err("node_deadline_ms must be positive".into());
         }

@@ -44,6 +44,19 @@ pub enum CoordinatorError {
     /// A TrustQL header of the call is malformed.
     #[error("{0}")]
     BadHeader(String),
+    /// The researcher already has as many results waiting to be fetched (or running) as the
+    /// coordinator keeps for one researcher.
+    #[error(
+        "you have {limit} results waiting to be fetched or still running, as many as this \
+         coordinator keeps for one researcher; fetch them, or wait for them to expire (after \
+         {ttl_secs} s), then ask again"
+    )]
+    Busy {
+        /// Results one researcher may leave waiting.
+        limit: usize,
+        /// How long a result waits.
+        ttl_secs: u64,
+    },
     /// The result expired or belongs to someone else.
     #[error("no such result: run the query again")]
     UnknownResult,
@@ -81,6 +94,7 @@ impl CoordinatorError {
             }
             CoordinatorError::NoQuorum { .. } => Status::unavailable(self.to_string()),
             CoordinatorError::UnknownResult => Status::not_found(self.to_string()),
+            CoordinatorError::Busy { .. } => Status::resource_exhausted(self.to_string()),
             CoordinatorError::BadHeader(_) => Status::invalid_argument(self.to_string()),
             CoordinatorError::Merge(_) | CoordinatorError::Internal(_) => {
                 Status::internal(self.to_string())

@@ -11,12 +11,13 @@ use trustql_protocol::{Coverage, SiteRequest, TrustCoverage, TrustStatus, Withhe
 use trustql_schemas::TrustSchema;
 
 use trustql_audit::{AuditEntry, AuditLog, Decision, TrustOutcome};
-use trustql_policies::{AnswerProtection, TotalsRules, now_rfc3339};
+use trustql_policies::{AnswerProtection, TotalsRules, check_text, now_rfc3339};
 
 use crate::auth::{Caller, Researchers};
 use crate::config::{CoordinatorConfig, Quorum};
 use crate::error::{CoordinatorError, random_hex};
 use crate::fanout::{NodeLink, Outcome, load_signer};
+use crate::limits::Limits;
 use crate::noise::{NoiseSum, value_intervals};
 
 /// A merged, protected answer and its coverage.
@@ -40,6 +41,7 @@ pub struct Coordinator {
     links: Vec<NodeLink>,
     deadline: Duration,
     quorum: Quorum,
+    limits: Limits,
     researchers: Researchers,
     totals: TotalsRules,
     /// Every researcher request, hash-chained like a node's.
@@ -72,6 +74,7 @@ impl Coordinator {
             links,
             deadline: Duration::from_millis(config.node_deadline_ms),
             quorum: config.quorum,
+            limits: config.limits,
             researchers: Researchers::new(config.researchers.clone()),
         })
     }
@@ -83,6 +86,7 @@ impl Coordinator {
 
     /// The result schema `sql` would have, or why it can never be answered.
     pub async fn result_schema(&self, sql: &str) -> Result<SchemaRef, CoordinatorError> {
+        self.check_text(sql)?;
         Ok(self.merger.prepare(sql).await?.schema())
     }
 
@@ -114,6 +118,7 @@ impl Coordinator {
         sql: &str,
         request_id: &str,
     ) -> Result<FederatedAnswer, CoordinatorError> {
+        self.check_text(sql)?;
         let prepared = self.merger.prepare(sql).await?;
         let request = SiteRequest {
             request_id: request_id.to_string(),
@@ -276,6 +281,20 @@ impl Coordinator {
             schema,
             batches,
             coverage,
+        })
+    }
+
+    /// What one request may cost.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Refuses SQL too long, too deep or with too many operators, on its tokens: before the
+    /// parser and planner, which recurse over it (thousands of terms overflow the stack).
+    fn check_text(&self, sql: &str) -> Result<(), CoordinatorError> {
+        check_text(sql, &self.limits.text()).map_err(|r| CoordinatorError::Refused {
+            message: r.to_string(),
+            coverage: None,
         })
     }
 

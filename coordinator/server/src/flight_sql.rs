@@ -33,9 +33,6 @@ use crate::federation::{Coordinator, FederatedAnswer};
 /// Catalog and schema names the shared tables are listed under (DataFusion's defaults).
 const CATALOG: &str = "datafusion";
 const DB_SCHEMA: &str = "public";
-/// How long a result waits to be fetched, and how many may wait.
-const RESULT_TTL: Duration = Duration::from_secs(600);
-const MAX_WAITING_RESULTS: usize = 256;
 
 static SQL_INFO: LazyLock<Option<SqlInfoData>> = LazyLock::new(|| {
     let mut builder = SqlInfoDataBuilder::new();
@@ -58,10 +55,43 @@ struct Waiting {
     created: Instant,
 }
 
+/// Results waiting to be fetched, and queries running, per researcher.
+#[derive(Default)]
+struct Store {
+    waiting: HashMap<String, Waiting>,
+    running: HashMap<String, usize>,
+}
+
+impl Store {
+    /// Forgets results older than `ttl`.
+    fn expire(&mut self, ttl: Duration) {
+        self.waiting.retain(|_, w| w.created.elapsed() < ttl);
+    }
+}
+
+/// A researcher's place in their quota while their query runs; given back when dropped.
+struct Slot<'a> {
+    store: &'a Mutex<Store>,
+    researcher: String,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        // Poisoned or not, the count must come down, or the researcher stays busy forever.
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = store.running.get_mut(&self.researcher) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                store.running.remove(&self.researcher);
+            }
+        }
+    }
+}
+
 /// Flight SQL for researchers: bearer tokens, federated statements, schema browsing.
 pub struct ResearcherService {
     coordinator: Arc<Coordinator>,
-    waiting: Mutex<HashMap<String, Waiting>>,
+    store: Mutex<Store>,
 }
 
 impl ResearcherService {
@@ -69,8 +99,39 @@ impl ResearcherService {
     pub fn new(coordinator: Arc<Coordinator>) -> Self {
         ResearcherService {
             coordinator,
-            waiting: Mutex::new(HashMap::new()),
+            store: Mutex::new(Store::default()),
         }
+    }
+
+    /// Takes a place in the caller's quota of waiting results before their query runs (so a
+    /// refused query costs the trusts nothing), or refuses them as busy. One researcher's
+    /// un-fetched results never keep another's from being answered.
+    fn reserve(&self, caller: &Caller) -> Result<Slot<'_>, Status> {
+        let limits = self.coordinator.limits();
+        let mut store = self
+            .store
+            .lock()
+            .map_err(|_| Status::internal("the result store failed"))?;
+        store.expire(limits.result_ttl());
+        let researcher = caller.researcher.as_str();
+        let waiting = store
+            .waiting
+            .values()
+            .filter(|w| w.researcher == researcher)
+            .count();
+        let running = store.running.get(researcher).copied().unwrap_or(0);
+        if waiting + running >= limits.max_waiting_results {
+            return Err(CoordinatorError::Busy {
+                limit: limits.max_waiting_results,
+                ttl_secs: limits.result_ttl_secs,
+            }
+            .to_status());
+        }
+        *store.running.entry(researcher.to_string()).or_default() += 1;
+        Ok(Slot {
+            store: &self.store,
+            researcher: researcher.to_string(),
+        })
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
@@ -81,6 +142,7 @@ impl ResearcherService {
 
     /// Runs the query now and keeps the result for the DoGet that follows.
     async fn execute(&self, caller: &Caller, sql: &str) -> Result<FlightInfo, Status> {
+        let _slot = self.reserve(caller)?;
         let answer = self
             .coordinator
             .query(caller, sql)
@@ -109,17 +171,13 @@ impl ResearcherService {
                     .map_err(|_| Status::internal("the coverage report could not be encoded"))?
                     .into_bytes(),
             );
-        let mut waiting = self
-            .waiting
+        let mut store = self
+            .store
             .lock()
             .map_err(|_| Status::internal("the result store failed"))?;
-        waiting.retain(|_, w| w.created.elapsed() < RESULT_TTL);
-        if waiting.len() >= MAX_WAITING_RESULTS {
-            return Err(Status::resource_exhausted(
-                "too many results are waiting to be fetched; fetch or drop them first",
-            ));
-        }
-        waiting.insert(
+        store.expire(self.coordinator.limits().result_ttl());
+        // The slot, dropped after this, hands its place in the quota to the waiting result.
+        store.waiting.insert(
             handle,
             Waiting {
                 researcher: caller.researcher.clone(),
@@ -133,15 +191,17 @@ impl ResearcherService {
     fn take(&self, caller: &Caller, handle: &[u8]) -> Result<FederatedAnswer, Status> {
         let handle =
             std::str::from_utf8(handle).map_err(|_| CoordinatorError::UnknownResult.to_status())?;
-        let mut waiting = self
-            .waiting
+        let ttl = self.coordinator.limits().result_ttl();
+        let mut store = self
+            .store
             .lock()
             .map_err(|_| Status::internal("the result store failed"))?;
-        match waiting.get(handle) {
-            Some(w) if w.researcher == caller.researcher && w.created.elapsed() < RESULT_TTL => {}
+        match store.waiting.get(handle) {
+            Some(w) if w.researcher == caller.researcher && w.created.elapsed() < ttl => {}
             _ => return Err(CoordinatorError::UnknownResult.to_status()),
         }
-        waiting
+        store
+            .waiting
             .remove(handle)
             .map(|w| w.answer)
             .ok_or_else(|| CoordinatorError::UnknownResult.to_status())

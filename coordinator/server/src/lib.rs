@@ -12,6 +12,7 @@ mod error;
 mod fanout;
 mod federation;
 mod flight_sql;
+mod limits;
 mod noise;
 mod server;
 
@@ -20,5 +21,6 @@ pub use config::{CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, TlsFiles
 pub use error::{CoordinatorError, random_hex};
 pub use federation::{Coordinator, FederatedAnswer};
 pub use flight_sql::ResearcherService;
+pub use limits::Limits;
 pub use server::{RunningCoordinator, start};
 pub use trustql_policies::TotalsRules;

@@ -204,19 +204,28 @@ fn a_sigkill_mid_query_never_releases_an_answer_the_ledger_did_not_record() {
     let answered = hammer_then_kill(&site, addr, &mut child, |worker, n| {
         dp_ticket(&format!("dp{worker}-{n}"), worker, n)
     });
+    // Each release is charged (a spend line) before it runs and recorded (an answer line)
+    // before it leaves.
     let ledger = ledger_records(dir.path(), false);
     for id in &answered {
-        assert!(
-            ledger.iter().any(|r| r["request_id"] == id.as_str()),
-            "answer {id} left the node without being charged"
-        );
+        for kind in ["spend", "answer"] {
+            assert!(
+                ledger
+                    .iter()
+                    .any(|r| r["request_id"] == id.as_str() && r["kind"] == kind),
+                "answer {id} left the node without its {kind} line"
+            );
+        }
     }
 
     // The node starts again on the same ledger, and `budget show` reports every charge.
     let (mut again, _) = spawn_node(&site);
     again.kill().expect("kill");
     let _ = again.wait();
-    let charged = ledger_records(dir.path(), true).len();
+    let charged = ledger_records(dir.path(), true)
+        .iter()
+        .filter(|r| r["kind"] != "answer")
+        .count();
     assert!(charged >= answered.len());
     let shown = trustql(&[
         "budget",

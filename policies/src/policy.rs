@@ -440,6 +440,13 @@ impl Policy {
                 "MIN/MAX of quasi-identifiers releases exact extreme dates and ages".into(),
             ));
         }
+        if self.classes.clinical.min_max {
+            findings.push(Finding::Warning(
+                "MIN/MAX of clinical columns releases one patient's value (the heaviest weight, \
+                 the largest dose), even in a group that passes the minimum"
+                    .into(),
+            ));
+        }
         if self.projects.is_empty() {
             findings.push(Finding::Warning(
                 "no project is approved: every query will be refused".into(),

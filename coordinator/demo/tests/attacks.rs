@@ -2,12 +2,14 @@
 //! protected demo federation (minimum 10 patients, counts rounded to 5), each answer checked
 //! against the trusts' own Parquet, so a test fails if an attack recovers an exact count.
 
+// Only the union oracle of the shared panel is used here.
+#[allow(dead_code)]
 #[path = "../../merge/tests/panel/mod.rs"]
 mod panel;
 
 use std::collections::HashMap;
 
-use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::array::{AsArray, RecordBatch};
 use arrow::compute::{cast, concat_batches};
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use datafusion::prelude::SessionContext;

@@ -102,6 +102,10 @@ const PANEL: &[Ask] = &[
     sdc("SELECT array_agg(age) FROM sim_av_tumour"),
     sdc("SELECT COUNT(*) FROM sim_av_tumour WHERE CAST(site_icd10_o2 AS INT) > 3"),
     sdc("SELEC COUNT(*) FROM sim_av_tumour"),
+    // Table-builder shapes, in SDC mode only.
+    sdc("SELECT COUNT(*), SUM(CASE WHEN age > 80 THEN 1 ELSE 0 END) FROM sim_av_tumour"),
+    sdc("SELECT age + 1, COUNT(*) FROM sim_av_tumour GROUP BY 1"),
+    sdc("SELECT CASE WHEN age < 50 THEN 'a' WHEN age < 52 THEN 'b' END, COUNT(*) FROM sim_av_tumour GROUP BY 1"),
     // Release rules.
     sdc("SELECT COUNT(*) FROM sim_sact_cycle"),
     Ask {

@@ -243,9 +243,7 @@ impl SiteEngine {
         let executing = tokio::time::Instant::now();
         let (run, cap) = to_run(aggregate, needs);
         let execute = !matches!(needs, Needs::Dp(dp) if dp.preview);
-        let mut partial = self
-            .run_partial(run, needs, cap, deadline, execute)
-            .await?;
+        let mut partial = self.run_partial(run, needs, cap, deadline, execute).await?;
         if let Needs::Sdc(sdc) = needs
             && !sdc.contributions.is_empty()
         {
@@ -473,8 +471,7 @@ impl SiteEngine {
     pub async fn explain(&self, request: &SiteRequest, today: i32) -> Result<String, NodeError> {
         let planned = self.plan_release(request, today).await?;
         let (run, cap) = to_run(planned.aggregate()?, &planned.needs);
-        let reduce: Arc<dyn ExecutionPlan> =
-            self.reduced_plan(run, &planned.needs, cap).await?;
+        let reduce: Arc<dyn ExecutionPlan> = self.reduced_plan(run, &planned.needs, cap).await?;
         Ok(datafusion::physical_plan::displayable(reduce.as_ref())
             .indent(false)
             .to_string())

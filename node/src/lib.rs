@@ -8,9 +8,9 @@ mod config;
 mod dp;
 mod engine;
 mod error;
-mod gate;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
+mod gate;
 mod patient_order;
 mod patients;
 mod server;

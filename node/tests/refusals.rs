@@ -105,7 +105,9 @@ const PANEL: &[Ask] = &[
     // Table-builder shapes, in SDC mode only.
     sdc("SELECT COUNT(*), SUM(CASE WHEN age > 80 THEN 1 ELSE 0 END) FROM sim_av_tumour"),
     sdc("SELECT age + 1, COUNT(*) FROM sim_av_tumour GROUP BY 1"),
-    sdc("SELECT CASE WHEN age < 50 THEN 'a' WHEN age < 52 THEN 'b' END, COUNT(*) FROM sim_av_tumour GROUP BY 1"),
+    sdc(
+        "SELECT CASE WHEN age < 50 THEN 'a' WHEN age < 52 THEN 'b' END, COUNT(*) FROM sim_av_tumour GROUP BY 1",
+    ),
     // Release rules.
     sdc("SELECT COUNT(*) FROM sim_sact_cycle"),
     Ask {

@@ -40,11 +40,11 @@ pub use policy::{
     Rounding, SHIPPABLE_AGGREGATES,
 };
 pub use refusal::{Refusal, Rule};
-pub use text::{TextLimits, check_text};
 pub use release::{
     AnswerProtection, Budget, Contributions, DisclosureReport, DpNeeds, DpReport, Moment, Needs,
     NoisyColumn, PartialAnswer, Protected, Release, ReleaseError, ReleaseReport, Role, SdcNeeds,
     Source, StateColumn, Terms, TotalsRules, needs, protect, release, round, round_count,
 };
 pub use session::{ALLOWED_SCALAR_FUNCTIONS, locked_session, plan_sql, sql_options};
+pub use text::{TextLimits, check_text};
 pub use vet::{Vetted, aggregate_of, authorise, vet_plan, vet_sql, vet_text};

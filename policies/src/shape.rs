@@ -68,7 +68,7 @@ pub(crate) fn check(
 }
 
 /// Every GROUP BY expression, grouping sets flattened.
-fn group_keys(aggregate: &Aggregate) -> Vec<&Expr> {
+pub(crate) fn group_keys(aggregate: &Aggregate) -> Vec<&Expr> {
     let mut keys = Vec::new();
     for expr in &aggregate.group_expr {
         match expr {
@@ -397,14 +397,18 @@ impl Builder<'_> {
         Ok(column)
     }
 
-    fn band_width(&self, source: &str) -> Option<f64> {
+    /// The schema column a `table.column` source names.
+    fn column(&self, source: &str) -> Option<&trustql_schemas::Column> {
         let (table, column) = source.split_once('.')?;
-        self.schema.table(table).ok()?.column(column)?.band_width
+        self.schema.table(table).ok()?.column(column)
+    }
+
+    fn band_width(&self, source: &str) -> Option<f64> {
+        self.column(source)?.band_width
     }
 
     fn class(&self, source: &str) -> Option<DisclosureClass> {
-        let (table, column) = source.split_once('.')?;
-        Some(self.schema.table(table).ok()?.column(column)?.class)
+        Some(self.column(source)?.class)
     }
 
     /// A WHERE or ON condition: a table-builder predicate (key equalities included).
@@ -614,10 +618,7 @@ impl Builder<'_> {
         if self.policy.dp.bounds.contains_key(source) {
             return true;
         }
-        source
-            .split_once('.')
-            .and_then(|(t, c)| self.schema.table(t).ok()?.column(c)?.bounds)
-            .is_some()
+        self.column(source).is_some_and(|c| c.bounds.is_some())
     }
 
     /// Whether `source` is the patient key or refers to it.
@@ -633,10 +634,8 @@ impl Builder<'_> {
         if source == domain {
             return true;
         }
-        source
-            .split_once('.')
-            .and_then(|(t, c)| self.schema.table(t).ok()?.column(c)?.references.clone())
-            .is_some_and(|r| r == domain)
+        self.column(source)
+            .is_some_and(|c| c.references.as_deref() == Some(domain.as_str()))
     }
 }
 

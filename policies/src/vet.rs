@@ -12,9 +12,7 @@ use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, DFSchema, ScalarValue};
 use datafusion::logical_expr::expr::{AggregateFunction, Alias};
 use datafusion::logical_expr::utils::split_conjunction;
-use datafusion::logical_expr::{
-    BinaryExpr, Expr, ExprSchemable, GroupingSet, JoinType, LogicalPlan, Operator,
-};
+use datafusion::logical_expr::{BinaryExpr, Expr, ExprSchemable, JoinType, LogicalPlan, Operator};
 use trustql_schemas::{DisclosureClass, TrustSchema};
 
 use crate::policy::{ClassRules, Policy, Project};
@@ -782,19 +780,7 @@ impl Vetter<'_> {
         input: &Lineage,
     ) -> Result<(), Refusal> {
         let schema = agg.input.schema();
-        let mut keys: Vec<&Expr> = Vec::new();
-        for expr in &agg.group_expr {
-            match expr {
-                Expr::GroupingSet(GroupingSet::Rollup(exprs) | GroupingSet::Cube(exprs)) => {
-                    keys.extend(exprs.iter());
-                }
-                Expr::GroupingSet(GroupingSet::GroupingSets(sets)) => {
-                    keys.extend(sets.iter().flatten());
-                }
-                other => keys.push(other),
-            }
-        }
-        for key in keys {
+        for key in crate::shape::group_keys(agg) {
             self.refuse_identifiers(key, schema, input, "grouped on")?;
             for origin in self.origins(key, schema, input) {
                 self.class_rule(&origin, |r| r.group_by, "grouped on")?;

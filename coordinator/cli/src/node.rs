@@ -62,6 +62,9 @@ pub(crate) fn verify_audit(dir: &Path, key: Option<&Path>) -> Result<bool> {
                 verified.records,
                 verified.head
             );
+            if let Some(tail) = verified.unacknowledged {
+                println!("note: after them, {tail}");
+            }
             Ok(true)
         }
         Err(e @ (AuditError::Broken { .. } | AuditError::Head { .. })) => {

@@ -17,4 +17,4 @@ pub use error::{AuditError, HeadProblem};
 pub use head::{HEAD_FILE, HeadKey, KEY_FILE};
 pub use log::{AuditLog, LOG_FILE};
 pub use record::{AuditEntry, AuditRecord, Decision, GENESIS, TrustOutcome};
-pub use verify::{Verified, verify, verify_with_key};
+pub use verify::{Unacknowledged, Verified, verify, verify_with_key};

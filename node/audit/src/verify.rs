@@ -10,10 +10,49 @@ use crate::record::{AuditRecord, GENESIS};
 /// A log whose chain holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
-    /// Records in the log.
+    /// Records in the log (the sealed ones, when the log ends in an unacknowledged record).
     pub records: u64,
     /// Hash of the last record ([`GENESIS`] for an empty log).
     pub head: String,
+    /// A last record that a crash left behind before it was acknowledged, if any.
+    pub unacknowledged: Option<Unacknowledged>,
+}
+
+/// What a crash mid-append leaves after the sealed records: nothing it describes was released
+/// (an answer leaves only after its record is sealed), and the node drops it, with a note in
+/// the log, when it next starts. Anyone can append such a record, so it is never counted as
+/// verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unacknowledged {
+    /// The last line is cut off: the write never completed.
+    Torn {
+        /// Its line number.
+        line: usize,
+    },
+    /// One whole record chained onto the sealed head, which was never replaced to seal it.
+    Unsealed {
+        /// Its line number.
+        line: usize,
+    },
+}
+
+impl std::fmt::Display for Unacknowledged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Torn { line } => {
+                write!(f, "line {line} is cut off (a write that never completed)")
+            }
+            Self::Unsealed { line } => write!(
+                f,
+                "the record on line {line} was written but never sealed (the node stopped \
+                 before it acknowledged it)"
+            ),
+        }?;
+        f.write_str(
+            "; nothing it records was released, and the node drops it and notes it in the \
+             log when it next starts",
+        )
+    }
 }
 
 /// What a walk over the log found.
@@ -45,15 +84,6 @@ pub fn verify_with_key(dir: &Path, key: &Path) -> Result<Verified, AuditError> {
         reason: e.to_string(),
     })?;
     let walk = check(&bytes, &path)?;
-    if let Some(line) = walk.torn {
-        return Err(AuditError::Broken {
-            path,
-            line,
-            problem: "the last record is cut off (a write that never completed); \
-                      the node drops it and notes it in the log when it next starts"
-                .into(),
-        });
-    }
     let key = HeadKey::load(key)?;
     let head_path = dir.join(HEAD_FILE);
     let head_error = |problem| AuditError::Head {
@@ -61,8 +91,25 @@ pub fn verify_with_key(dir: &Path, key: &Path) -> Result<Verified, AuditError> {
         problem,
     };
     let sealed = read_head(&head_path, &key)?.ok_or_else(|| head_error(HeadProblem::Missing))?;
-    compare(&sealed, &walk).map_err(head_error)?;
-    Ok(walk.verified)
+    let unsealed = match compare(&sealed, &walk) {
+        Ok(()) => None,
+        // Only a whole record can be unsealed; a torn line after it would be a second append
+        // past the head, which the log's serialised appends never leave.
+        Err(HeadProblem::Unsealed {
+            interrupted: true,
+            records,
+            ..
+        }) if walk.torn.is_none() => Some(Unacknowledged::Unsealed {
+            line: usize::try_from(records).unwrap_or(usize::MAX),
+        }),
+        Err(problem) => return Err(head_error(problem)),
+    };
+    let torn = walk.torn.map(|line| Unacknowledged::Torn { line });
+    Ok(Verified {
+        records: sealed.0,
+        head: sealed.1,
+        unacknowledged: unsealed.or(torn),
+    })
 }
 
 /// Walks the chain: the verified prefix, and what lies at its end.
@@ -83,7 +130,11 @@ pub(crate) fn check(bytes: &[u8], path: &Path) -> Result<Walk, AuditError> {
         line_no += 1;
         let Some(end) = rest.iter().position(|&b| b == b'\n') else {
             return Ok(Walk {
-                verified: Verified { records, head },
+                verified: Verified {
+                    records,
+                    head,
+                    unacknowledged: None,
+                },
                 torn: Some(line_no),
                 last_prev,
                 last_start,
@@ -130,7 +181,11 @@ pub(crate) fn check(bytes: &[u8], path: &Path) -> Result<Walk, AuditError> {
         records += 1;
     }
     Ok(Walk {
-        verified: Verified { records, head },
+        verified: Verified {
+            records,
+            head,
+            unacknowledged: None,
+        },
         torn: None,
         last_prev,
         last_start,

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use trustql_audit::{
     AuditEntry, AuditError, AuditLog, Decision, GENESIS, HEAD_FILE, HeadProblem, KEY_FILE,
-    LOG_FILE, verify, verify_with_key,
+    LOG_FILE, Unacknowledged, verify, verify_with_key,
 };
 
 fn entry(n: usize) -> AuditEntry {
@@ -158,7 +158,13 @@ fn a_cut_off_record_is_dropped_and_noted_at_the_next_open() {
     let whole = bytes.clone();
     bytes.extend_from_slice(b"{\"seq\":4,\"prev\":\"ab");
     std::fs::write(&path, &bytes).expect("write");
-    assert_eq!(broken_line(dir.path()).0, 4);
+    // A crash state, not tampering: the sealed records verify, and the tail is named.
+    let crashed = verify(dir.path()).expect("the sealed records verify");
+    assert_eq!(crashed.records, 3);
+    assert_eq!(
+        crashed.unacknowledged,
+        Some(Unacknowledged::Torn { line: 4 })
+    );
 
     let log = AuditLog::open(dir.path(), "t").expect("open repairs the tail");
     assert_eq!(log.len(), 4, "three records and the note of the drop");
@@ -339,14 +345,26 @@ fn a_record_the_head_never_sealed_is_dropped_at_the_next_open() {
     // A crash after the log's sync and before the head's replacement.
     write_log(dir.path(), 1);
     std::fs::write(&head, &sealed).expect("old head");
+    let crashed = verify(dir.path()).expect("the sealed records verify");
+    assert_eq!(crashed.records, 3, "the unsealed record is not counted");
+    assert_eq!(
+        crashed.unacknowledged,
+        Some(Unacknowledged::Unsealed { line: 4 })
+    );
+    // A second record past the head is no crash: appends are serialised behind the seal.
+    let log_path = dir.path().join(LOG_FILE);
+    let crash_state = std::fs::read(&log_path).expect("log");
+    write_log(dir.path(), 1);
+    std::fs::write(&head, &sealed).expect("old head");
     assert_eq!(
         head_problem(verify(dir.path())),
         HeadProblem::Unsealed {
             sealed: 3,
-            records: 4,
-            interrupted: true
+            records: 5,
+            interrupted: false
         }
     );
+    std::fs::write(&log_path, &crash_state).expect("back to the crash state");
     let log = AuditLog::open(dir.path(), "t").expect("open drops it");
     assert_eq!(log.len(), 4, "three records and the note of the drop");
     drop(log);

@@ -3,7 +3,8 @@
 //! - [`Policy`]: the TOML file a data controller writes, its lint and plain-words description;
 //!   [`approve`] / [`load_approved`] bind an approval to the file's exact content.
 //! - [`locked_session`] / [`plan_sql`]: a DataFusion session with only allow-listed functions
-//!   and no statements, for planning researcher SQL.
+//!   and no statements, for planning researcher SQL; [`make_total`] (an analyzer rule of that
+//!   session) rewrites every expression so it cannot fail on data.
 //! - [`vet_plan`]: the rules a query must pass, checked on DataFusion's logical plans; a
 //!   project protected by suppression and rounding is answered only table-builder shapes.
 //! - [`needs`] and [`release`]: the release contract. What the node must compute for a query,
@@ -24,6 +25,7 @@ mod release;
 mod session;
 mod shape;
 mod text;
+mod total;
 mod vet;
 
 pub use approval::{
@@ -47,4 +49,5 @@ pub use release::{
 };
 pub use session::{ALLOWED_SCALAR_FUNCTIONS, locked_session, plan_sql, sql_options};
 pub use text::{TextLimits, check_text};
+pub use total::{TOTAL_FUNCTIONS, TotalDivide, TotalExpressions, TotalModulo, make_total};
 pub use vet::{Vetted, aggregate_of, authorise, vet_plan, vet_sql, vet_text};

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, DFSchema, ScalarValue};
-use datafusion::logical_expr::expr::{AggregateFunction, Alias};
+use datafusion::logical_expr::expr::{AggregateFunction, Alias, Cast, TryCast};
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{BinaryExpr, Expr, ExprSchemable, JoinType, LogicalPlan, Operator};
 use trustql_schemas::{DisclosureClass, TrustSchema};
@@ -18,6 +18,7 @@ use trustql_schemas::{DisclosureClass, TrustSchema};
 use crate::policy::{ClassRules, Policy, Project};
 use crate::refusal::{Refusal, Rule};
 use crate::session::{ALLOWED_SCALAR_FUNCTIONS, explain_refusal, statement_refusal};
+use crate::total::TOTAL_FUNCTIONS;
 
 /// What vetting learned about an accepted query.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -349,17 +350,19 @@ impl Vetter<'_> {
         match e {
             Expr::ScalarFunction(f) => {
                 let name = f.func.name();
-                if !ALLOWED_SCALAR_FUNCTIONS.contains(&name) {
+                // The rewrite's own total functions appear only in rewritten plans.
+                if !ALLOWED_SCALAR_FUNCTIONS.contains(&name) && !TOTAL_FUNCTIONS.contains(&name) {
                     return Some(Refusal::new(
                         Rule::Function,
                         format!("function `{name}` is not on the allow-list"),
                     ));
                 }
-                // Arguments that make a function fail on some values must be constants.
+                // Arguments that make a function fail on some values must be constants, and
+                // constants it fails on are refused here, before any row is read: evaluated
+                // only where rows exist, their failure would tell that rows exist.
                 let literal_positions: &[usize] = match name {
-                    "substr" | "substring" => &[1, 2],
-                    "left" | "right" | "round" | "trunc" => &[1],
-                    "date_part" | "date_trunc" | "datepart" | "datetrunc" | "date_bin" => &[0],
+                    "round" | "trunc" => &[1],
+                    "date_part" | "date_trunc" | "datepart" | "datetrunc" => &[0],
                     _ => &[],
                 };
                 for &i in literal_positions {
@@ -374,7 +377,7 @@ impl Vetter<'_> {
                         ));
                     }
                 }
-                None
+                total_arguments(name, &f.args, schema)
             }
             Expr::AggregateFunction(AggregateFunction { func, params }) => {
                 let name = func.name().to_lowercase();
@@ -432,34 +435,26 @@ impl Vetter<'_> {
                     ),
                 ))
             }
-            Expr::BinaryExpr(BinaryExpr {
-                op: Operator::Divide | Operator::Modulo,
-                right,
-                ..
-            }) if !is_nonzero_literal(right) => Some(Refusal::new(
-                Rule::ErrorOracle,
-                "division or modulo by anything but a non-zero constant could fail on some rows \
-                 and so reveal them; divide aggregated results instead (e.g. SUM(a) / COUNT(*))",
-            )),
-            Expr::Cast(cast) if !is_literal(&cast.expr) => {
-                let from = cast.expr.get_type(schema).ok()?;
-                let to = cast.field.data_type();
-                let text = matches!(
-                    from,
-                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
-                );
-                let non_text = !matches!(
-                    to,
-                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
-                );
-                (text && non_text).then(|| {
-                    Refusal::new(
-                        Rule::ErrorOracle,
-                        "converting text to another type (an explicit CAST, or comparing a text \
-                         column with a number) fails on some values and so reveals them; use \
-                         TRY_CAST or compare with a quoted value",
-                    )
-                })
+            // Division, modulo and casts are made total by the rewrite (`total.rs`); what
+            // follows is what no rewrite makes total.
+            Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+                binary_total(left, *op, right, schema)
+            }
+            Expr::SimilarTo(_) => Some(regex_refusal()),
+            Expr::Cast(Cast { field, .. }) | Expr::TryCast(TryCast { field, .. })
+                if matches!(
+                    field.data_type(),
+                    DataType::Decimal32(..)
+                        | DataType::Decimal64(..)
+                        | DataType::Decimal128(..)
+                        | DataType::Decimal256(..)
+                ) =>
+            {
+                Some(Refusal::new(
+                    Rule::ErrorOracle,
+                    "DECIMAL values overflow their precision, and the query would fail on the \
+                     rows that do; use DOUBLE",
+                ))
             }
             Expr::Placeholder(_) | Expr::ScalarVariable(..) => Some(Refusal::new(
                 Rule::Unsupported,
@@ -968,6 +963,148 @@ fn merge_origins(origins: impl Iterator<Item = Origin>) -> Option<Origin> {
     })
 }
 
+/// Units `date_part` answers for every date and timestamp (tested at the extremes of both).
+const DATE_PART_UNITS: [&str; 17] = [
+    "year",
+    "isoyear",
+    "quarter",
+    "month",
+    "week",
+    "day",
+    "dow",
+    "isodow",
+    "doy",
+    "hour",
+    "minute",
+    "second",
+    "millisecond",
+    "microsecond",
+    "nanosecond",
+    "epoch",
+    "qtr",
+];
+
+/// Units `date_trunc` accepts.
+const DATE_TRUNC_UNITS: [&str; 10] = [
+    "year",
+    "quarter",
+    "month",
+    "week",
+    "day",
+    "hour",
+    "minute",
+    "second",
+    "millisecond",
+    "microsecond",
+];
+
+/// A constant argument a function would fail on at every row, or an argument type it fails on.
+fn total_arguments(name: &str, args: &[Expr], schema: &DFSchema) -> Option<Refusal> {
+    let unit = || match args.first() {
+        Some(Expr::Literal(
+            ScalarValue::Utf8(Some(u))
+            | ScalarValue::Utf8View(Some(u))
+            | ScalarValue::LargeUtf8(Some(u)),
+            _,
+        )) => Some(u.trim_matches(|c| c == '\'' || c == '"').to_lowercase()),
+        _ => None,
+    };
+    let bad_unit = |units: &[&str]| {
+        let known = unit().is_some_and(|u| units.contains(&u.as_str()));
+        (!known).then(|| {
+            Refusal::new(
+                Rule::ErrorOracle,
+                format!(
+                    "the first argument of `{name}` must be one of {}",
+                    units.join(", ")
+                ),
+            )
+        })
+    };
+    let temporal_arg = || args.get(1).and_then(|a| a.get_type(schema).ok());
+    match name {
+        "date_part" | "datepart" => bad_unit(&DATE_PART_UNITS),
+        "date_trunc" | "datetrunc" => {
+            bad_unit(&DATE_TRUNC_UNITS).or_else(|| {
+                matches!(temporal_arg(), Some(DataType::Time32(_) | DataType::Time64(_))).then(|| {
+                Refusal::new(
+                    Rule::ErrorOracle,
+                    "`date_trunc` of a time of day is not supported; truncate a date or timestamp",
+                )
+            })
+            })
+        }
+        // Rounding an integer to tens or more overflows near its type's limits.
+        "round" => {
+            let integer = args
+                .first()
+                .and_then(|a| a.get_type(schema).ok())
+                .is_some_and(|t| t.is_integer());
+            let places_ok = match args.get(1) {
+                None => true,
+                Some(Expr::Literal(v, _)) => {
+                    !v.is_null() && ScalarValue::new_zero(&v.data_type()).is_ok_and(|z| *v >= z)
+                }
+                Some(_) => false,
+            };
+            (integer && !places_ok).then(|| {
+                Refusal::new(
+                    Rule::ErrorOracle,
+                    "rounding an integer to tens or more can overflow on large values and fail \
+                     there; round a DOUBLE instead (CAST(x AS DOUBLE))",
+                )
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Binary operators no rewrite makes total: regular expressions (a pattern can fail to
+/// compile), and date or timestamp arithmetic, which overflows (only a date minus a date, a
+/// number of days, cannot).
+fn binary_total(left: &Expr, op: Operator, right: &Expr, schema: &DFSchema) -> Option<Refusal> {
+    if matches!(
+        op,
+        Operator::RegexMatch
+            | Operator::RegexIMatch
+            | Operator::RegexNotMatch
+            | Operator::RegexNotIMatch
+    ) {
+        return Some(regex_refusal());
+    }
+    if !matches!(op, Operator::Plus | Operator::Minus) {
+        return None;
+    }
+    let (l, r) = (left.get_type(schema).ok()?, right.get_type(schema).ok()?);
+    let temporal = |t: &DataType| {
+        matches!(
+            t,
+            DataType::Date32
+                | DataType::Date64
+                | DataType::Timestamp(..)
+                | DataType::Time32(_)
+                | DataType::Time64(_)
+                | DataType::Interval(_)
+                | DataType::Duration(_)
+        )
+    };
+    let days_between = op == Operator::Minus && l == DataType::Date32 && r == DataType::Date32;
+    ((temporal(&l) || temporal(&r)) && !days_between).then(|| {
+        Refusal::new(
+            Rule::ErrorOracle,
+            "date and timestamp arithmetic overflows on some values and the query would fail \
+             there; compare dates with constant dates, or subtract one date from another",
+        )
+    })
+}
+
+fn regex_refusal() -> Refusal {
+    Refusal::new(
+        Rule::ErrorOracle,
+        "regular expressions (~, SIMILAR TO) can fail on some patterns or values; use LIKE",
+    )
+}
+
 fn is_literal(expr: &Expr) -> bool {
     match expr {
         Expr::Literal(..) => true,
@@ -976,18 +1113,4 @@ fn is_literal(expr: &Expr) -> bool {
         Expr::TryCast(c) => is_literal(&c.expr),
         _ => false,
     }
-}
-
-fn is_nonzero_literal(expr: &Expr) -> bool {
-    match expr {
-        Expr::Literal(value, _) => !value.is_null() && !is_zero(value),
-        Expr::Alias(Alias { expr, .. }) | Expr::Negative(expr) => is_nonzero_literal(expr),
-        Expr::Cast(c) => is_nonzero_literal(&c.expr),
-        Expr::TryCast(c) => is_nonzero_literal(&c.expr),
-        _ => false,
-    }
-}
-
-fn is_zero(value: &ScalarValue) -> bool {
-    ScalarValue::new_zero(&value.data_type()).is_ok_and(|zero| zero == *value)
 }

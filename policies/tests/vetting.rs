@@ -549,30 +549,27 @@ async fn attack_many_joins() {
 }
 
 // ---- attacks: error oracles --------------------------------------------------------------------
+// Division, casts and substr of data are made total by the rewrite (tests/total.rs runs them on
+// hostile values): full SQL answers them, the table builder still refuses them as arithmetic.
 
 #[tokio::test]
 async fn attack_division_by_data() {
-    refused(
-        "SELECT COUNT(*) FROM sim_av_tumour WHERE 100 / (age - 50) > 0",
-        Rule::ErrorOracle,
-    )
-    .await;
+    accepted_beyond_table_builder("SELECT COUNT(*) FROM sim_av_tumour WHERE 100 / (age - 50) > 0")
+        .await;
 }
 
 #[tokio::test]
 async fn attack_cast_of_text() {
-    refused(
+    accepted_beyond_table_builder(
         "SELECT COUNT(*) FROM sim_av_tumour WHERE CAST(stage_best AS INT) = 3",
-        Rule::ErrorOracle,
     )
     .await;
 }
 
 #[tokio::test]
 async fn attack_data_dependent_substring() {
-    refused(
+    accepted_beyond_table_builder(
         "SELECT substr(gender, 1, chrl_tot_27_03) AS g, COUNT(*) FROM sim_av_tumour GROUP BY 1",
-        Rule::ErrorOracle,
     )
     .await;
 }

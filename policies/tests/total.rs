@@ -1,0 +1,419 @@
+//! Vetted expressions are total (issue 15, class 4): every expression that DataFusion fails on
+//! for some value is rewritten so it yields NULL there instead, and what no rewrite covers is
+//! refused before anything runs. Each fallible form is run on hostile values twice: in a plain
+//! DataFusion session (it fails: the test is not vacuous) and in the locked session (it answers).
+
+mod common;
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, AsArray, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema};
+use datafusion::catalog::MemTable;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::logical_expr::{BinaryExpr, Expr, ExprSchemable, LogicalPlan, Operator};
+use datafusion::optimizer::Analyzer;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use trustql_policies::{Policy, Refusal, Rule, locked_session, make_total, plan_sql, vet_sql};
+
+/// One row per hostile value: the integer and date extremes, zero and -1, text that parses as
+/// no number or date.
+fn hostile() -> RecordBatch {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("i", DataType::Int64, true),
+        Field::new("f", DataType::Float64, true),
+        Field::new("s", DataType::Utf8, true),
+        Field::new("d", DataType::Date32, true),
+    ]));
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(Int64Array::from(vec![
+                Some(i64::MIN),
+                Some(i64::MAX),
+                Some(0),
+                Some(-1),
+                Some(300),
+                Some(57),
+                None,
+            ])),
+            Arc::new(Float64Array::from(vec![
+                Some(0.0),
+                Some(1e308),
+                Some(-1.0),
+                Some(f64::NAN),
+                Some(2.5),
+                Some(-0.0),
+                None,
+            ])),
+            Arc::new(StringArray::from(vec![
+                Some("abc"),
+                Some("12"),
+                Some(""),
+                Some("2020-13-45"),
+                Some("99999999999999999999"),
+                Some("1.5"),
+                None,
+            ])),
+            Arc::new(Date32Array::from(vec![
+                Some(i32::MAX),
+                Some(i32::MIN),
+                Some(0),
+                Some(19_000),
+                Some(2_932_896), // 9999-12-31, a common "unknown" date
+                Some(-106_000),  // 1679-10-…, near the nanosecond floor
+                None,
+            ])),
+        ],
+    )
+    .expect("batch")
+}
+
+fn with_table(ctx: SessionContext) -> SessionContext {
+    let batch = hostile();
+    let table = MemTable::try_new(batch.schema(), vec![vec![batch]]).expect("table");
+    ctx.register_table("t", Arc::new(table)).expect("register");
+    ctx
+}
+
+fn locked() -> SessionContext {
+    with_table(locked_session(
+        SessionConfig::new(),
+        Arc::new(RuntimeEnv::default()),
+    ))
+}
+
+async fn run(ctx: &SessionContext, sql: &str) -> datafusion::common::Result<Vec<RecordBatch>> {
+    ctx.sql(sql).await?.collect().await
+}
+
+/// Expressions DataFusion fails on for some row of [`hostile`].
+const FALLIBLE: [&str; 26] = [
+    "i / (i - 57)",
+    "1 / (i - 57)",
+    "i % (i - 57)",
+    "i / -1",
+    "i / CAST(-1 AS BIGINT)",
+    "CAST(i AS TINYINT) / CAST(-1 AS TINYINT)",
+    "abs(i)",
+    "abs(CAST(i AS INT))",
+    "CAST(i AS INT)",
+    "CAST(i AS TINYINT)",
+    "CAST(s AS INT)",
+    "CAST(s AS DOUBLE)",
+    "CAST(s AS DATE)",
+    "CAST(s AS BOOLEAN)",
+    "CAST(f AS BIGINT)",
+    "CAST(d AS TIMESTAMP)",
+    "s = 3",
+    "d = s",
+    "s IN ('1', 2)",
+    "greatest(s, i)",
+    "date_part('year', s)",
+    "substr(s, 1, i)",
+    "substr(s, i)",
+    "date_trunc('month', d)",
+    "date_trunc('year', TRY_CAST(i AS TIMESTAMP))",
+    "date_trunc('day', TRY_CAST(i AS TIMESTAMP(0)))",
+];
+
+#[tokio::test]
+async fn every_fallible_form_fails_in_plain_datafusion_and_answers_when_locked() {
+    let plain = with_table(SessionContext::new());
+    let locked = locked();
+    for e in FALLIBLE {
+        for sql in [
+            format!("SELECT {e} AS v FROM t"),
+            // Inside an aggregate and a filter, where an oracle would put it.
+            format!("SELECT COUNT(*) AS n FROM t WHERE ({e}) IS NOT NULL"),
+        ] {
+            // date_trunc near the floor panics in DataFusion rather than failing cleanly.
+            let fails = tokio::spawn({
+                let (plain, sql) = (plain.clone(), sql.clone());
+                async move { run(&plain, &sql).await.is_err() }
+            })
+            .await
+            .unwrap_or(true);
+            assert!(fails, "plain DataFusion should fail on {sql}");
+            if let Err(e) = run(&locked, &sql).await {
+                panic!("the locked session should answer {sql}: {e}");
+            }
+        }
+    }
+}
+
+/// The first column of a one-column answer, as i64 (NULL as None).
+async fn values(sql: &str) -> Vec<Option<i64>> {
+    let batches = run(&locked(), sql).await.expect(sql);
+    let mut out = Vec::new();
+    for b in batches {
+        let c = datafusion::arrow::compute::cast(b.column(0), &DataType::Int64).expect("cast");
+        let c = c.as_primitive::<Int64Type>();
+        out.extend((0..c.len()).map(|r| (!c.is_null(r)).then(|| c.value(r))));
+    }
+    out
+}
+
+#[tokio::test]
+async fn total_forms_answer_what_the_fallible_ones_do_and_null_where_they_failed() {
+    // i: MIN, MAX, 0, -1, 300, 57, NULL
+    assert_eq!(
+        values("SELECT 600 / (i - 57) FROM t").await,
+        vec![Some(0), Some(0), Some(-10), Some(-10), Some(2), None, None]
+    );
+    assert_eq!(
+        values("SELECT i / -1 FROM t").await,
+        vec![
+            None,
+            Some(-i64::MAX),
+            Some(0),
+            Some(1),
+            Some(-300),
+            Some(-57),
+            None
+        ]
+    );
+    assert_eq!(
+        values("SELECT i % -1 FROM t").await,
+        vec![Some(0), Some(0), Some(0), Some(0), Some(0), Some(0), None],
+        "MIN % -1 is 0, as in DataFusion"
+    );
+    assert_eq!(
+        values("SELECT -7 % (i - 54) FROM t").await[5],
+        Some(-1),
+        "sign of the dividend"
+    );
+    assert_eq!(
+        values("SELECT abs(i) FROM t").await,
+        vec![
+            None,
+            Some(i64::MAX),
+            Some(0),
+            Some(1),
+            Some(300),
+            Some(57),
+            None
+        ]
+    );
+    assert_eq!(
+        values("SELECT CAST(s AS INT) FROM t").await,
+        vec![None, Some(12), None, None, None, None, None]
+    );
+    assert_eq!(
+        values("SELECT CAST(i AS TINYINT) FROM t").await,
+        vec![None, None, Some(0), Some(-1), None, Some(57), None]
+    );
+    assert_eq!(values("SELECT 1 / 0").await, vec![None]);
+    assert_eq!(values("SELECT abs(-9223372036854775808)").await, vec![None]);
+    assert_eq!(values("SELECT 7 / 2").await, vec![Some(3)]);
+    // A division by a safe constant is left as written.
+    assert_eq!(values("SELECT i / 100 FROM t").await[4], Some(3));
+    // Whole aggregates over the hostile rows.
+    assert_eq!(
+        values("SELECT SUM(600 / (i - 57)) FROM t").await,
+        vec![Some(-18)]
+    );
+    assert_eq!(
+        values("SELECT SUM(CAST(s AS INT)) FROM t").await,
+        vec![Some(12)]
+    );
+}
+
+/// True if some expression of `plan` could still fail on data: a CAST of a non-literal, or an
+/// integer `/` or `%` by anything but a safe constant.
+fn fallible(plan: &LogicalPlan) -> Option<String> {
+    let mut found = None;
+    plan.apply_with_subqueries(|node| {
+        let schema = datafusion::logical_expr::utils::merge_schema(&node.inputs());
+        node.apply_expressions(|e| {
+            e.apply(|e| {
+                match e {
+                    Expr::Cast(c) if !matches!(*c.expr, Expr::Literal(..)) => {
+                        found = Some(e.to_string());
+                    }
+                    Expr::BinaryExpr(BinaryExpr {
+                        left,
+                        op: Operator::Divide | Operator::Modulo,
+                        right,
+                    }) if left.get_type(&schema).is_ok_and(|t| t.is_integer())
+                        && !matches!(**right, Expr::Literal(..)) =>
+                    {
+                        found = Some(e.to_string());
+                    }
+                    _ => {}
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    })
+    .expect("walk");
+    found
+}
+
+#[tokio::test]
+async fn the_rewrite_leaves_no_fallible_form_and_keeps_every_type_and_name() {
+    let ctx = locked();
+    let sql = "SELECT s, SUM(1 / (i - 57)) AS a, SUM(i % (i - 1)), AVG(CAST(s AS INT)), \
+               COUNT(*) FILTER (WHERE CAST(s AS DATE) > '2020-01-01'), MAX(abs(i)) \
+               FROM t WHERE s = 3 OR substr(s, 1, i) = 'a' GROUP BY s";
+    let plan = plan_sql(&ctx, sql).await.expect("plan");
+    // Type coercion alone (DataFusion's analyzer without the rewrite) leaves fallible forms…
+    let coerced = Analyzer::new()
+        .execute_and_check(plan, ctx.state().config_options(), |_, _| {})
+        .expect("coerce");
+    assert!(fallible(&coerced).is_some());
+    // …the rewrite leaves none, and the schema is the same, name by name and type by type.
+    let total = make_total(coerced.clone()).expect("total");
+    assert_eq!(fallible(&total), None, "{}", total.display_indent());
+    let (before, after) = (coerced.schema(), total.schema());
+    assert_eq!(before.fields().len(), after.fields().len());
+    for (b, a) in before.fields().iter().zip(after.fields()) {
+        assert_eq!((b.name(), b.data_type()), (a.name(), a.data_type()));
+    }
+    // The optimised plan the node runs is rewritten too (the rule is in the session).
+    let optimized = ctx
+        .state()
+        .optimize(&plan_sql(&ctx, sql).await.expect("plan"))
+        .expect("optimize");
+    assert_eq!(fallible(&optimized), None);
+    assert!(
+        optimized
+            .display_indent()
+            .to_string()
+            .contains("trustql_divide")
+    );
+}
+
+#[tokio::test]
+async fn the_same_sql_plans_the_same_in_every_session() {
+    let sql = "SELECT s, SUM(1 / (i - 57)), AVG(CAST(s AS INT)), SUM(abs(i)) FROM t GROUP BY s";
+    let mut plans = Vec::new();
+    for _ in 0..3 {
+        let ctx = locked();
+        let plan = plan_sql(&ctx, sql).await.expect("plan");
+        let optimized = ctx.state().optimize(&plan).expect("optimize");
+        plans.push((
+            plan.display_indent_schema().to_string(),
+            optimized.display_indent_schema().to_string(),
+        ));
+    }
+    assert!(plans.windows(2).all(|w| w[0] == w[1]), "{plans:#?}");
+}
+
+// ---- refused: what no rewrite makes total -------------------------------------------------------
+
+fn full_sql_policy() -> Policy {
+    Policy::from_toml(
+        r#"
+[policy]
+version = "test-1"
+trust = "TQ01"
+
+[disclosure]
+min_patients = 1
+rounding = "none"
+
+[[project]]
+id = "p1"
+researchers = ["alice"]
+tables = ["sim_av_patient", "sim_av_tumour"]
+expires = "2099-12-31"
+"#,
+    )
+    .expect("policy")
+}
+
+async fn vet(sql: &str) -> Result<(), Refusal> {
+    let policy = full_sql_policy();
+    let project = policy.project("p1").expect("project");
+    vet_sql(&common::session(), &common::schema(), &policy, project, sql)
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn forms_no_rewrite_makes_total_are_refused_before_running() {
+    let refused = [
+        (
+            "SELECT COUNT(*) FROM sim_av_tumour WHERE stage_best ~ gender",
+            Rule::ErrorOracle,
+        ),
+        (
+            "SELECT COUNT(*) FROM sim_av_tumour WHERE stage_best ~ 'a{1000}{1000}'",
+            Rule::ErrorOracle,
+        ),
+        (
+            "SELECT COUNT(*) FROM sim_av_tumour WHERE stage_best SIMILAR TO gender",
+            Rule::ErrorOracle,
+        ),
+        (
+            "SELECT SUM(CAST(age AS DECIMAL(38, 0)) * age) FROM sim_av_tumour",
+            Rule::ErrorOracle,
+        ),
+        (
+            "SELECT COUNT(*) FROM sim_av_tumour WHERE diagnosisdatebest + INTERVAL '1 day' > '2020-01-01'",
+            Rule::ErrorOracle,
+        ),
+        (
+            "SELECT COUNT(*) FROM sim_av_tumour WHERE diagnosisdatebest - age > '2020-01-01'",
+            Rule::ErrorOracle,
+        ),
+        (
+            "SELECT COUNT(*) FROM sim_av_tumour WHERE CAST(diagnosisdatebest AS TIMESTAMP) - CAST(date_first_surgery AS TIMESTAMP) > INTERVAL '1 day'",
+            Rule::ErrorOracle,
+        ),
+        (
+            "SELECT date_part('fortnight', diagnosisdatebest) AS p, COUNT(*) FROM sim_av_tumour GROUP BY 1",
+            Rule::ErrorOracle,
+        ),
+        (
+            "SELECT date_trunc('fortnight', diagnosisdatebest) AS p, COUNT(*) FROM sim_av_tumour GROUP BY 1",
+            Rule::ErrorOracle,
+        ),
+        (
+            "SELECT date_trunc(gender, diagnosisdatebest) AS p, COUNT(*) FROM sim_av_tumour GROUP BY 1",
+            Rule::ErrorOracle,
+        ),
+        (
+            "SELECT round(age, -1) AS a, COUNT(*) FROM sim_av_tumour GROUP BY 1",
+            Rule::ErrorOracle,
+        ),
+        (
+            "SELECT round(age, chrl_tot_27_03) AS a, COUNT(*) FROM sim_av_tumour GROUP BY 1",
+            Rule::ErrorOracle,
+        ),
+        (
+            "SELECT date_bin(INTERVAL '0 day', CAST(diagnosisdatebest AS TIMESTAMP)) AS b, COUNT(*) FROM sim_av_tumour GROUP BY 1",
+            Rule::Function,
+        ),
+        // The rewrite's own functions are not for researchers.
+        (
+            "SELECT SUM(trustql_divide(age, 2)) FROM sim_av_tumour",
+            Rule::Function,
+        ),
+    ];
+    for (sql, rule) in refused {
+        match vet(sql).await {
+            Ok(()) => panic!("should be refused ({}): {sql}", rule.name()),
+            Err(r) => assert_eq!(r.rule, rule, "{sql}\n{r}"),
+        }
+    }
+    let accepted = [
+        "SELECT SUM(1 / (age - 57)) FROM sim_av_tumour",
+        "SELECT SUM(CAST(stage_best AS INT)) FROM sim_av_tumour",
+        "SELECT SUM(abs(age - 57)), SUM(age % (age - 57)) FROM sim_av_tumour",
+        "SELECT AVG(diagnosisdatebest - date_first_surgery) FROM sim_av_tumour",
+        "SELECT date_part('year', diagnosisdatebest) AS y, COUNT(*) FROM sim_av_tumour GROUP BY 1",
+        "SELECT date_trunc('month', diagnosisdatebest) AS m, COUNT(*) FROM sim_av_tumour GROUP BY 1",
+        "SELECT round(CAST(age AS DOUBLE), -1) AS a, COUNT(*) FROM sim_av_tumour GROUP BY 1",
+        "SELECT COUNT(*) FROM sim_av_tumour WHERE stage_best LIKE gender",
+    ];
+    for sql in accepted {
+        if let Err(r) = vet(sql).await {
+            panic!("should be accepted: {sql}\n{r}");
+        }
+    }
+}

@@ -166,3 +166,90 @@ async fn no_attack_recovers_an_exact_count_through_the_federation() {
         .expect("still answering");
     assert_eq!(one(&after).num_rows(), 1);
 }
+
+/// Distinct tumour ages at one trust, from its own Parquet.
+async fn ages_at(fed: &Federation, trust: &str) -> Vec<i64> {
+    let site = panel::union(&fed.info.data_dir, &[trust.to_string()]).await;
+    let batches = site
+        .sql("SELECT DISTINCT age FROM sim_av_tumour WHERE age IS NOT NULL")
+        .await
+        .expect("sql")
+        .collect()
+        .await
+        .expect("collect");
+    let mut ages = Vec::new();
+    for b in batches {
+        let v = cast(b.column(0), &DataType::Int64).expect("cast");
+        ages.extend(v.as_primitive::<Int64Type>().iter().flatten());
+    }
+    ages
+}
+
+#[tokio::test]
+async fn a_runtime_error_does_not_tell_which_trust_holds_a_row() {
+    // Class 4, through the coordinator: queries built to fail where a tumour of age T exists
+    // are answered in full by every trust, whether T is held by one trust or by none, so the
+    // answer and its coverage report say nothing of where T is. Unprotected mode answers the
+    // full aggregate SQL, so the oracle is not merely refused.
+    let fed = launch(&DemoOptions {
+        trusts: 3,
+        patients: 3_000,
+        seed: 15,
+        unprotected: true,
+        node_deadline_ms: 10_000,
+        ..DemoOptions::default()
+    })
+    .await
+    .expect("launch");
+    let mut client = client(&fed).await;
+    let mut held: HashMap<i64, usize> = HashMap::new();
+    for trust in &fed.info.trusts {
+        for age in ages_at(&fed, trust).await {
+            *held.entry(age).or_default() += 1;
+        }
+    }
+    // An age fewer than all trusts hold (one, if the data has one).
+    let target = held
+        .iter()
+        .filter(|(_, n)| **n < fed.info.trusts.len())
+        .min_by_key(|(age, n)| (**n, **age))
+        .map(|(age, _)| *age)
+        .expect("an age some trust lacks");
+    let absent = 200;
+    for template in [
+        "SELECT SUM(600 / (age - {T})), COUNT(*) FROM sim_av_tumour",
+        "SELECT SUM(age % (age - {T})), COUNT(*) FROM sim_av_tumour",
+        "SELECT SUM(abs(age - {T} + (-9223372036854775807 - 1))), COUNT(*) FROM sim_av_tumour",
+        "SELECT SUM(CAST(CASE WHEN age = {T} THEN 'x' ELSE '1' END AS INT)), COUNT(*) \
+         FROM sim_av_tumour",
+    ] {
+        let mut shapes = Vec::new();
+        for age in [target, absent] {
+            let sql = template.replace("{T}", &age.to_string());
+            let result = client
+                .query(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let coverage = result.coverage.clone().expect("coverage");
+            assert!(coverage.complete, "{sql}: {coverage:?}");
+            shapes.push((coverage.trusts.len(), one(&result).num_rows()));
+        }
+        assert_eq!(shapes[0], shapes[1], "{template}");
+    }
+    // The answer is the union's over every row that does not fail.
+    let central = panel::union(&fed.info.data_dir, &fed.info.trusts).await;
+    let sql = format!("SELECT SUM(600 / (age - {target})) FROM sim_av_tumour");
+    let answered = one(&client.query(&sql).await.expect("answered"));
+    let exact = central
+        .sql(&format!("{sql} WHERE age <> {target}"))
+        .await
+        .expect("sql")
+        .collect()
+        .await
+        .expect("collect");
+    let exact = floats(
+        &concat_batches(&exact[0].schema(), &exact).expect("concat"),
+        0,
+    );
+    assert_eq!(floats(&answered, 0), exact);
+}

@@ -57,6 +57,18 @@ pub enum CoordinatorError {
         /// How long a result waits.
         ttl_secs: u64,
     },
+    /// The coordinator is sending the trusts as many queries as it runs at once, and as many
+    /// more are waiting their turn (or this one waited as long as it may).
+    #[error(
+        "the federation is busy: this coordinator runs {running} queries at once and keeps at \
+         most {queued} waiting for a turn; nothing was run for this one, so try again shortly"
+    )]
+    Crowded {
+        /// Queries run at once.
+        running: usize,
+        /// Queries that may wait.
+        queued: usize,
+    },
     /// The result expired or belongs to someone else.
     #[error("no such result: run the query again")]
     UnknownResult,
@@ -94,7 +106,9 @@ impl CoordinatorError {
             }
             CoordinatorError::NoQuorum { .. } => Status::unavailable(self.to_string()),
             CoordinatorError::UnknownResult => Status::not_found(self.to_string()),
-            CoordinatorError::Busy { .. } => Status::resource_exhausted(self.to_string()),
+            CoordinatorError::Busy { .. } | CoordinatorError::Crowded { .. } => {
+                Status::resource_exhausted(self.to_string())
+            }
             CoordinatorError::BadHeader(_) => Status::invalid_argument(self.to_string()),
             CoordinatorError::Merge(_) | CoordinatorError::Internal(_) => {
                 Status::internal(self.to_string())

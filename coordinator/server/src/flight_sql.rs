@@ -26,6 +26,7 @@ use futures::{Stream, StreamExt, TryStreamExt, stream};
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::admission::Admission;
 use crate::auth::Caller;
 use crate::error::{CoordinatorError, random_hex};
 use crate::federation::{Coordinator, FederatedAnswer};
@@ -92,12 +93,14 @@ impl Drop for Slot<'_> {
 pub struct ResearcherService {
     coordinator: Arc<Coordinator>,
     store: Mutex<Store>,
+    admission: Admission,
 }
 
 impl ResearcherService {
     /// A service over `coordinator`.
     pub fn new(coordinator: Arc<Coordinator>) -> Self {
         ResearcherService {
+            admission: Admission::new(coordinator.limits()),
             coordinator,
             store: Mutex::new(Store::default()),
         }
@@ -143,11 +146,18 @@ impl ResearcherService {
     /// Runs the query now and keeps the result for the DoGet that follows.
     async fn execute(&self, caller: &Caller, sql: &str) -> Result<FlightInfo, Status> {
         let _slot = self.reserve(caller)?;
+        // Its turn at the trusts, taken fairly between researchers, or a clear "busy".
+        let turn = self
+            .admission
+            .turn(&caller.researcher)
+            .await
+            .map_err(|e| e.to_status())?;
         let answer = self
             .coordinator
             .query(caller, sql)
             .await
             .map_err(|e| e.to_status())?;
+        drop(turn);
         let handle = random_hex(16).map_err(|e| e.to_status())?;
         let rows: usize = answer.batches.iter().map(RecordBatch::num_rows).sum();
         let info = FlightInfo::new()

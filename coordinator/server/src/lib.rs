@@ -6,6 +6,7 @@
 //! partial states are finished with DataFusion's own final aggregation. Every answer carries
 //! a coverage report: which trusts answered, refused, timed out or could not be reached.
 
+mod admission;
 mod auth;
 mod config;
 mod error;

@@ -21,6 +21,14 @@ pub struct Limits {
     pub max_waiting_results: usize,
     /// How long an un-fetched result is kept, in seconds.
     pub result_ttl_secs: u64,
+    /// Queries the coordinator sends to the trusts at once, across all researchers; keep it
+    /// at most the smallest `max_concurrent_queries` of the nodes (4 by default), or the nodes
+    /// refuse the rest. More wait their turn, researchers taking turns.
+    pub max_running_queries: usize,
+    /// Queries that may wait for a turn; more are refused as busy.
+    pub max_queued_queries: usize,
+    /// Longest a query waits for its turn, in milliseconds, before it is refused as busy.
+    pub max_queue_wait_ms: u64,
 }
 
 impl Default for Limits {
@@ -31,6 +39,9 @@ impl Default for Limits {
             max_operators: 100,
             max_waiting_results: 8,
             result_ttl_secs: 300,
+            max_running_queries: 4,
+            max_queued_queries: 64,
+            max_queue_wait_ms: 30_000,
         }
     }
 }
@@ -57,6 +68,8 @@ impl Limits {
             || self.max_operators == 0
             || self.max_waiting_results == 0
             || self.result_ttl_secs == 0
+            || self.max_running_queries == 0
+            || self.max_queue_wait_ms == 0
         {
             return Err("every [limits] value must be positive".into());
         }

@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arrow::compute::concat_batches;
-use arrow_flight::Ticket;
+use arrow::ipc::MessageHeader;
+use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::{FlightData, Ticket};
 use futures::TryStreamExt;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -123,7 +125,9 @@ impl NodeLink {
             Err(status) => return from_status(&status),
         };
         let mut stream = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(
-            stream.map_err(|status| arrow_flight::error::FlightError::Tonic(Box::new(status))),
+            stream
+                .map_err(|status| arrow_flight::error::FlightError::Tonic(Box::new(status)))
+                .and_then(|data| std::future::ready(within_body(data))),
         );
         let mut batches = Vec::new();
         loop {
@@ -155,6 +159,11 @@ impl NodeLink {
             return garbage("its answer was for another trust or request");
         }
         match concat_batches(&schema, &batches) {
+            // The metadata, sent first, says how many groups follow: fewer is a stream cut short
+            // (a node dying mid-answer, or a hostile one), never an answer with fewer groups.
+            Ok(batch) if batch.num_rows() != meta.released => {
+                garbage("its answer did not hold the groups its metadata announced")
+            }
             Ok(batch) => Outcome::Answered(Box::new(SiteStates {
                 trust: self.trust.clone(),
                 batch,
@@ -163,6 +172,33 @@ impl NodeLink {
             Err(_) => garbage("its answer's batches did not fit together"),
         }
     }
+}
+
+/// Refuses a message whose header points at buffers beyond its body before Arrow reads it:
+/// the IPC reader slices those buffers without checking, and a node sending a record batch cut
+/// short panicked the coordinator's task (the researcher got a cancelled call, not an answer).
+fn within_body(data: FlightData) -> Result<FlightData, FlightError> {
+    if data.data_header.is_empty() {
+        return Ok(data);
+    }
+    let bad = || FlightError::DecodeError("a message's buffers lie outside its body".into());
+    let message = arrow::ipc::root_as_message(&data.data_header).map_err(|_| bad())?;
+    let buffers = match message.header_type() {
+        MessageHeader::RecordBatch => message.header_as_record_batch().and_then(|b| b.buffers()),
+        MessageHeader::DictionaryBatch => message
+            .header_as_dictionary_batch()
+            .and_then(|d| d.data())
+            .and_then(|b| b.buffers()),
+        _ => None,
+    };
+    let body = i64::try_from(data.data_body.len()).map_err(|_| bad())?;
+    for buffer in buffers.iter().flat_map(|b| b.iter()) {
+        let end = buffer.offset().checked_add(buffer.length());
+        if buffer.offset() < 0 || buffer.length() < 0 || end.is_none_or(|end| end > body) {
+            return Err(bad());
+        }
+    }
+    Ok(data)
 }
 
 fn garbage(reason: &str) -> Outcome {

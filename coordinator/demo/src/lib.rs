@@ -64,6 +64,10 @@ pub struct DemoOptions {
     pub dp: Option<DemoDp>,
     /// The coordinator's totals rules, instead of the ones that go with the nodes' policies.
     pub totals: Option<TotalsRules>,
+    /// More researchers on the demo project at every trust's policy, beside [`RESEARCHER`] and
+    /// [`COLLEAGUE`] (the demo's coordinator gives them no token; tests that run their own
+    /// coordinator do, such as the load test's hundred researchers).
+    pub researchers: Vec<String>,
 }
 
 /// With `--dp`: most rows of a table one patient brings to an aggregate (others: 1).
@@ -111,6 +115,7 @@ impl Default for DemoOptions {
             quorum: Quorum::All,
             dp: None,
             totals: None,
+            researchers: Vec::new(),
         }
     }
 }
@@ -216,7 +221,7 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
             .issue_server(&format!("{trust} node"), &hosts)
             .and_then(|c| c.write(&pki, &format!("node-{trust}")))
             .map_err(step("making a node certificate"))?;
-        let policy = write_policy(&dir, trust, options.unprotected, options.dp)?;
+        let policy = write_policy(&dir, trust, options)?;
         trustql_policies::approve(&policy, "Demo Controller", &schema)
             .map_err(step("approving a demo policy"))?;
         let config = NodeConfig {
@@ -336,12 +341,14 @@ fn trusts_in(data: &Path) -> Result<Vec<String>, DemoError> {
     Ok(trusts)
 }
 
-fn write_policy(
-    dir: &Path,
-    trust: &str,
-    unprotected: bool,
-    dp: Option<DemoDp>,
-) -> Result<PathBuf, DemoError> {
+fn write_policy(dir: &Path, trust: &str, options: &DemoOptions) -> Result<PathBuf, DemoError> {
+    let (unprotected, dp) = (options.unprotected, options.dp);
+    let researchers: Vec<String> = [RESEARCHER, COLLEAGUE]
+        .into_iter()
+        .map(str::to_string)
+        .chain(options.researchers.iter().cloned())
+        .map(|r| format!("\"{r}\""))
+        .collect();
     let disclosure = if unprotected {
         "min_patients = 1\nrounding = \"none\"\nwithhold_whole_margin_cells = false"
     } else {
@@ -351,14 +358,15 @@ fn write_policy(
         "# Demo policy for {trust}{}\n[policy]\nversion = \"demo-1\"\ntrust = \"{trust}\"\n\
          description = \"TrustQL demo policy\"\n\n[disclosure]\n{disclosure}\n\n[query]\nmax_groups = 20000\n\n\
          [[project]]\nid = \"{PROJECT}\"\ntitle = \"Cancer pathways across the region (demonstration)\"\n\
-         researchers = [\"{RESEARCHER}\", \"{COLLEAGUE}\"]\ntables = [\"sim_av_patient\", \"sim_av_tumour\", \"sim_sact_regimen\", \
+         researchers = [{}]\ntables = [\"sim_av_patient\", \"sim_av_tumour\", \"sim_sact_regimen\", \
          \"sim_sact_cycle\", \"sim_sact_drug_detail\", \"sim_sact_outcome\", \"sim_rtds_episode\", \
          \"sim_rtds_prescription\"]\nexpires = \"2099-12-31\"\n",
         if unprotected {
             " (UNPROTECTED: for correctness checks only)"
         } else {
             ""
-        }
+        },
+        researchers.join(", ")
     );
     let text = match dp {
         None => text,

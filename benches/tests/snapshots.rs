@@ -42,7 +42,7 @@ async fn the_panel_plans_and_releases_as_recorded() {
         let released = [lines, rows, foot].concat().join("\n");
         let meta = format!(
             "released {} withheld {:?}",
-            answer.meta.released, answer.meta.withheld
+            answer.meta.released, answer.withheld
         );
         insta::assert_snapshot!(format!("answer_{name}"), format!("{meta}\n{released}"), sql);
     }

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::MutexGuard;
 use trustql_budget::{Charge, Kind, Ledger};
 use trustql_policies::{Budget, DpNeeds, DpReport, now_rfc3339};
-use trustql_protocol::{ANSWER_META_KEY, AnswerMeta, ColumnNoise, DpMeta, SiteRequest};
+use trustql_protocol::{ANSWER_META_KEY, AnswerMeta, ColumnNoise, DpMeta, SiteRequest, Withheld};
 
 use crate::engine::{SiteAnswer, SiteEngine, Timings, hex};
 use crate::error::{NodeError, fault};
@@ -196,6 +196,7 @@ fn repeat(
     Ok(SiteAnswer {
         batch,
         meta,
+        withheld: Withheld::default(),
         plan_fingerprint,
         timings: Timings::default(),
     })

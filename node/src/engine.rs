@@ -51,6 +51,9 @@ pub struct SiteAnswer {
     pub batch: RecordBatch,
     /// The answer's metadata.
     pub meta: AnswerMeta,
+    /// Groups withheld, by reason: for this trust's audit log only (an exact, data-dependent
+    /// count never leaves the trust).
+    pub withheld: Withheld,
     /// SHA-256 of the optimised logical plan.
     pub plan_fingerprint: String,
     /// Where the node's time went.
@@ -283,7 +286,6 @@ impl SiteEngine {
             policy_version: policy.policy.version.clone(),
             policy_hash: self.policy.hash.clone(),
             released: released.batch.num_rows(),
-            withheld,
             columns,
             dp,
         };
@@ -291,6 +293,7 @@ impl SiteEngine {
         let answer = SiteAnswer {
             batch,
             meta,
+            withheld,
             plan_fingerprint,
             timings: Timings {
                 vetting,

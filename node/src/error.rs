@@ -130,7 +130,17 @@ impl NodeError {
             | NodeError::Stale { .. }
             | NodeError::Replayed => Status::unauthenticated(self.to_string()),
             NodeError::Timeout(_) => Status::deadline_exceeded(self.to_string()),
-            NodeError::Memory | NodeError::Busy => Status::resource_exhausted(self.to_string()),
+            NodeError::Memory => Status::resource_exhausted(self.to_string()),
+            // Marked, so the coordinator can tell admission (no data read) from running out of
+            // memory mid-query (which the data can cause).
+            NodeError::Busy => {
+                let mut status = Status::resource_exhausted(self.to_string());
+                status.metadata_mut().insert(
+                    trustql_protocol::BUSY_HEADER,
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
+                status
+            }
             NodeError::Execution | NodeError::Internal(_) => Status::internal(self.to_string()),
             // Not `unavailable`: that code means the transport failed, and the coordinator
             // reports it as an unreachable node.

@@ -83,7 +83,7 @@ impl NodeService {
                 Decision::Answered,
                 None,
                 answer.meta.released,
-                answer.meta.withheld.clone(),
+                answer.withheld.clone(),
                 Some(answer.plan_fingerprint.clone()),
             ),
             Err(e) => (

@@ -318,7 +318,7 @@ async fn keys_without_a_code_set_pass_a_threshold_and_spend_delta() {
         );
     }
     assert_eq!(
-        answer.meta.withheld,
+        answer.withheld,
         Default::default(),
         "nothing said about rare groups"
     );

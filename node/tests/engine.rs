@@ -168,7 +168,7 @@ async fn partial_states_finished_by_datafusion_equal_the_single_process_answer()
             .expect("collect");
         let direct = concat_batches(&direct[0].schema(), &direct).expect("concat");
         assert_eq!(rows_as_text(&finished), rows_as_text(&direct), "{sql}");
-        assert_eq!(answer.meta.withheld.small, 0);
+        assert_eq!(answer.withheld.small, 0);
         assert_eq!(answer.meta.released, direct.num_rows());
     }
 }
@@ -355,7 +355,7 @@ async fn small_groups_are_withheld_and_counted() {
         )
         .await
         .expect("answer");
-    assert!(answer.meta.withheld.small > 0, "rare sites are withheld");
+    assert!(answer.withheld.small > 0, "rare sites are withheld");
     assert!(answer.meta.released > 0);
     let counts = answer.batch.column(1).as_primitive::<Int64Type>();
     assert!(
@@ -440,7 +440,7 @@ async fn rollup_subtotals_of_withheld_cells_are_withheld_at_the_node() {
         !grand_total,
         "the grand total is the margin of withheld cells too"
     );
-    assert!(answer.meta.withheld.small > 0 && answer.meta.withheld.margin_of_withheld > 0);
+    assert!(answer.withheld.small > 0 && answer.withheld.margin_of_withheld > 0);
 }
 
 #[tokio::test]
@@ -547,7 +547,7 @@ async fn each_aggregate_reads_at_least_the_minimum_of_patients() {
         let (p, q) = readers[&key];
         assert!(p >= 10 && q >= 10, "released over too few patients: {row}");
     }
-    assert!(answer.meta.withheld.small >= targets.len());
+    assert!(answer.withheld.small >= targets.len());
     // Only the group's own patients stay in the answer: no per-aggregate count leaves.
     assert_eq!(
         answer
@@ -589,7 +589,7 @@ async fn dominated_sums_are_withheld_by_the_largest_contributions() {
         !dominated.is_empty(),
         "the data must have dominated groups for this test"
     );
-    assert_eq!(answer.meta.withheld.dominated, dominated.len());
+    assert_eq!(answer.withheld.dominated, dominated.len());
     let released: HashSet<String> = rows_as_text(&answer.batch.project(&[0]).expect("keys"))
         .into_iter()
         .collect();
@@ -622,6 +622,6 @@ async fn dominated_sums_are_withheld_by_the_largest_contributions() {
         );
         let answer = engine.answer(&request(&sql), TODAY).await.expect("answer");
         assert_eq!(answer.meta.released, released, "{sql}");
-        assert_eq!(answer.meta.withheld.dominated, 1 - released, "{sql}");
+        assert_eq!(answer.withheld.dominated, 1 - released, "{sql}");
     }
 }

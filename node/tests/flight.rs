@@ -323,6 +323,8 @@ async fn a_query_over_the_time_limit_fails_clearly_and_the_node_answers_the_next
         .expect_err("one query at a time");
     assert_eq!(busy.code(), Code::ResourceExhausted);
     assert!(busy.message().contains("busy"), "{}", busy.message());
+    // Marked as admission, so the coordinator may name the busy trust.
+    assert!(busy.metadata().get(trustql_protocol::BUSY_HEADER).is_some());
 
     let status = slow
         .await
@@ -379,6 +381,13 @@ async fn a_query_over_the_memory_limit_fails_clearly_and_the_node_answers_the_ne
         status.message()
     );
     assert!(status.message().contains("memory"), "{}", status.message());
+    assert!(
+        status
+            .metadata()
+            .get(trustql_protocol::BUSY_HEADER)
+            .is_none(),
+        "running out of memory mid-query is no admission"
+    );
     let messages = raw_get(&site, ticket(&site, "next", FAST))
         .await
         .expect("the node still answers");

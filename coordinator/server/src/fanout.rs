@@ -15,7 +15,8 @@ use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use trustql_merge::SiteStates;
 use trustql_protocol::{
-    ANSWER_META_KEY, AnswerMeta, RequestSigner, SignedRequest, SiteRequest, TrustStatus,
+    ANSWER_META_KEY, AnswerMeta, BUSY_HEADER, RequestSigner, SignedRequest, SiteRequest,
+    TrustStatus,
 };
 
 use crate::config::NodeEntry;
@@ -29,8 +30,18 @@ const MAX_ANSWER_BYTES: usize = 64 << 20;
 pub(crate) enum Outcome {
     /// The node's protected states.
     Answered(Box<SiteStates>),
-    /// Anything else, with the reason.
-    Not(TrustStatus, String),
+    /// Anything else, with the reason, and whether it happened after the node took the query
+    /// (a failure or a timeout while it ran), where its cause could be the node's data.
+    Not(TrustStatus, String, Taken),
+}
+
+/// Whether a trust's failure came after it took the query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Taken {
+    /// Before it ran anything: the channel, the trust's identity checks or its policy.
+    Before,
+    /// While it ran: an error, running out of memory or time, which the data could cause.
+    While,
 }
 
 /// Reads the coordinator's request-signing key (`request_signing_key`).
@@ -102,6 +113,7 @@ impl NodeLink {
             Err(_) => Outcome::Not(
                 TrustStatus::TimedOut,
                 format!("no answer within {} ms", deadline.as_millis()),
+                Taken::While,
             ),
         }
     }
@@ -202,7 +214,8 @@ fn within_body(data: FlightData) -> Result<FlightData, FlightError> {
 }
 
 fn garbage(reason: &str) -> Outcome {
-    Outcome::Not(TrustStatus::Failed, reason.to_string())
+    // The node's protocol broke (a bug or a hostile node), not its query.
+    Outcome::Not(TrustStatus::Failed, reason.to_string(), Taken::Before)
 }
 
 /// Whether a status came from the channel (connecting, TLS, the connection dropping) rather
@@ -221,26 +234,34 @@ fn from_transport(status: &tonic::Status) -> bool {
 /// Maps a node's status to coverage; node messages are bounded and never hold data.
 fn from_status(status: &tonic::Status) -> Outcome {
     let message: String = status.message().chars().take(500).collect();
-    let kind = match status.code() {
-        Code::PermissionDenied | Code::InvalidArgument => TrustStatus::Refused,
+    let (kind, taken) = match status.code() {
+        Code::PermissionDenied | Code::InvalidArgument => (TrustStatus::Refused, Taken::Before),
         // Nodes never answer `unavailable` themselves: it is the transport (refused
         // connection, TLS).
         Code::Unavailable => {
             return Outcome::Not(
                 TrustStatus::Unreachable,
                 "the node could not be reached (down, or its certificate is not trusted)".into(),
+                Taken::Before,
             );
         }
-        Code::DeadlineExceeded => TrustStatus::Failed,
         Code::Unknown if from_transport(status) => {
             return Outcome::Not(
                 TrustStatus::Unreachable,
                 "the node could not be reached".into(),
+                Taken::Before,
             );
         }
-        _ => TrustStatus::Failed,
+        // The node's identity checks (who asks, replay), its recording faults (audit, budget)
+        // and its admission (busy) do not look at the data.
+        Code::Unauthenticated | Code::Aborted => (TrustStatus::Failed, Taken::Before),
+        Code::ResourceExhausted if status.metadata().get(BUSY_HEADER).is_some() => {
+            (TrustStatus::Failed, Taken::Before)
+        }
+        // Its deadline, memory, execution and anything unforeseen may.
+        _ => (TrustStatus::Failed, Taken::While),
     };
-    Outcome::Not(kind, message)
+    Outcome::Not(kind, message, taken)
 }
 
 #[cfg(test)]
@@ -249,7 +270,7 @@ mod tests {
 
     fn status_of(outcome: Outcome) -> TrustStatus {
         match outcome {
-            Outcome::Not(status, _) => status,
+            Outcome::Not(status, ..) => status,
             Outcome::Answered(_) => TrustStatus::Answered,
         }
     }
@@ -265,5 +286,43 @@ mod tests {
         assert_eq!(status_of(from_status(&worded)), TrustStatus::Failed);
         let refused = tonic::Status::permission_denied("refused (table): …");
         assert_eq!(status_of(from_status(&refused)), TrustStatus::Refused);
+    }
+
+    fn taken(status: &tonic::Status) -> Taken {
+        match from_status(status) {
+            Outcome::Not(_, _, taken) => taken,
+            Outcome::Answered(_) => Taken::Before,
+        }
+    }
+
+    fn busy() -> tonic::Status {
+        let mut status = tonic::Status::resource_exhausted("busy");
+        status.metadata_mut().insert(
+            BUSY_HEADER,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        status
+    }
+
+    #[test]
+    fn only_failures_while_running_may_depend_on_the_data() {
+        for status in [
+            tonic::Status::internal("the query could not be completed"),
+            tonic::Status::deadline_exceeded("deadline"),
+            tonic::Status::resource_exhausted("memory"),
+            tonic::Status::unknown("a node's own failure"),
+        ] {
+            assert_eq!(taken(&status), Taken::While, "{status:?}");
+        }
+        for status in [
+            tonic::Status::permission_denied("refused"),
+            tonic::Status::invalid_argument("bad request"),
+            tonic::Status::unauthenticated("not vouched for"),
+            tonic::Status::aborted("cannot record"),
+            tonic::Status::unavailable("down"),
+            busy(),
+        ] {
+            assert_eq!(taken(&status), Taken::Before, "{status:?}");
+        }
     }
 }

@@ -16,7 +16,7 @@ use trustql_policies::{AnswerProtection, TotalsRules, check_text, now_rfc3339};
 use crate::auth::{Caller, Researchers};
 use crate::config::{CoordinatorConfig, Quorum};
 use crate::error::{CoordinatorError, random_hex};
-use crate::fanout::{NodeLink, Outcome, load_signer};
+use crate::fanout::{NodeLink, Outcome, Taken, load_signer};
 use crate::limits::Limits;
 use crate::noise::{NoiseSum, value_intervals};
 
@@ -47,6 +47,11 @@ pub struct Coordinator {
     /// Every researcher request, hash-chained like a node's.
     audit: Arc<AuditLog>,
 }
+
+const WITHHELD_NOTE: &str = "each trust withholds its own groups with too few patients, \
+     dominated sums and 100% cells, with their margins, so a value covers only the trusts that \
+     released that group; how many groups a trust withheld is not reported, as that number would \
+     itself be an exact count";
 
 const DISTINCT_NOTE: &str = "COUNT(DISTINCT …) is summed over trusts: a patient treated at two \
      trusts has a local id at each and is counted at both (cross-trust linkage is not done yet).";
@@ -99,8 +104,10 @@ impl Coordinator {
     ) -> Result<FederatedAnswer, CoordinatorError> {
         // Random, and the same at every node, to join the audit logs.
         let request_id = random_hex(12)?;
-        let outcome = self.federate(caller, sql, &request_id).await;
-        let entry = audit_entry(caller, sql, &request_id, &outcome);
+        // What each trust really did: the audit keeps it, the researcher may not see it.
+        let mut statuses = Vec::new();
+        let outcome = self.federate(caller, sql, &request_id, &mut statuses).await;
+        let entry = audit_entry(caller, sql, &request_id, &outcome, statuses);
         let audit = self.audit.clone();
         let recorded = tokio::task::spawn_blocking(move || audit.append(entry)).await;
         if !matches!(recorded, Ok(Ok(_))) {
@@ -117,6 +124,7 @@ impl Coordinator {
         caller: &Caller,
         sql: &str,
         request_id: &str,
+        statuses: &mut Vec<TrustOutcome>,
     ) -> Result<FederatedAnswer, CoordinatorError> {
         self.check_text(sql)?;
         let prepared = self.merger.prepare(sql).await?;
@@ -149,7 +157,8 @@ impl Coordinator {
         } else {
             (&self.merger, prepared)
         };
-        let mut trusts = Vec::with_capacity(outcomes.len());
+        // Each line, and whether the trust failed after it took the query.
+        let mut lines = Vec::with_capacity(outcomes.len());
         let mut states = Vec::new();
         let mut noise = NoiseSum::default();
         let mut noisy_states = Vec::new();
@@ -162,11 +171,14 @@ impl Coordinator {
                         }
                         states.push(batch);
                         noise.add(&site.meta);
-                        answered(&site)
+                        (answered(&site), Taken::Before)
                     }
-                    Err(e) => not(link.trust(), TrustStatus::Failed, e.to_string()),
+                    Err(e) => (
+                        not(link.trust(), TrustStatus::Failed, e.to_string()),
+                        Taken::Before,
+                    ),
                 },
-                Outcome::Not(status, reason) => {
+                Outcome::Not(status, reason, taken) => {
                     tracing::warn!(
                         id = %request.request_id,
                         trust = link.trust(),
@@ -174,11 +186,18 @@ impl Coordinator {
                         reason = %reason,
                         "a trust did not answer"
                     );
-                    not(link.trust(), status, reason)
+                    (not(link.trust(), status, reason), taken)
                 }
             };
-            trusts.push(line);
+            lines.push(line);
         }
+        statuses.extend(lines.iter().map(|(t, _)| TrustOutcome {
+            trust: t.trust.clone(),
+            status: t.status,
+        }));
+        let noisy = !noisy_states.is_empty();
+        let incomplete = conceal_incomplete(&mut lines);
+        let trusts: Vec<TrustCoverage> = lines.into_iter().map(|(t, _)| t).collect();
         let answered_count = states.len();
         let total = trusts.len();
         let mut notes = Vec::new();
@@ -187,7 +206,17 @@ impl Coordinator {
         }
         notes.extend(totals.notes());
         let noise = noise.outputs(prepared.aggregate_outputs());
-        if trusts.iter().any(|t| t.dp.is_some()) {
+        if states.len() > noisy_states.len() {
+            notes.push(WITHHELD_NOTE.into());
+        }
+        if noisy && incomplete > 0 {
+            notes.push(
+                "every trust marked \"asked\" charged the query's ε to the project before it \
+                 ran, whether or not it completed; the next answer at each trust shows what is left"
+                    .into(),
+            );
+        }
+        if noisy {
             notes.push(
                 "values carry differential-privacy noise from each trust; counts can come out \
                  negative, and a mean is a noisy sum over a noisy count"
@@ -200,17 +229,26 @@ impl Coordinator {
         if answered_count < total {
             let missing: Vec<&str> = trusts
                 .iter()
-                .filter(|t| t.status != TrustStatus::Answered)
+                .filter(|t| !matches!(t.status, TrustStatus::Answered | TrustStatus::Asked))
                 .map(|t| t.trust.as_str())
                 .collect();
+            let mut left_out = missing.join(", ");
+            if incomplete > 0 {
+                if !left_out.is_empty() {
+                    left_out.push_str(" and ");
+                }
+                left_out.push_str(&format!(
+                    "{incomplete} of the trusts marked \"asked\" (which is not said)"
+                ));
+            }
             notes.push(format!(
-                "the result leaves out {}: it covers only the trusts that answered",
-                missing.join(", ")
+                "the result leaves out {left_out}: it covers only the trusts that answered"
             ));
         }
         let mut coverage = Coverage {
             request_id: request.request_id.clone(),
             complete: answered_count == total,
+            incomplete,
             trusts,
             notes,
             noise,
@@ -314,13 +352,8 @@ fn audit_entry(
     sql: &str,
     request_id: &str,
     outcome: &Result<FederatedAnswer, CoordinatorError>,
+    trusts: Vec<TrustOutcome>,
 ) -> AuditEntry {
-    let coverage = match outcome {
-        Ok(answer) => Some(&answer.coverage),
-        Err(CoordinatorError::Refused { coverage, .. }) => coverage.as_deref(),
-        Err(CoordinatorError::NoQuorum { coverage, .. }) => Some(coverage.as_ref()),
-        Err(_) => None,
-    };
     let (decision, reason, released) = match outcome {
         Ok(answer) => (
             Decision::Answered,
@@ -335,18 +368,6 @@ fn audit_entry(
         ) => (Decision::Refused, Some(first_line(e)), 0),
         Err(e) => (Decision::Failed, Some(first_line(e)), 0),
     };
-    let mut withheld = Withheld::default();
-    let mut trusts = Vec::new();
-    for t in coverage.map(|c| c.trusts.as_slice()).unwrap_or_default() {
-        withheld.small += t.withheld.small;
-        withheld.dominated += t.withheld.dominated;
-        withheld.whole_margin += t.withheld.whole_margin;
-        withheld.margin_of_withheld += t.withheld.margin_of_withheld;
-        trusts.push(TrustOutcome {
-            trust: t.trust.clone(),
-            status: t.status,
-        });
-    }
     AuditEntry {
         time: now_rfc3339(),
         request_id: request_id.to_string(),
@@ -357,7 +378,8 @@ fn audit_entry(
         decision,
         reason,
         released,
-        withheld,
+        // Each trust's own log holds what it withheld; no count of it reaches the coordinator.
+        withheld: Withheld::default(),
         // The coordinator serves no policy of its own; the trusts' records carry theirs.
         policy_hash: String::new(),
         epsilon: None,
@@ -375,10 +397,30 @@ fn answered(site: &SiteStates) -> TrustCoverage {
         trust: site.trust.clone(),
         status: TrustStatus::Answered,
         reason: None,
-        released: site.meta.released,
-        withheld: site.meta.withheld.clone(),
+        // Under DP the groups released follow from noisy counts; otherwise the number is exact.
+        released: site.meta.dp.as_ref().map(|_| site.meta.released),
         dp: site.meta.dp.clone(),
     }
+}
+
+/// If any trust failed after it took the query, marks every trust that took it "asked", with
+/// no reason and no figures, and returns how many failed: the failure could depend on the
+/// trust's data (an error only the trust holding some row hits, a join only its rows make
+/// slow), so naming it, or the trusts that answered, would say which trust holds that row.
+fn conceal_incomplete(lines: &mut [(TrustCoverage, Taken)]) -> usize {
+    let incomplete = lines.iter().filter(|(_, t)| *t == Taken::While).count();
+    if incomplete > 0 {
+        for (line, _) in lines
+            .iter_mut()
+            .filter(|(l, t)| l.status == TrustStatus::Answered || *t == Taken::While)
+        {
+            line.status = TrustStatus::Asked;
+            line.reason = None;
+            line.released = None;
+            line.dp = None;
+        }
+    }
+    incomplete
 }
 
 fn not(trust: &str, status: TrustStatus, reason: String) -> TrustCoverage {
@@ -386,8 +428,7 @@ fn not(trust: &str, status: TrustStatus, reason: String) -> TrustCoverage {
         trust: trust.to_string(),
         status,
         reason: Some(reason),
-        released: 0,
-        withheld: Withheld::default(),
+        released: None,
         dp: None,
     }
 }

@@ -86,7 +86,8 @@ pub struct AnswerColumn {
     pub aggregate: Option<usize>,
 }
 
-/// Groups withheld by disclosure control, by reason.
+/// Groups withheld by disclosure control, by reason. Exact and data-dependent, so it stays at the
+/// trust (its audit log): it never travels in an answer's metadata.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Withheld {
     /// Fewer distinct patients than the minimum.
@@ -151,10 +152,8 @@ pub struct AnswerMeta {
     pub policy_version: String,
     /// SHA-256 of the policy applied.
     pub policy_hash: String,
-    /// Groups released.
+    /// Groups released (the rows of the stream; nothing about groups not released travels).
     pub released: usize,
-    /// Groups withheld, by reason.
-    pub withheld: Withheld,
     /// The columns of the stream.
     pub columns: Vec<AnswerColumn>,
     /// For a differentially private answer: its cost and noise.
@@ -174,6 +173,11 @@ impl AnswerMeta {
     }
 }
 
+/// gRPC metadata key a node sets on its `resource_exhausted` status when it refused a request
+/// at admission (too many queries running), before looking at any data; a node that runs out
+/// of memory while running a query uses the same code without it.
+pub const BUSY_HEADER: &str = "x-trustql-busy";
+
 /// Schema-metadata key (and FlightInfo app_metadata) holding the JSON [`Coverage`] of a
 /// federated answer.
 pub const COVERAGE_META_KEY: &str = "trustql.coverage";
@@ -192,6 +196,11 @@ pub enum TrustStatus {
     Unreachable,
     /// The trust accepted the query but could not complete it, or answered garbage.
     Failed,
+    /// The trust was asked; whether it completed is not said. Used for every such trust when
+    /// at least one of them failed or timed out ([`Coverage::incomplete`]): a failure after a
+    /// trust took a query could depend on its data, so naming the trust would tell where a
+    /// patient is.
+    Asked,
 }
 
 /// One trust's line in the coverage report.
@@ -204,10 +213,11 @@ pub struct TrustCoverage {
     /// Why, when not answered (the node's own words where it gave them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// Groups the trust released.
-    pub released: usize,
-    /// Groups the trust withheld, by reason.
-    pub withheld: Withheld,
+    /// Groups the trust released, for a differentially private answer only (its count comes
+    /// from noisy counts; under suppression and rounding the number of a trust's groups that
+    /// pass the minimum is an exact data-dependent count, and is not reported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released: Option<usize>,
     /// For a differentially private answer: its cost and noise at this trust.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp: Option<DpMeta>,
@@ -250,11 +260,19 @@ pub struct Coverage {
     pub trusts: Vec<TrustCoverage>,
     /// Whether every trust answered.
     pub complete: bool,
+    /// Trusts that were asked and failed or timed out; their lines (and those of the trusts
+    /// that answered) say [`TrustStatus::Asked`], so which ones is not told.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub incomplete: usize,
     /// Notes on reading the result.
     pub notes: Vec<String>,
     /// Noise in each noisy result column (differential privacy), by column.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub noise: Vec<OutputNoise>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Coverage {
@@ -271,17 +289,32 @@ impl Coverage {
 
 impl std::fmt::Display for Coverage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
         let answered = self
             .trusts
             .iter()
             .filter(|t| t.status == TrustStatus::Answered)
             .count();
+        let asked = self
+            .trusts
+            .iter()
+            .filter(|t| t.status == TrustStatus::Asked)
+            .count();
         writeln!(
             f,
-            "Coverage: {answered} of {} trusts answered (request {})",
+            "Coverage: {} of {} trusts answered (request {})",
+            answered + asked.saturating_sub(self.incomplete),
             self.trusts.len(),
             self.request_id
         )?;
+        if self.incomplete > 0 {
+            writeln!(
+                f,
+                "  {} of the {asked} trusts marked \"asked\" did not complete the query; which \
+                 ones is not said, as a failure after a trust took a query could depend on its data",
+                self.incomplete
+            )?;
+        }
         for t in &self.trusts {
             let status = match t.status {
                 TrustStatus::Answered => "answered",
@@ -289,37 +322,31 @@ impl std::fmt::Display for Coverage {
                 TrustStatus::TimedOut => "timed out",
                 TrustStatus::Unreachable => "unreachable",
                 TrustStatus::Failed => "failed",
+                TrustStatus::Asked => "asked",
             };
-            let w = &t.withheld;
-            let withheld = w.small + w.dominated + w.whole_margin + w.margin_of_withheld;
-            write!(f, "  {:<6} {status:<11}", t.trust)?;
-            if t.status == TrustStatus::Answered {
-                write!(f, " {} group(s) released, {withheld} withheld", t.released)?;
-                if withheld > 0 {
-                    write!(
-                        f,
-                        " ({} small, {} dominated, {} whole-margin, {} margins of withheld cells)",
-                        w.small, w.dominated, w.whole_margin, w.margin_of_withheld
-                    )?;
-                }
+            // One line, without the padding when nothing follows the status.
+            let mut line = String::new();
+            write!(line, "  {:<6} {status:<11}", t.trust)?;
+            if let Some(released) = t.released {
+                write!(line, " {released} group(s) released")?;
             }
             if let Some(dp) = &t.dp {
                 if dp.preview {
-                    write!(f, "; would spend ε {}", dp.epsilon_cost)?;
+                    write!(line, "; would spend ε {}", dp.epsilon_cost)?;
                 } else if dp.repeat {
-                    write!(f, "; a repeat, no ε spent")?;
+                    write!(line, "; a repeat, no ε spent")?;
                 } else {
-                    write!(f, "; spent ε {}", dp.epsilon_charged)?;
+                    write!(line, "; spent ε {}", dp.epsilon_charged)?;
                 }
                 if dp.delta_cost > 0.0 && !dp.repeat {
-                    write!(f, " and δ {:e}", dp.delta_cost)?;
+                    write!(line, " and δ {:e}", dp.delta_cost)?;
                 }
-                write!(f, ", ε {:.4} left", dp.epsilon_remaining)?;
+                write!(line, ", ε {:.4} left", dp.epsilon_remaining)?;
             }
             if let Some(reason) = &t.reason {
-                write!(f, " — {reason}")?;
+                write!(line, " — {reason}")?;
             }
-            writeln!(f)?;
+            writeln!(f, "{}", line.trim_end())?;
         }
         for n in &self.noise {
             match (n.ci95, n.sd) {

@@ -14,6 +14,7 @@
 //!
 //! Nothing here talks to the network; the node wraps it.
 
+mod allowance;
 mod approval;
 mod contribution;
 mod date;
@@ -28,6 +29,7 @@ mod text;
 mod total;
 mod vet;
 
+pub use allowance::{AllowanceLeft, AllowanceUsed, DEFAULT_QUERIES_PER_DAY, QueryAllowance};
 pub use approval::{
     Approval, ApprovedPolicy, approval_path, approve, content_hash, load_approved, load_checked,
 };

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 use trustql_schemas::{ColumnType, DisclosureClass, TrustSchema};
 
+use crate::allowance::QueryAllowance;
 use crate::date::parse_date;
 use crate::error::PolicyError;
 use crate::text::TextLimits;
@@ -166,6 +167,10 @@ pub struct Disclosure {
     /// siblings are the 0% cells (a query never releases an empty group, so this is the
     /// 0%/100% rule).
     pub withhold_whole_margin_cells: bool,
+    /// Answered queries a project outside differential privacy may ask per day and in total,
+    /// unless the project sets its own; without it, [`QueryAllowance::default`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query_allowance: Option<QueryAllowance>,
 }
 
 impl Disclosure {
@@ -184,6 +189,7 @@ impl Default for Disclosure {
             rounding_base: 5,
             dominance: None,
             withhold_whole_margin_cells: true,
+            query_allowance: None,
         }
     }
 }
@@ -316,6 +322,10 @@ pub struct Project {
     /// Differential-privacy mode and budget; without it, disclosure control applies.
     #[serde(default)]
     pub dp: Option<ProjectDp>,
+    /// This project's query allowance (outside differential privacy), instead of
+    /// `[disclosure] query_allowance`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_allowance: Option<QueryAllowance>,
 }
 
 impl Project {
@@ -376,6 +386,21 @@ impl Policy {
             && (dom.n == 0 || !(dom.k > 0.0 && dom.k <= 100.0))
         {
             error("[disclosure] dominance needs n >= 1 and 0 < k <= 100".into());
+        }
+        let allowances = std::iter::once(("[disclosure]".to_string(), d.query_allowance)).chain(
+            self.projects
+                .iter()
+                .map(|p| (format!("project `{}`", p.id), p.query_allowance)),
+        );
+        for (whose, allowance) in allowances {
+            // A zero allowance would refuse every query; a project's expiry is how to stop one.
+            if let Some(a) = allowance
+                && (a.per_day == 0 || a.total == Some(0))
+            {
+                error(format!(
+                    "{whose} query_allowance: per_day and total must be at least 1"
+                ));
+            }
         }
         for name in &self.query.aggregates {
             if !SHIPPABLE_AGGREGATES.contains(&name.as_str()) {
@@ -557,6 +582,18 @@ impl Policy {
                  and SUM/AVG/VAR/STDDEV of columns with public bounds); DP projects are \
                  answered the full aggregate SQL their budget pays for"
             );
+            let a = d.query_allowance.unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  - many overlapping tables could be differenced, so each such project has a \
+                 query allowance at this trust: {} answered queries a day (UTC){} unless the \
+                 project says otherwise (query_allowance); a refusal is not counted",
+                a.per_day,
+                match a.total {
+                    Some(t) => format!(" and {t} in all"),
+                    None => String::new(),
+                }
+            );
         }
         let _ = writeln!(
             out,
@@ -658,6 +695,18 @@ impl Policy {
                 p.tables.join(", "),
                 p.expires
             );
+            if let Some(a) = self.allowance(p) {
+                let _ = writeln!(
+                    out,
+                    "    query allowance: {} answered queries a day (UTC){}; a repeat of a query \
+                     answered the same day is not counted",
+                    a.per_day,
+                    match a.total {
+                        Some(t) => format!(", {t} in all"),
+                        None => ", no total limit".to_string(),
+                    }
+                );
+            }
             if let Some(dp) = p.dp {
                 let _ = writeln!(
                     out,

@@ -54,6 +54,8 @@ pub enum Rule {
     Budget,
     /// An SDC project's query that is not table-builder SQL (DP mode answers it).
     TableBuilder,
+    /// An SDC project has used its query allowance at this trust (per day or in total).
+    QueryAllowance,
 }
 
 impl Rule {
@@ -83,6 +85,7 @@ impl Rule {
             Rule::Unsupported => "unsupported",
             Rule::Budget => "privacy-budget",
             Rule::TableBuilder => "table-builder",
+            Rule::QueryAllowance => "query-allowance",
         }
     }
 }

@@ -134,7 +134,7 @@ fn rows_as_text(batch: &RecordBatch) -> Vec<String> {
 #[tokio::test]
 async fn partial_states_finished_by_datafusion_equal_the_single_process_answer() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let engine = engine(dir.path(), 4_000, common::UNPROTECTED).await;
+    let engine = engine(dir.path(), 4_000, common::UNPROTECTED_EXTREMES).await;
     let ctx = plain(dir.path()).await;
     for sql in [
         "SELECT site_icd10_o2_3char, COUNT(*), SUM(age), AVG(age), VAR(age), STDDEV(age), MIN(chrl_tot_27_03), MAX(chrl_tot_27_03) FROM sim_av_tumour GROUP BY site_icd10_o2_3char",

@@ -241,7 +241,9 @@ impl Default for Classes {
                 group_by: true,
                 filter: true,
                 aggregate: true,
-                min_max: true,
+                // MIN/MAX releases one patient's value whatever the group's size; a controller
+                // who accepts that says so.
+                min_max: false,
             },
         }
     }

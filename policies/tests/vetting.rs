@@ -104,7 +104,12 @@ async fn ordinary_aggregate_queries_are_accepted() {
     .await;
     accepted("SELECT stage_best, COUNT(*) AS n FROM sim_av_tumour WHERE site_icd10_o2_3char IN ('C50', 'C34', 'C18') GROUP BY stage_best HAVING COUNT(*) > 5 ORDER BY n DESC LIMIT 10").await;
     accepted("SELECT SUM(actual_dose_per_administration), drug_group FROM sim_sact_drug_detail GROUP BY drug_group").await;
-    accepted("SELECT MAX(actual_dose_per_administration) FROM sim_sact_drug_detail").await;
+    // Extremes of clinical columns are off by default (tests/extremes.rs).
+    refused(
+        "SELECT MAX(actual_dose_per_administration) FROM sim_sact_drug_detail",
+        Rule::ColumnClass,
+    )
+    .await;
     accepted("SELECT COUNT(patientid), COUNT(DISTINCT patientid) FROM sim_av_tumour").await;
     accepted_beyond_table_builder(
         "SELECT COUNT(*) FROM sim_av_tumour WHERE TRY_CAST(stage_best AS INT) = 3",

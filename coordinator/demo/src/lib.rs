@@ -349,8 +349,10 @@ fn write_policy(dir: &Path, trust: &str, options: &DemoOptions) -> Result<PathBu
         .chain(options.researchers.iter().cloned())
         .map(|r| format!("\"{r}\""))
         .collect();
+    // The correctness mode answers what one process over the union would, extremes included.
     let disclosure = if unprotected {
-        "min_patients = 1\nrounding = \"none\"\nwithhold_whole_margin_cells = false"
+        "min_patients = 1\nrounding = \"none\"\nwithhold_whole_margin_cells = false\n\n\
+         [classes.clinical]\ngroup_by = true\nfilter = true\naggregate = true\nmin_max = true"
     } else {
         "min_patients = 10\nrounding = \"base\"\nrounding_base = 5\nwithhold_whole_margin_cells = true"
     };

@@ -43,7 +43,9 @@ async fn federation() -> Federation {
             &path,
             format!(
                 "[policy]\nversion = \"oracle\"\ntrust = \"{trust}\"\n\n[disclosure]\nmin_patients = 1\n\
-                 rounding = \"none\"\nwithhold_whole_margin_cells = false\n\n[query]\nmax_groups = 100000\n\n\
+                 rounding = \"none\"\nwithhold_whole_margin_cells = false\n\n\
+                 [classes.clinical]\ngroup_by = true\nfilter = true\naggregate = true\nmin_max = true\n\n\
+                 [query]\nmax_groups = 100000\n\n\
                  [[project]]\nid = \"p1\"\nresearchers = [\"alice\"]\ntables = [\"sim_av_patient\", \
                  \"sim_av_tumour\", \"sim_sact_regimen\", \"sim_rtds_episode\", \"sim_rtds_prescription\"]\n\
                  expires = \"2099-12-31\"\n"

@@ -93,6 +93,12 @@ pub(crate) fn records(audit: &Path) -> Vec<trustql_audit::AuditRecord> {
 pub(crate) const UNPROTECTED: &str =
     "min_patients = 1\nrounding = \"none\"\nwithhold_whole_margin_cells = false";
 
+/// [`UNPROTECTED`], and MIN/MAX of clinical columns allowed (off by default); ends in the
+/// `[classes.clinical]` table, so nothing may be appended to it.
+pub(crate) const UNPROTECTED_EXTREMES: &str = "min_patients = 1\nrounding = \"none\"\n\
+     withhold_whole_margin_cells = false\n\n[classes.clinical]\ngroup_by = true\nfilter = true\n\
+     aggregate = true\nmin_max = true";
+
 /// Certificates for a node, its coordinator, and an impostor signed by another CA; the
 /// coordinator's request-signing key.
 pub(crate) struct Pki {

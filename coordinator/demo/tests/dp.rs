@@ -377,3 +377,52 @@ async fn the_reported_intervals_hold_the_truth_about_95_times_in_100() {
         );
     }
 }
+
+/// Class 11, padding with known offsets: shifting `k` through the residues to undo the noise
+/// costs ε at every trust for every query, a repeat costs nothing but is the same noisy answer
+/// (so repeating averages nothing away), and the budget ends the attack.
+#[tokio::test]
+async fn padding_with_known_offsets_costs_budget_per_query_and_repeats_average_nothing() {
+    let fed = federation().await;
+    let mut client = client(&fed).await;
+    let padded = |k: u32| {
+        format!("SELECT COUNT(*) FILTER (WHERE age = 57 OR age % 15 < {k}) AS n FROM sim_av_tumour")
+    };
+    let value = |result: &QueryResult| -> f64 {
+        let batch = one(result);
+        let n = cast(batch.column(0), &DataType::Float64).expect("cast");
+        n.as_primitive::<Float64Type>().value(0)
+    };
+    let charged = |result: &QueryResult| -> Vec<(f64, bool)> {
+        result
+            .coverage
+            .as_ref()
+            .expect("coverage")
+            .trusts
+            .iter()
+            .map(|t| {
+                let dp = t.dp.as_ref().expect("dp");
+                (dp.epsilon_charged, dp.repeat)
+            })
+            .collect()
+    };
+
+    let first = client.query(&padded(1)).await.expect("answered");
+    assert!(charged(&first).iter().all(|&(e, r)| e == 1.0 && !r));
+    let again = client.query(&padded(1)).await.expect("a repeat");
+    assert!(charged(&again).iter().all(|&(e, r)| e == 0.0 && r));
+    assert_eq!(value(&again), value(&first), "a repeat is the same release");
+    for k in 2..=5 {
+        let shifted = client.query(&padded(k)).await.expect("within budget");
+        assert!(
+            charged(&shifted).iter().all(|&(e, _)| e == 1.0),
+            "k = {k} costs its ε"
+        );
+    }
+    // 5 of 5 spent: the next offset, and the COUNT(DISTINCT CASE …) form, get nothing.
+    let err = client.query(&padded(6)).await.expect_err("budget spent");
+    assert!(err.to_string().contains("privacy-budget"), "{err}");
+    let distinct = "SELECT COUNT(DISTINCT CASE WHEN age = 57 THEN age WHEN age % 15 < 3 \
+                    THEN -1 - (age % 15) END) FROM sim_av_tumour";
+    client.query(distinct).await.expect_err("nothing more");
+}

@@ -113,6 +113,7 @@ impl SiteEngine {
                 epsilon: needs.epsilon,
                 delta: needs.delta,
                 answer: Vec::new(),
+                day: None,
             };
             write(&ledger, spend).await?;
         }
@@ -147,6 +148,7 @@ impl SiteEngine {
             epsilon: 0.0,
             delta: 0.0,
             answer: encode(&answer.batch)?,
+            day: None,
         };
         write(&turn.ledger, released).await?;
         Ok(answer)

@@ -83,6 +83,8 @@ pub struct SiteEngine {
     pub(crate) ledger: Option<Arc<Ledger>>,
     /// One DP release at a time, so the budget check, the release and its record are atomic.
     pub(crate) dp_turn: tokio::sync::Mutex<()>,
+    /// SDC queries counted against project allowances (recorded in the ledger, if any).
+    pub(crate) queries: std::sync::Mutex<trustql_budget::Queries>,
     /// SHA-256 of the data files' names, sizes and modification times.
     pub(crate) data_version: String,
     /// The files whose patients are in order, as checked when the node opened.
@@ -168,11 +170,14 @@ impl SiteEngine {
             permits: Arc::new(Semaphore::new(limits.max_concurrent_queries)),
             ledger: None,
             dp_turn: tokio::sync::Mutex::new(()),
+            queries: Default::default(),
         })
     }
 
-    /// Keeps differentially private spending in `ledger`.
+    /// Keeps differentially private spending, and the queries counted against allowances, in
+    /// `ledger` (without one, the counts last as long as the engine).
     pub fn with_ledger(mut self, ledger: Arc<Ledger>) -> Self {
+        self.queries = std::sync::Mutex::new(ledger.queries());
         self.ledger = Some(ledger);
         self
     }
@@ -242,6 +247,12 @@ impl SiteEngine {
             },
             Needs::Sdc(_) => None,
         };
+        // An SDC query is checked against its project's query allowance, and counted, before
+        // it runs.
+        let allowance = match needs {
+            Needs::Sdc(_) => self.count_query(request, today, &plan_fingerprint).await?,
+            Needs::Dp(_) => None,
+        };
 
         let executing = tokio::time::Instant::now();
         let (run, cap) = to_run(aggregate, needs);
@@ -288,6 +299,7 @@ impl SiteEngine {
             released: released.batch.num_rows(),
             columns,
             dp,
+            allowance,
         };
         let batch = with_meta(released.batch, &meta)?;
         let answer = SiteAnswer {

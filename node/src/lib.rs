@@ -4,6 +4,7 @@
 //! the trust's approved policy, answers with protected partial aggregation states, and records
 //! every request in a hash-chained audit log. It trusts nothing the coordinator checked.
 
+mod allowance;
 mod config;
 mod dp;
 mod engine;

@@ -11,7 +11,7 @@ use trustql_coordinator::{
 };
 use trustql_devcerts::{DevCa, SigningKey};
 use trustql_node::{CoordinatorIdentity, Limits, NodeConfig, RunningNode, TlsConfig};
-use trustql_policies::Rounding;
+use trustql_policies::{QueryAllowance, Rounding};
 use trustql_schemas::{TrustSchema, trust_codes};
 use trustql_synth::{SynthConfig, generate};
 
@@ -68,6 +68,9 @@ pub struct DemoOptions {
     /// [`COLLEAGUE`] (the demo's coordinator gives them no token; tests that run their own
     /// coordinator do, such as the load test's hundred researchers).
     pub researchers: Vec<String>,
+    /// The demo project's query allowance at every trust (suppression and rounding), instead
+    /// of the policy default ([`trustql_policies::DEFAULT_QUERIES_PER_DAY`] a day).
+    pub query_allowance: Option<QueryAllowance>,
 }
 
 /// With `--dp`: most rows of a table one patient brings to an aggregate (others: 1).
@@ -116,6 +119,7 @@ impl Default for DemoOptions {
             dp: None,
             totals: None,
             researchers: Vec::new(),
+            query_allowance: None,
         }
     }
 }
@@ -240,6 +244,7 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
                 client_cert_sha256: vec![client_pin.clone()],
                 request_keys: vec![signing.public.clone()],
                 max_request_age_secs: 300,
+                max_clock_ahead_secs: 5,
             },
             limits: Limits::default(),
         };
@@ -353,8 +358,21 @@ fn write_policy(dir: &Path, trust: &str, options: &DemoOptions) -> Result<PathBu
     let disclosure = if unprotected {
         "min_patients = 1\nrounding = \"none\"\nwithhold_whole_margin_cells = false\n\n\
          [classes.clinical]\ngroup_by = true\nfilter = true\naggregate = true\nmin_max = true"
+            .to_string()
     } else {
-        "min_patients = 10\nrounding = \"base\"\nrounding_base = 5\nwithhold_whole_margin_cells = true"
+        let mut text = "min_patients = 10\nrounding = \"base\"\nrounding_base = 5\n\
+                        withhold_whole_margin_cells = true"
+            .to_string();
+        if let Some(a) = options.query_allowance {
+            text.push_str(&format!(
+                "\nquery_allowance = {{ per_day = {}{} }}",
+                a.per_day,
+                a.total
+                    .map(|t| format!(", total = {t}"))
+                    .unwrap_or_default()
+            ));
+        }
+        text
     };
     let text = format!(
         "# Demo policy for {trust}{}\n[policy]\nversion = \"demo-1\"\ntrust = \"{trust}\"\n\

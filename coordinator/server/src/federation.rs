@@ -400,6 +400,7 @@ fn answered(site: &SiteStates) -> TrustCoverage {
         // Under DP the groups released follow from noisy counts; otherwise the number is exact.
         released: site.meta.dp.as_ref().map(|_| site.meta.released),
         dp: site.meta.dp.clone(),
+        allowance: site.meta.allowance,
     }
 }
 
@@ -418,6 +419,8 @@ fn conceal_incomplete(lines: &mut [(TrustCoverage, Taken)]) -> usize {
             line.reason = None;
             line.released = None;
             line.dp = None;
+            // Present only where the trust answered: it would tell the failed ones apart.
+            line.allowance = None;
         }
     }
     incomplete
@@ -430,6 +433,7 @@ fn not(trust: &str, status: TrustStatus, reason: String) -> TrustCoverage {
         reason: Some(reason),
         released: None,
         dp: None,
+        allowance: None,
     }
 }
 

@@ -159,6 +159,23 @@ pub struct AnswerMeta {
     /// For a differentially private answer: its cost and noise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp: Option<DpMeta>,
+    /// For a project with a query allowance (suppression and rounding): what is left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowance: Option<AllowanceLeft>,
+}
+
+/// A project's query allowance left at a trust once this query was counted. It counts
+/// queries, not data, so it may be shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowanceLeft {
+    /// Queries left today (resets at 00:00 UTC).
+    pub today_left: u64,
+    /// Queries left in total; none without a total limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_left: Option<u64>,
+    /// This answer repeated one already counted today, so it was not counted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub repeat: bool,
 }
 
 impl AnswerMeta {
@@ -221,6 +238,9 @@ pub struct TrustCoverage {
     /// For a differentially private answer: its cost and noise at this trust.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp: Option<DpMeta>,
+    /// The project's query allowance left at this trust (suppression and rounding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowance: Option<AllowanceLeft>,
 }
 
 /// The noise in one column of a federated answer, from every trust's noise together.
@@ -342,6 +362,20 @@ impl std::fmt::Display for Coverage {
                     write!(line, " and δ {:e}", dp.delta_cost)?;
                 }
                 write!(line, ", ε {:.4} left", dp.epsilon_remaining)?;
+            }
+            if let Some(a) = &t.allowance {
+                let sep = if t.dp.is_some() || t.released.is_some() {
+                    "; "
+                } else {
+                    " "
+                };
+                write!(line, "{sep}{} queries left today", a.today_left)?;
+                if let Some(total) = a.total_left {
+                    write!(line, ", {total} in total")?;
+                }
+                if a.repeat {
+                    write!(line, " (a repeat, not counted)")?;
+                }
             }
             if let Some(reason) = &t.reason {
                 write!(line, " — {reason}")?;

@@ -7,8 +7,12 @@
 //! query is answered from the ledger at no further cost: the noise cannot be averaged away by
 //! asking again. A line torn by a crash was never acted on (the query runs, and the answer is
 //! sent, only after the write completes) and is cut off on open.
+//!
+//! The same file keeps the query allowance of projects outside differential privacy: a
+//! [`Kind::Query`] line per query that passed vetting (project, day, query key), fsync'd before
+//! it runs, so a restart does not give a project its allowance back (see [`Queries`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -51,6 +55,9 @@ pub enum Kind {
     Spend,
     /// The answer of an earlier `Spend`, kept for repeats; it spends nothing.
     Answer,
+    /// A query of a project outside DP ran on `day`: counted against its query allowance,
+    /// spending no ε and keeping no answer.
+    Query,
 }
 
 /// One line of the ledger: a release, a spend, or a released answer.
@@ -74,8 +81,36 @@ pub struct Charge {
     /// δ spent (counted only for `Release` and `Spend`).
     pub delta: f64,
     /// The released answer (Arrow IPC bytes), returned again for a repeat; empty in a `Spend`.
-    #[serde(with = "hex")]
+    #[serde(with = "hex", default)]
     pub answer: Vec<u8>,
+    /// For a `Query`: the day it was answered (days since 1970-01-01, UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub day: Option<i32>,
+}
+
+impl Charge {
+    /// The `Query` line of a query of `project` run on `day`.
+    pub fn query(
+        project: &str,
+        researcher: &str,
+        request_id: &str,
+        query_key: &str,
+        day: i32,
+        at: String,
+    ) -> Charge {
+        Charge {
+            kind: Kind::Query,
+            at,
+            project: project.to_string(),
+            researcher: researcher.to_string(),
+            request_id: request_id.to_string(),
+            query_key: query_key.to_string(),
+            epsilon: 0.0,
+            delta: 0.0,
+            answer: Vec::new(),
+            day: Some(day),
+        }
+    }
 }
 
 /// A project's spend so far.
@@ -89,10 +124,74 @@ pub struct Spend {
     pub releases: usize,
 }
 
+/// What a project has used of its query allowance, as [`Queries::used`] tells it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueriesUsed {
+    /// Queries counted on the day asked about.
+    pub today: u64,
+    /// Queries counted ever.
+    pub total: u64,
+    /// The query key was already counted that day.
+    pub repeat: bool,
+}
+
+/// Queries per project, per day and in total, with the query keys of each day (a repeat of
+/// one is not counted again).
+#[derive(Debug, Clone, Default)]
+pub struct Queries {
+    projects: HashMap<String, ProjectQueries>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct ProjectQueries {
+    total: u64,
+    days: BTreeMap<i32, u64>,
+    keys: HashSet<(i32, String)>,
+}
+
+impl Queries {
+    /// What `project` used on `day` and in all; whether `key` was counted that day.
+    pub fn used(&self, project: &str, day: i32, key: &str) -> QueriesUsed {
+        let Some(p) = self.projects.get(project) else {
+            return QueriesUsed::default();
+        };
+        QueriesUsed {
+            today: p.days.get(&day).copied().unwrap_or(0),
+            total: p.total,
+            repeat: p.keys.contains(&(day, key.to_string())),
+        }
+    }
+
+    /// Counts a query; false if its key was already counted that day.
+    pub fn count(&mut self, project: &str, day: i32, key: &str) -> bool {
+        let p = self.projects.entry(project.to_string()).or_default();
+        if !p.keys.insert((day, key.to_string())) {
+            return false;
+        }
+        p.total += 1;
+        *p.days.entry(day).or_default() += 1;
+        true
+    }
+
+    /// Projects with counted queries: (queries on `day`, in all), by project id.
+    pub fn summary(&self, day: i32) -> BTreeMap<String, (u64, u64)> {
+        self.projects
+            .iter()
+            .map(|(id, p)| {
+                (
+                    id.clone(),
+                    (p.days.get(&day).copied().unwrap_or(0), p.total),
+                )
+            })
+            .collect()
+    }
+}
+
 #[derive(Default)]
 struct State {
     spent: HashMap<String, Spend>,
     answers: HashMap<(String, String), Vec<u8>>,
+    queries: Queries,
 }
 
 /// The ledger of one node.
@@ -104,6 +203,15 @@ pub struct Ledger {
 
 /// Every project's spend, read without changing the file (safe while a node is writing it).
 pub fn read_spend(path: &Path) -> Result<BTreeMap<String, Spend>, BudgetError> {
+    Ok(read_state(path)?.spent.into_iter().collect())
+}
+
+/// Every project's counted queries, read like [`read_spend`].
+pub fn read_queries(path: &Path) -> Result<Queries, BudgetError> {
+    Ok(read_state(path)?.queries)
+}
+
+fn read_state(path: &Path) -> Result<State, BudgetError> {
     let text = std::fs::read_to_string(path).map_err(|e| BudgetError::Io {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -123,7 +231,7 @@ pub fn read_spend(path: &Path) -> Result<BTreeMap<String, Spend>, BudgetError> {
             }
         }
     }
-    Ok(state.spent.into_iter().collect())
+    Ok(state)
 }
 
 impl Ledger {
@@ -206,6 +314,12 @@ impl Ledger {
             .collect()
     }
 
+    /// The queries counted against allowances so far (a copy: the node keeps its own tally
+    /// while it runs, and records each count here).
+    pub fn queries(&self) -> Queries {
+        self.lock_state().queries.clone()
+    }
+
     /// The answer already released to `project` for this query key, if any.
     pub fn cached(&self, project: &str, query_key: &str) -> Option<Vec<u8>> {
         self.lock_state()
@@ -248,6 +362,12 @@ impl Ledger {
 
 impl State {
     fn apply(&mut self, charge: Charge) {
+        if charge.kind == Kind::Query {
+            // A line without its day is not a count the node wrote; it counts on day 0.
+            let day = charge.day.unwrap_or_default();
+            self.queries.count(&charge.project, day, &charge.query_key);
+            return;
+        }
         if charge.kind != Kind::Answer {
             let spend = self.spent.entry(charge.project.clone()).or_default();
             spend.epsilon += charge.epsilon;
@@ -301,6 +421,7 @@ mod tests {
             epsilon,
             delta: 0.0,
             answer: vec![0, 1, 254, 255],
+            day: None,
         }
     }
 
@@ -416,5 +537,31 @@ mod tests {
             Err(BudgetError::Damaged { line: 1, .. }) => {}
             other => panic!("expected a damaged-ledger error, got {:?}", other.err()),
         }
+    }
+
+    #[test]
+    fn counted_queries_survive_reopening_and_spend_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("budget.ledger");
+        let ledger = Ledger::open(&path).expect("open");
+        ledger.charge(charge("dp", "k", 0.5)).expect("charge");
+        let at = || "2026-11-23T00:00:00Z".to_string();
+        for (key, day) in [("a", 10), ("b", 10), ("a", 10), ("a", 11)] {
+            ledger
+                .charge(Charge::query("sdc", "r", "q", key, day, at()))
+                .expect("count");
+        }
+        drop(ledger);
+        let ledger = Ledger::open(&path).expect("reopen");
+        for queries in [ledger.queries(), read_queries(&path).expect("read")] {
+            let used = queries.used("sdc", 10, "a");
+            assert_eq!((used.today, used.total, used.repeat), (2, 3, true));
+            let used = queries.used("sdc", 11, "b");
+            assert_eq!((used.today, used.total, used.repeat), (1, 3, false));
+            assert_eq!(queries.used("dp", 10, "k"), QueriesUsed::default());
+        }
+        assert_eq!(ledger.spent("sdc"), Spend::default(), "a count spends no ε");
+        assert_eq!(ledger.spent("dp").releases, 1);
+        assert_eq!(ledger.cached("sdc", "a"), None, "no answer is kept");
     }
 }

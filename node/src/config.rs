@@ -61,10 +61,20 @@ pub struct CoordinatorIdentity {
     /// request ids are remembered this long to refuse replays.
     #[serde(default = "default_max_request_age")]
     pub max_request_age_secs: u64,
+    /// How far ahead of the node's clock a request's issue time may be, in seconds (at most
+    /// `max_request_age_secs`): the node forgets the ids it saw when it restarts and refuses
+    /// requests issued before it started, so only a request signed for later than its clock
+    /// could be replayed, and only within this much.
+    #[serde(default = "default_max_clock_ahead")]
+    pub max_clock_ahead_secs: u64,
 }
 
 fn default_max_request_age() -> u64 {
     300
+}
+
+fn default_max_clock_ahead() -> u64 {
+    5
 }
 
 /// Resource limits.

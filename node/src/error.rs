@@ -47,6 +47,22 @@ pub enum NodeError {
         /// The window.
         window_secs: u64,
     },
+    /// The request's issue time is ahead of the node's clock by more than the clocks may
+    /// differ: a request signed for later could be replayed after the node restarts.
+    #[error(
+        "the site request was issued {ahead_secs} s ahead of this trust's clock; at most {allowed_secs} s is accepted"
+    )]
+    Early {
+        /// How far ahead, in whole seconds.
+        ahead_secs: u64,
+        /// How far ahead a request may be.
+        allowed_secs: u64,
+    },
+    /// Issued before this node started: the ids it had seen are gone, so it could be a replay.
+    #[error(
+        "the site request was issued before this trust's node started, so it may have been used already"
+    )]
+    BeforeStart,
     /// The request id was seen before within the window: a replay.
     #[error("the site request id was already used (a replayed request)")]
     Replayed,
@@ -128,6 +144,8 @@ impl NodeError {
             NodeError::Unvouched(_)
             | NodeError::OtherTrust
             | NodeError::Stale { .. }
+            | NodeError::Early { .. }
+            | NodeError::BeforeStart
             | NodeError::Replayed => Status::unauthenticated(self.to_string()),
             NodeError::Timeout(_) => Status::deadline_exceeded(self.to_string()),
             NodeError::Memory => Status::resource_exhausted(self.to_string()),

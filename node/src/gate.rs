@@ -28,6 +28,10 @@ pub(crate) struct Gate {
     pins: Vec<[u8; 32]>,
     verifier: RequestVerifier,
     window_ms: u64,
+    /// How far ahead of this clock an issue time may be.
+    ahead_ms: u64,
+    /// When this node started (Unix ms): ids seen before are forgotten.
+    started_ms: u64,
     /// Request ids seen, with when they leave the window (Unix ms).
     seen: Mutex<HashMap<String, u64>>,
 }
@@ -74,11 +78,18 @@ impl Gate {
                 "max_request_age_secs must be between 1 and {MAX_WINDOW_SECS}"
             )));
         }
+        if config.max_clock_ahead_secs > config.max_request_age_secs {
+            return Err(bad(
+                "max_clock_ahead_secs may not exceed max_request_age_secs".into(),
+            ));
+        }
         Ok(Gate {
             trust: trust.to_string(),
             pins,
             verifier: RequestVerifier::new(keys),
             window_ms: config.max_request_age_secs * 1000,
+            ahead_ms: config.max_clock_ahead_secs * 1000,
+            started_ms: now_unix_ms(),
             seen: Mutex::new(HashMap::new()),
         })
     }
@@ -151,12 +162,25 @@ impl Gate {
         if trust != self.trust {
             return Err(NodeError::OtherTrust);
         }
-        let age = now_ms.abs_diff(issued_ms);
+        if issued_ms > now_ms.saturating_add(self.ahead_ms) {
+            return Err(NodeError::Early {
+                ahead_secs: (issued_ms - now_ms) / 1000,
+                allowed_secs: self.ahead_ms / 1000,
+            });
+        }
+        let age = now_ms.saturating_sub(issued_ms);
         if age > self.window_ms {
             return Err(NodeError::Stale {
                 age_secs: age / 1000,
                 window_secs: self.window_ms / 1000,
             });
+        }
+        // Ids live only in memory: one issued before this node started may have been used.
+        // With the bound on issue times ahead of the clock, a replay after a restart needs a
+        // request signed for later than the restart, which the coordinator's clock would have
+        // to be that far ahead to make.
+        if issued_ms < self.started_ms {
+            return Err(NodeError::BeforeStart);
         }
         // The set stays coherent whatever a panicking holder did: keep using it.
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);

@@ -94,6 +94,8 @@ impl NodeService {
                     | NodeError::Unvouched(_)
                     | NodeError::OtherTrust
                     | NodeError::Stale { .. }
+                    | NodeError::Early { .. }
+                    | NodeError::BeforeStart
                     | NodeError::Replayed => Decision::Refused,
                     _ => Decision::Failed,
                 },
@@ -144,6 +146,8 @@ fn log_outcome(request: &SiteRequest, outcome: &Result<SiteAnswer, NodeError>) {
             | NodeError::Unvouched(_)
             | NodeError::OtherTrust
             | NodeError::Stale { .. }
+            | NodeError::Early { .. }
+            | NodeError::BeforeStart
             | NodeError::Replayed),
         ) => tracing::warn!(id, error = %e, "refused: not vouched for by the coordinator"),
         Err(e) => tracing::warn!(id, error = ?e, "failed"),

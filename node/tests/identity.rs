@@ -23,6 +23,9 @@ struct Site {
     pinned_without_client_auth: Issued,
     audit: PathBuf,
     ledger: PathBuf,
+    /// Before the node started (its own start time is a little later).
+    started_ms: u64,
+    config: trustql_node::NodeConfig,
 }
 
 /// p1 is in differential-privacy mode, so an answer spends budget in the node's ledger.
@@ -56,10 +59,13 @@ async fn site() -> Site {
         .coordinator
         .client_cert_sha256
         .push(pinned_without_client_auth.sha256_fingerprint());
+    let started_ms = common::now_ms();
     let node = start(&config, common::schema()).await.expect("node starts");
     Site {
+        started_ms,
         audit: config.audit_dir.clone(),
         ledger: config.ledger_path(),
+        config,
         node,
         pki,
         pinned_without_client_auth,
@@ -88,7 +94,16 @@ async fn get(
     identity: &Issued,
     ticket: Ticket,
 ) -> Result<usize, Option<tonic::Status>> {
-    let mut client = common::client(site.node.addr(), &site.pki.ca_pem, Some(identity))
+    get_at(site.node.addr(), &site.pki, identity, ticket).await
+}
+
+async fn get_at(
+    addr: std::net::SocketAddr,
+    pki: &common::Pki,
+    identity: &Issued,
+    ticket: Ticket,
+) -> Result<usize, Option<tonic::Status>> {
+    let mut client = common::client(addr, &pki.ca_pem, Some(identity))
         .await
         .map_err(|_| None)?;
     let stream = client.do_get(ticket).await.map_err(tls_or_status)?;
@@ -309,7 +324,28 @@ async fn only_requests_the_coordinator_signed_for_this_trust_recently_and_once_a
                 "TQ01",
                 now + 600_000,
             ),
-            "at most 300 s",
+            "at most 5 s",
+        ),
+        (
+            // Inside the age window, but signed for later than the clock allows.
+            "a request signed for a minute from now",
+            common::signed_ticket_at(
+                pki,
+                request("r-later", "p1", &dp_sql(18)),
+                "TQ01",
+                now + 60_000,
+            ),
+            "ahead of this trust's clock",
+        ),
+        (
+            "a request issued before the node started",
+            common::signed_ticket_at(
+                pki,
+                request("r-old", "p1", &dp_sql(19)),
+                "TQ01",
+                site.started_ms - 1_000,
+            ),
+            "before this trust's node started",
         ),
         (
             "a request signed for another trust",
@@ -351,7 +387,9 @@ async fn only_requests_the_coordinator_signed_for_this_trust_recently_and_once_a
     let ids: Vec<&str> = refused.iter().map(|e| e.request_id.as_str()).collect();
     assert_eq!(
         ids,
-        ["", "", "", "", "r-ok", "r-stale", "r-future", "r-tq02"]
+        [
+            "", "", "", "", "r-ok", "r-stale", "r-future", "r-later", "r-old", "r-tq02"
+        ]
     );
     assert!(
         refused
@@ -363,6 +401,52 @@ async fn only_requests_the_coordinator_signed_for_this_trust_recently_and_once_a
     // The node still answers the coordinator's next request.
     let next = common::signed_ticket(pki, request("r-next", "p1", &dp_sql(17)));
     get(&site, coordinator, next).await.expect("answered");
+}
+
+#[tokio::test]
+async fn a_request_answered_before_a_restart_is_not_answered_again_after_it() {
+    let Site {
+        node,
+        pki,
+        ledger,
+        mut config,
+        _dir,
+        ..
+    } = site().await;
+    let ticket = common::signed_ticket(&pki, request("r-once", "p1", &dp_sql(20)));
+    get_at(node.addr(), &pki, &pki.coordinator, ticket.clone())
+        .await
+        .expect("answered");
+    let spent = std::fs::metadata(&ledger).map_or(0, |m| m.len());
+    // The node restarts on the same address and forgets the ids it saw; the captured
+    // request, still inside its age window, is replayed.
+    let addr = node.addr();
+    node.stop().await.expect("stop");
+    config.listen = addr;
+    let again = start(&config, common::schema()).await.expect("restarts");
+    let status = get_at(again.addr(), &pki, &pki.coordinator, ticket)
+        .await
+        .err()
+        .flatten()
+        .expect("the replay is refused");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("before this trust's node started"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        std::fs::metadata(&ledger).map_or(0, |m| m.len()),
+        spent,
+        "the replay spent nothing"
+    );
+    // A fresh request is answered.
+    let fresh = common::signed_ticket(&pki, request("r-fresh", "p1", &dp_sql(21)));
+    get_at(again.addr(), &pki, &pki.coordinator, fresh)
+        .await
+        .expect("answered");
 }
 
 #[tokio::test]

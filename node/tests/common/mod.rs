@@ -200,6 +200,7 @@ pub(crate) fn node_config(
             client_cert_sha256: vec![pki.coordinator.sha256_fingerprint()],
             request_keys: vec![pki.request_key.clone()],
             max_request_age_secs: 300,
+            max_clock_ahead_secs: 5,
         },
         limits,
     }

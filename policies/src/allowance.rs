@@ -2,9 +2,11 @@
 //!
 //! Suppression and rounding hold for one table, not for an unlimited series of overlapping
 //! ones (differencing many ranges recovers small cells), so a project outside differential
-//! privacy may ask a trust only so many answered queries per day and in total. The node counts
-//! and persists them and supplies the day; the decision is here. A repeat of a query already
-//! answered the same day (same plan, policy and data, so the same answer) is not counted.
+//! privacy may ask a trust only so many queries per day and in total. The node counts each
+//! query that passes vetting (a refusal is not counted; a failure after vetting is, as its
+//! absence would tell which trust failed), persists the counts and supplies the day; the
+//! decision is here. A repeat of a query already counted the same day (same plan, policy and
+//! data, so the same answer) is not counted.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,10 +19,10 @@ use crate::refusal::{Refusal, Rule};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueryAllowance {
-    /// Answered queries per day (UTC) at this trust.
+    /// Queries per day (UTC) at this trust.
     #[serde(default = "default_per_day")]
     pub per_day: u64,
-    /// Answered queries ever at this trust; none means no total limit.
+    /// Queries ever at this trust; none means no total limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total: Option<u64>,
 }

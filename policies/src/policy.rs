@@ -588,8 +588,9 @@ impl Policy {
             let _ = writeln!(
                 out,
                 "  - many overlapping tables could be differenced, so each such project has a \
-                 query allowance at this trust: {} answered queries a day (UTC){} unless the \
-                 project says otherwise (query_allowance); a refusal is not counted",
+                 query allowance at this trust: {} queries a day (UTC){} unless the project \
+                 says otherwise (query_allowance); a query counts once it passes vetting (a \
+                 refusal does not, a failure does), and a repeat the same day does not",
                 a.per_day,
                 match a.total {
                     Some(t) => format!(" and {t} in all"),
@@ -700,8 +701,7 @@ impl Policy {
             if let Some(a) = self.allowance(p) {
                 let _ = writeln!(
                     out,
-                    "    query allowance: {} answered queries a day (UTC){}; a repeat of a query \
-                     answered the same day is not counted",
+                    "    query allowance: {} queries a day (UTC){}",
                     a.per_day,
                     match a.total {
                         Some(t) => format!(", {t} in all"),

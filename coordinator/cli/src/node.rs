@@ -4,9 +4,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use trustql_audit::{AuditError, KEY_FILE, verify_with_key};
-use trustql_budget::{Spend, read_spend};
+use trustql_budget::{Spend, read_queries, read_spend};
 use trustql_node::{NodeConfig, start};
-use trustql_policies::Policy;
+use trustql_policies::{Policy, today};
 use trustql_schemas::TrustSchema;
 
 /// Runs a node until Ctrl-C (or SIGTERM) or until its server fails.
@@ -76,7 +76,8 @@ pub(crate) fn verify_audit(dir: &Path, key: Option<&Path>) -> Result<bool> {
 }
 
 /// Prints spend and what is left per project from the node's ledger (read-only, so it is
-/// safe while the node runs); false if a named project is unknown.
+/// safe while the node runs), and the query allowance used by projects outside DP; false if a
+/// named project has neither.
 pub(crate) fn budget_show(config_path: &Path, only: Option<&str>) -> Result<bool> {
     let config = NodeConfig::load(config_path)?;
     let text = std::fs::read_to_string(&config.policy)
@@ -101,15 +102,50 @@ pub(crate) fn budget_show(config_path: &Path, only: Option<&str>) -> Result<bool
             .map(String::as_str)
             .filter(|id| policy.project(id).and_then(|p| p.dp).is_none()),
     );
+    let mut allowed: Vec<_> = policy
+        .projects
+        .iter()
+        .filter_map(|p| Some((p.id.as_str(), policy.allowance(p)?)))
+        .collect();
     if let Some(only) = only {
-        if !projects.contains(&only) {
+        if !projects.contains(&only) && !allowed.iter().any(|(id, _)| *id == only) {
             println!(
-                "project {only} has no privacy budget at trust {}",
+                "project {only} has no privacy budget or query allowance at trust {}",
                 config.trust
             );
             return Ok(false);
         }
         projects.retain(|p| *p == only);
+        allowed.retain(|(id, _)| *id == only);
+    }
+    if !allowed.is_empty() {
+        let day = today();
+        let queries = if ledger.exists() {
+            read_queries(&ledger)?.summary(day)
+        } else {
+            Default::default()
+        };
+        println!(
+            "Query allowances at trust {} (today, UTC; a repeat the same day is not counted)",
+            config.trust
+        );
+        println!(
+            "{:<16} {:>10} {:>10} {:>10} {:>10}",
+            "project", "today", "per day", "in all", "total"
+        );
+        for (id, allowance) in &allowed {
+            let (used_today, used) = queries.get(*id).copied().unwrap_or_default();
+            let total = allowance
+                .total
+                .map_or_else(|| "-".to_string(), |t| t.to_string());
+            println!(
+                "{id:<16} {used_today:>10} {:>10} {used:>10} {total:>10}",
+                allowance.per_day
+            );
+        }
+        if projects.is_empty() {
+            return Ok(true);
+        }
     }
     println!(
         "Privacy budgets at trust {} (ledger {})",

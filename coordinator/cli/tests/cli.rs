@@ -156,6 +156,10 @@ fn policy_check_and_approve() {
     assert!(checked.status.success(), "{}", text(&checked));
     let out = text(&checked);
     assert!(out.contains("at least 10 distinct patients"), "{out}");
+    assert!(
+        out.contains("query allowance: 200 queries a day (UTC), 5000 in all"),
+        "{out}"
+    );
     assert!(out.contains("Not servable yet"), "{out}");
 
     let approved = trustql(&["policy", "approve", path, "--by", "Jane Smith"]);

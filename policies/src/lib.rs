@@ -16,6 +16,7 @@
 
 mod allowance;
 mod approval;
+pub mod cellkey;
 mod contribution;
 mod date;
 mod error;

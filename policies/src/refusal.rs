@@ -54,6 +54,9 @@ pub enum Rule {
     Budget,
     /// An SDC project's query that is not table-builder SQL (DP mode answers it).
     TableBuilder,
+    /// COUNT(DISTINCT …) of anything but the patient key: per-trust distinct counts do not
+    /// add up to the distinct count over all trusts.
+    DistinctCount,
     /// An SDC project has used its query allowance at this trust (per day or in total).
     QueryAllowance,
 }
@@ -86,6 +89,7 @@ impl Rule {
             Rule::Budget => "privacy-budget",
             Rule::TableBuilder => "table-builder",
             Rule::QueryAllowance => "query-allowance",
+            Rule::DistinctCount => "count-distinct",
         }
     }
 }

@@ -811,6 +811,12 @@ impl Vetter<'_> {
                     {
                         return Err(identifier_refusal(&id.source, "transformed"));
                     }
+                    // Each trust counts its own distinct values and the coordinator sums
+                    // them: right only for patients, whom no two trusts share (up to the
+                    // linkage the answer's note states). Every mode relies on this.
+                    if params.distinct && !self.is_patient_key(arg, schema, input) {
+                        return Err(distinct_refusal(self.bare_source(arg, schema, input)));
+                    }
                     continue;
                 }
                 for origin in &origins {
@@ -885,10 +891,29 @@ impl Vetter<'_> {
         on_keys
     }
 
+    /// Whether `expr` is an untransformed patient-key column of the aggregate's input.
+    fn is_patient_key(&self, expr: &Expr, schema: &DFSchema, input: &Lineage) -> bool {
+        let Some(domain) = self.patient_domain() else {
+            return false;
+        };
+        bare_column(expr)
+            .and_then(|c| resolve(c, schema, input))
+            .is_some_and(|o| o.bare && o.key.as_deref() == Some(domain.as_str()))
+    }
+
+    /// `table.column` of the patient table's primary key.
+    fn patient_domain(&self) -> Option<String> {
+        let patient = self.schema.table(&self.schema.info().patient_table).ok()?;
+        Some(format!(
+            "{}.{}",
+            patient.name,
+            patient.primary_key.as_deref()?
+        ))
+    }
+
     /// An untransformed patient-key column among the aggregate's input columns.
     fn patient_key(&self, input: &LogicalPlan, lineage: &Lineage) -> Option<Column> {
-        let patient = self.schema.table(&self.schema.info().patient_table).ok()?;
-        let domain = format!("{}.{}", patient.name, patient.primary_key.as_deref()?);
+        let domain = self.patient_domain()?;
         let index = lineage.iter().position(|o| {
             o.as_ref()
                 .is_some_and(|o| o.bare && o.key.as_deref() == Some(domain.as_str()))
@@ -906,6 +931,17 @@ impl Vetter<'_> {
         }
         (t.primary_key.as_deref() == Some(column)).then(|| format!("{table}.{column}"))
     }
+}
+
+fn distinct_refusal(source: Option<String>) -> Refusal {
+    let counted = source.map_or_else(|| "an expression".to_string(), |s| format!("`{s}`"));
+    Refusal::new(
+        Rule::DistinctCount,
+        format!(
+            "COUNT(DISTINCT …) of {counted}: COUNT(DISTINCT …) is answered only for the patient \
+             key: distinct values cannot be combined across trusts without sending them"
+        ),
+    )
 }
 
 fn identifier_refusal(source: &str, verb: &str) -> Refusal {

@@ -229,6 +229,67 @@ async fn attack_identifier_hidden_in_union() {
     refused("SELECT x, COUNT(*) FROM (SELECT age AS x FROM sim_av_tumour UNION ALL SELECT tumourid FROM sim_av_tumour) u GROUP BY x", Rule::Identifier).await;
 }
 
+/// The test projects under differential privacy.
+fn dp_policy() -> Policy {
+    Policy::from_toml(&format!(
+        "{POLICY}\n[[project]]\nid = \"dp\"\nresearchers = [\"alice\"]\n\
+         tables = [\"sim_av_patient\", \"sim_av_tumour\", \"sim_sact_regimen\"]\n\
+         expires = \"2099-12-31\"\ndp = {{ epsilon_budget = 10.0, epsilon_per_query = 1.0 }}\n\
+         \n[dp]\ndefault_rows_per_patient = 1\n"
+    ))
+    .expect("policy")
+}
+
+#[tokio::test]
+async fn count_distinct_is_answered_only_for_the_patient_key_in_every_mode() {
+    // Each trust's distinct count is summed: for any column but the patient key the sum
+    // counts a value once per trust holding it (COUNT(DISTINCT gender) over 3 trusts gives 6).
+    let modes = [
+        (policy(), "p1"),
+        (full_sql_policy(), "p1"),
+        (dp_policy(), "dp"),
+    ];
+    for sql in [
+        "SELECT COUNT(DISTINCT gender) FROM sim_av_patient",
+        "SELECT stage_best, COUNT(DISTINCT site_icd10_o2_3char) FROM sim_av_tumour GROUP BY 1",
+        "SELECT COUNT(*), COUNT(DISTINCT tumourid) FROM sim_av_tumour",
+        "SELECT COUNT(DISTINCT CASE WHEN age = 57 THEN age END) FROM sim_av_tumour",
+        "SELECT COUNT(DISTINCT 1) FROM sim_av_tumour",
+        // Not all its rows are patients', so it is no patient key.
+        "SELECT g, COUNT(DISTINCT pid) FROM (SELECT gender AS g, patientid AS pid FROM \
+         sim_av_patient UNION ALL SELECT '1' AS g, 1 AS pid) GROUP BY g",
+    ] {
+        for (policy, project) in &modes {
+            match vet_with(policy, project, sql).await {
+                Ok(v) => panic!("should be refused ({project}): {sql}\naccepted as {v:?}"),
+                Err(r) => {
+                    assert_eq!(r.rule, Rule::DistinctCount, "{project}: {sql}\n{r}");
+                    assert!(
+                        r.to_string().contains(
+                            "answered only for the patient key: distinct values cannot be \
+                             combined across trusts without sending them"
+                        ),
+                        "{r}"
+                    );
+                }
+            }
+        }
+    }
+    for sql in [
+        "SELECT COUNT(DISTINCT patientid) FROM sim_av_tumour",
+        "SELECT stage_best, COUNT(DISTINCT patientid) FROM sim_av_tumour GROUP BY 1",
+        "SELECT COUNT(DISTINCT encore_patient_id) FROM sim_sact_regimen",
+        "SELECT g, COUNT(DISTINCT pid) FROM (SELECT gender AS g, patientid AS pid FROM \
+         sim_av_patient) GROUP BY g",
+    ] {
+        for (policy, project) in &modes {
+            if let Err(r) = vet_with(policy, project, sql).await {
+                panic!("should be accepted ({project}): {sql}\n{r}");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn attack_count_distinct_of_transformed_identifier() {
     refused(

@@ -7,13 +7,16 @@ use arrow::array::{ArrayRef, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::catalog::MemTable;
+use datafusion::common::Column;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::functions_aggregate::expr_fn::sum;
 use datafusion::logical_expr::expr::AggregateFunction;
-use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, cast as cast_expr, lit};
+use datafusion::logical_expr::{
+    Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, cast as cast_expr, lit, when,
+};
 use datafusion::optimizer::Optimizer;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
@@ -349,11 +352,38 @@ fn federate_aggregate(
         aggr_expr.push(sum(lit(1i64)).alias(PATIENTS_COLUMN));
     }
     let plan = LogicalPlan::Aggregate(Aggregate::try_new(agg.input, agg.group_expr, aggr_expr)?);
+    let plan = zero_distinct_counts(plan, distinct)?;
     Ok(Transformed::yes(rules.apply(
         plan,
         &counts,
         PATIENTS_COLUMN,
     )?))
+}
+
+/// A SUM of no counts is NULL, where COUNT(DISTINCT) of no rows is 0 (as COUNT's own final
+/// gives): the summed distinct counts read 0 when no trust sent any.
+fn zero_distinct_counts(
+    plan: LogicalPlan,
+    distinct: &HashSet<String>,
+) -> datafusion::common::Result<LogicalPlan> {
+    if distinct.is_empty() {
+        return Ok(plan);
+    }
+    let exprs = plan
+        .schema()
+        .iter()
+        .map(|(qualifier, field)| {
+            let column = Expr::Column(Column::new(qualifier.cloned(), field.name()));
+            if qualifier.is_none() && distinct.contains(field.name()) {
+                when(column.clone().is_null(), lit(0i64))
+                    .otherwise(column)
+                    .map(|e| e.alias(field.name()))
+            } else {
+                Ok(column)
+            }
+        })
+        .collect::<datafusion::common::Result<Vec<_>>>()?;
+    LogicalPlanBuilder::from(plan).project(exprs)?.build()
 }
 
 fn single_partial(plan: &Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>, MergeError> {

@@ -52,5 +52,5 @@ pub use release::{
 };
 pub use session::{ALLOWED_SCALAR_FUNCTIONS, locked_session, plan_sql, sql_options};
 pub use text::{TextLimits, check_text};
-pub use total::{TOTAL_FUNCTIONS, TotalDivide, TotalExpressions, TotalModulo, make_total};
+pub use total::{TOTAL_FUNCTIONS, TotalArithmetic, TotalExpressions, make_total};
 pub use vet::{Vetted, aggregate_of, authorise, vet_plan, vet_sql, vet_text};

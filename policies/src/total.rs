@@ -7,7 +7,7 @@
 //!
 //! - `CAST(e AS t)` becomes `TRY_CAST(e AS t)` (a CAST of a literal is left: DataFusion folds it
 //!   while planning, so it fails, if at all, before any data is read, at every trust alike);
-//! - integer `a / b` and `a % b` become [`TotalDivide`] / [`TotalModulo`], NULL where `b` is 0 or
+//! - integer `a / b` and `a % b` become [`TotalArithmetic`], NULL where `b` is 0 or
 //!   the quotient overflows (`MIN / -1`);
 //! - `abs(x)` of a signed integer becomes `abs(nullif(x, MIN))`;
 //! - `substr(s, p, n)` gets `nullif(p, i64::MIN)` and `nullif(greatest(n, -1), -1)`;
@@ -47,7 +47,7 @@ use datafusion::optimizer::AnalyzerRule;
 
 /// Names of the functions the rewrite introduces. A researcher cannot call them (the session
 /// does not register them); vetting accepts them in the plans it checks after the rewrite.
-pub const TOTAL_FUNCTIONS: [&str; 2] = [TotalDivide::NAME, TotalModulo::NAME];
+pub const TOTAL_FUNCTIONS: [&str; 2] = [TotalArithmetic::DIVIDE, TotalArithmetic::MODULO];
 
 /// The analyzer rule that makes every expression of a plan total (see the module docs).
 #[derive(Debug, Default, Clone, Copy)]
@@ -102,11 +102,11 @@ fn total(expr: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
                     right,
                 })));
             }
-            let udf = if op == Operator::Divide {
-                ScalarUDF::new_from_impl(TotalDivide::new())
+            let udf = ScalarUDF::new_from_impl(TotalArithmetic::new(if op == Operator::Divide {
+                Op::Divide
             } else {
-                ScalarUDF::new_from_impl(TotalModulo::new())
-            };
+                Op::Modulo
+            }));
             Ok(Transformed::yes(Expr::ScalarFunction(
                 ScalarFunction::new_udf(Arc::new(udf), vec![*left, *right]),
             )))
@@ -236,31 +236,32 @@ fn least(a: Expr, b: Expr) -> Expr {
     datafusion::functions::core::expr_fn::least(vec![a, b])
 }
 
-/// Integer division that is NULL where the divisor is 0 or the quotient overflows.
+/// Integer `/` that is NULL where the divisor is 0 or the quotient overflows, or `%` that is
+/// NULL where the divisor is 0 (`MIN % -1` is 0, as in DataFusion).
 #[derive(Debug, PartialEq, Eq, Hash)]
-pub struct TotalDivide {
+pub struct TotalArithmetic {
+    op: Op,
     signature: Signature,
 }
 
-impl TotalDivide {
-    const NAME: &'static str = "trustql_divide";
+impl TotalArithmetic {
+    const DIVIDE: &'static str = "trustql_divide";
+    const MODULO: &'static str = "trustql_modulo";
 
-    fn new() -> Self {
-        TotalDivide {
+    fn new(op: Op) -> Self {
+        TotalArithmetic {
+            op,
             signature: Signature::any(2, Volatility::Immutable),
         }
     }
 }
 
-impl Default for TotalDivide {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl ScalarUDFImpl for TotalDivide {
+impl ScalarUDFImpl for TotalArithmetic {
     fn name(&self) -> &str {
-        Self::NAME
+        match self.op {
+            Op::Divide => Self::DIVIDE,
+            Op::Modulo => Self::MODULO,
+        }
     }
 
     fn signature(&self) -> &Signature {
@@ -272,51 +273,11 @@ impl ScalarUDFImpl for TotalDivide {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        elementwise(self.name(), args, Op::Divide)
+        elementwise(self.name(), args, self.op)
     }
 }
 
-/// Integer remainder that is NULL where the divisor is 0 (`MIN % -1` is 0, as in DataFusion).
-#[derive(Debug, PartialEq, Eq, Hash)]
-pub struct TotalModulo {
-    signature: Signature,
-}
-
-impl TotalModulo {
-    const NAME: &'static str = "trustql_modulo";
-
-    fn new() -> Self {
-        TotalModulo {
-            signature: Signature::any(2, Volatility::Immutable),
-        }
-    }
-}
-
-impl Default for TotalModulo {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl ScalarUDFImpl for TotalModulo {
-    fn name(&self) -> &str {
-        Self::NAME
-    }
-
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-
-    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
-        same_integers(self.name(), arg_types)
-    }
-
-    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        elementwise(self.name(), args, Op::Modulo)
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Op {
     Divide,
     Modulo,

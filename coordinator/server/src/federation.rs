@@ -196,6 +196,7 @@ impl Coordinator {
             status: t.status,
         }));
         let noisy = !noisy_states.is_empty();
+        let counted = lines.iter().any(|(t, _)| t.allowance.is_some());
         let incomplete = conceal_incomplete(&mut lines);
         let trusts: Vec<TrustCoverage> = lines.into_iter().map(|(t, _)| t).collect();
         let answered_count = states.len();
@@ -213,6 +214,13 @@ impl Coordinator {
             notes.push(
                 "every trust marked \"asked\" charged the query's ε to the project before it \
                  ran, whether or not it completed; the next answer at each trust shows what is left"
+                    .into(),
+            );
+        }
+        if counted && incomplete > 0 {
+            notes.push(
+                "every trust marked \"asked\" counted the query against the project's query \
+                 allowance before it ran, whether or not it completed"
                     .into(),
             );
         }
@@ -441,4 +449,41 @@ fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, CoordinatorError>
     std::fs::read(path).map_err(|e| {
         CoordinatorError::Tls(format!("cannot read the {what} {}: {e}", path.display()))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use trustql_protocol::AllowanceLeft;
+
+    use super::*;
+
+    fn answered_line(trust: &str) -> TrustCoverage {
+        TrustCoverage {
+            allowance: Some(AllowanceLeft {
+                today_left: 7,
+                total_left: Some(70),
+                repeat: false,
+            }),
+            ..not(trust, TrustStatus::Answered, String::new())
+        }
+    }
+
+    #[test]
+    fn a_failure_mid_query_hides_every_trusts_allowance_left() {
+        let failed = not("TQ02", TrustStatus::Failed, "could not be completed".into());
+        let mut lines = vec![
+            (answered_line("TQ01"), Taken::Before),
+            (failed, Taken::While),
+            (answered_line("TQ03"), Taken::Before),
+        ];
+        assert_eq!(conceal_incomplete(&mut lines), 1);
+        for (line, _) in &lines {
+            assert_eq!(line.status, TrustStatus::Asked);
+            assert_eq!(line.allowance, None, "{}", line.trust);
+        }
+        // Without a failure mid-query the allowance left stays.
+        let mut lines = vec![(answered_line("TQ01"), Taken::Before)];
+        assert_eq!(conceal_incomplete(&mut lines), 0);
+        assert!(lines[0].0.allowance.is_some());
+    }
 }

@@ -6,7 +6,7 @@
 //! A query is counted once it passes vetting, before it runs, as a DP release is charged: a
 //! query that then fails still counts, or the allowance left, shown in the next coverage report,
 //! would tell which trust failed (a failure after vetting can depend on the trust's data).
-//! A refusal is not counted.
+//! A query refused before it runs (by vetting, or a spent allowance) is not counted.
 //!
 //! The node keeps no cache of SDC answers, so "a repeat answered from a cache is not counted"
 //! is kept this way: a query with the same plan, policy and data as one counted that day runs

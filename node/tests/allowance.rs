@@ -1,7 +1,7 @@
 //! An SDC project's query allowance at a real node over Parquet: queries that pass vetting
 //! are counted per day and in total, in the ledger (a restart does not reset them); a repeat
-//! of a query counted that day and a refusal are not counted; a spent allowance is refused
-//! before the query runs, and the next day resets the daily one.
+//! of a query counted that day and a refusal by vetting are not counted; a spent allowance is
+//! refused before the query runs, and the next day resets the daily one.
 
 mod common;
 

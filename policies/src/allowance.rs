@@ -3,9 +3,9 @@
 //! Suppression and rounding hold for one table, not for an unlimited series of overlapping
 //! ones (differencing many ranges recovers small cells), so a project outside differential
 //! privacy may ask a trust only so many queries per day and in total. The node counts each
-//! query that passes vetting (a refusal is not counted; a failure after vetting is, as its
-//! absence would tell which trust failed), persists the counts and supplies the day; the
-//! decision is here. A repeat of a query already counted the same day (same plan, policy and
+//! query that passes vetting (one refused before it runs is not; one that fails after vetting
+//! is, as its absence would tell which trust failed), persists the counts and supplies the
+//! day; the decision is here. A repeat of a query already counted the same day (same plan, policy and
 //! data, so the same answer) is not counted.
 
 use serde::{Deserialize, Serialize};

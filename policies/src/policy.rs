@@ -590,7 +590,8 @@ impl Policy {
                 "  - many overlapping tables could be differenced, so each such project has a \
                  query allowance at this trust: {} queries a day (UTC){} unless the project \
                  says otherwise (query_allowance); a query counts once it passes vetting (a \
-                 refusal does not, a failure does), and a repeat the same day does not",
+                 refusal by vetting does not, a failure does), and a repeat the same day does \
+                 not",
                 a.per_day,
                 match a.total {
                     Some(t) => format!(" and {t} in all"),

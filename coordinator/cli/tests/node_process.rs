@@ -362,6 +362,32 @@ fn a_sigkill_mid_query_leaves_a_verifiable_log_with_every_answer_on_record() {
     if noted == 1 {
         assert_eq!(after[sealed]["decision"], "node", "{}", after[sealed]);
     }
+
+    // Every worker asked the same query: it counted once against p1's allowance (the rest
+    // were repeats), and the count is in the ledger that `budget show` reads.
+    let shown = trustql(&[
+        "budget",
+        "show",
+        "--config",
+        site.config.to_str().expect("path"),
+        "--project",
+        "p1",
+    ]);
+    assert!(shown.status.success(), "{}", text(&shown));
+    let line = text(&shown)
+        .lines()
+        .find(|l| l.starts_with("p1 "))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no line for project p1:\n{}", text(&shown)));
+    let columns: Vec<&str> = line.split_whitespace().collect();
+    // Counted before it ran: once, unless the kill came before any query passed vetting.
+    // (Near midnight UTC the node's day and this one may differ; the count in all may not.)
+    let counted = columns[3];
+    assert!(
+        counted == "1" || (answered.is_empty() && counted == "0"),
+        "queries in all: {line}"
+    );
+    assert_eq!((columns[2], columns[4]), ("500", "-"), "{line}");
 }
 
 #[test]

@@ -96,11 +96,15 @@ pub fn locked_session(config: SessionConfig, runtime: Arc<RuntimeEnv>) -> Sessio
         .rules
         .into_iter()
         // Sharing one accumulator between identical aggregates would reshape the states a
-        // node ships and the coordinator merges; keep one state per written aggregate.
+        // node ships and the coordinator merges; keep one state per written aggregate. A
+        // grouped aggregate over an input the optimiser proves empty (`WHERE x = 'a' AND
+        // x = 'b'`) stays an aggregate, answered with no groups as any empty input is.
         .filter(|r| {
             !matches!(
                 r.name(),
-                "single_distinct_aggregation_to_group_by" | "common_sub_expression_eliminate"
+                "single_distinct_aggregation_to_group_by"
+                    | "common_sub_expression_eliminate"
+                    | "propagate_empty_relation"
             )
         })
         .collect();

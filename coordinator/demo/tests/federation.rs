@@ -661,3 +661,88 @@ async fn nodes_answer_only_the_pinned_coordinator_client_and_its_signing_key() {
     assert!(result.coverage.expect("coverage").complete);
     assert_eq!(answered(&fed), fed.info.trusts.len());
 }
+
+/// The one value of an answer of one row and one column, as an integer (`None` for NULL).
+fn single(result: &QueryResult, what: &str) -> Option<i64> {
+    let batch = one(result);
+    assert_eq!(batch.num_rows(), 1, "{what}: one row");
+    let column =
+        arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Int64).expect("a count");
+    let column = column
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .expect("Int64");
+    arrow::array::Array::is_valid(column, 0).then(|| column.value(0))
+}
+
+#[tokio::test]
+async fn answers_are_a_central_databases_or_refused_saying_why() {
+    for unprotected in [true, false] {
+        let fed = launch(&options(unprotected)).await.expect("launch");
+        let mut client = client(&fed).await;
+        let mode = if unprotected { "unprotected" } else { "SDC" };
+
+        // Distinct values other than patients cannot be combined across trusts: refused.
+        let err = client
+            .query("SELECT COUNT(DISTINCT gender) FROM sim_av_patient")
+            .await
+            .expect_err("COUNT(DISTINCT gender) is refused");
+        assert!(
+            err.to_string()
+                .contains("COUNT(DISTINCT …) is answered only for the patient key"),
+            "{mode}: {err}"
+        );
+        let contradiction = "FROM sim_av_tumour WHERE stage_best = '1' AND stage_best = '2'";
+        let patients = client
+            .query("SELECT COUNT(DISTINCT patientid) FROM sim_av_patient")
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert!(
+            single(&patients, &format!("{mode} patients")).is_some_and(|n| n > 0),
+            "{mode}"
+        );
+
+        // Over no rows, COUNT(DISTINCT) is answered as COUNT(*) is: 0 unprotected; under SDC
+        // a total of no patients is no released group.
+        let over_nothing = |agg: &str| format!("SELECT {agg} AS n {contradiction}");
+        let empty = "FROM sim_av_tumour WHERE stage_best = 'no such stage'";
+        let count = client
+            .query(&format!("SELECT COUNT(*) AS n {empty}"))
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        let released = one(&count).num_rows();
+        assert_eq!(released, usize::from(unprotected), "{mode}");
+        let zero = |result: &QueryResult, what: &str| {
+            if released == 1 {
+                assert_eq!(single(result, what), Some(0), "{what}");
+            } else {
+                assert_eq!(one(result).num_rows(), 0, "{what}");
+            }
+        };
+        let none = client
+            .query(&format!("SELECT COUNT(DISTINCT patientid) AS n {empty}"))
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        zero(&none, &format!("{mode}: COUNT(DISTINCT) over no rows"));
+
+        // A WHERE the optimiser proves false reads no rows and is answered as such.
+        for agg in ["COUNT(*)", "COUNT(DISTINCT patientid)"] {
+            let ungrouped = client
+                .query(&over_nothing(agg))
+                .await
+                .unwrap_or_else(|e| panic!("{mode}: {e}"));
+            zero(&ungrouped, &format!("{mode}: {agg} of a contradiction"));
+        }
+        let grouped = client
+            .query(&format!(
+                "SELECT site_icd10_o2_3char, COUNT(*) AS n {contradiction} GROUP BY 1"
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert_eq!(one(&grouped).num_rows(), 0, "{mode}");
+        assert!(
+            grouped.coverage.as_ref().is_some_and(|c| c.complete),
+            "{mode}: every trust answered"
+        );
+    }
+}

@@ -147,6 +147,8 @@ struct ProjectQueries {
     total: u64,
     days: BTreeMap<i32, u64>,
     keys: HashSet<(i32, String)>,
+    /// The latest day counted: keys of days before the one before it are dropped.
+    latest: i32,
 }
 
 impl Queries {
@@ -165,6 +167,12 @@ impl Queries {
     /// Counts a query; false if its key was already counted that day.
     pub fn count(&mut self, project: &str, day: i32, key: &str) -> bool {
         let p = self.projects.entry(project.to_string()).or_default();
+        if day > p.latest {
+            // Only today's keys decide a repeat (yesterday's too, for a clock set back a
+            // little); older ones would grow without bound.
+            p.latest = day;
+            p.keys.retain(|(d, _)| *d >= day.saturating_sub(1));
+        }
         if !p.keys.insert((day, key.to_string())) {
             return false;
         }
@@ -563,5 +571,17 @@ mod tests {
         assert_eq!(ledger.spent("sdc"), Spend::default(), "a count spends no ε");
         assert_eq!(ledger.spent("dp").releases, 1);
         assert_eq!(ledger.cached("sdc", "a"), None, "no answer is kept");
+    }
+
+    #[test]
+    fn keys_of_old_days_are_dropped_but_their_counts_stay() {
+        let mut queries = Queries::default();
+        assert!(queries.count("p", 10, "a"));
+        assert!(queries.count("p", 11, "b"));
+        assert!(queries.used("p", 10, "a").repeat, "yesterday's keys stay");
+        assert!(queries.count("p", 12, "c"));
+        let used = queries.used("p", 10, "a");
+        assert_eq!((used.today, used.total, used.repeat), (1, 3, false));
+        assert!(queries.used("p", 11, "b").repeat);
     }
 }

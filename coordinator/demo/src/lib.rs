@@ -71,6 +71,9 @@ pub struct DemoOptions {
     /// The demo project's query allowance at every trust (suppression and rounding), instead
     /// of the policy default ([`trustql_policies::DEFAULT_QUERIES_PER_DAY`] a day).
     pub query_allowance: Option<QueryAllowance>,
+    /// Allow MIN/MAX of clinical columns (off by default; the unprotected mode always allows
+    /// them, to compare with one process over the union).
+    pub extremes: bool,
 }
 
 /// With `--dp`: most rows of a table one patient brings to an aggregate (others: 1).
@@ -120,6 +123,7 @@ impl Default for DemoOptions {
             totals: None,
             researchers: Vec::new(),
             query_allowance: None,
+            extremes: false,
         }
     }
 }
@@ -354,11 +358,8 @@ fn write_policy(dir: &Path, trust: &str, options: &DemoOptions) -> Result<PathBu
         .chain(options.researchers.iter().cloned())
         .map(|r| format!("\"{r}\""))
         .collect();
-    // The correctness mode answers what one process over the union would, extremes included.
     let disclosure = if unprotected {
-        "min_patients = 1\nrounding = \"none\"\nwithhold_whole_margin_cells = false\n\n\
-         [classes.clinical]\ngroup_by = true\nfilter = true\naggregate = true\nmin_max = true"
-            .to_string()
+        "min_patients = 1\nrounding = \"none\"\nwithhold_whole_margin_cells = false".to_string()
     } else {
         let mut text = "min_patients = 10\nrounding = \"base\"\nrounding_base = 5\n\
                         withhold_whole_margin_cells = true"
@@ -377,12 +378,19 @@ fn write_policy(dir: &Path, trust: &str, options: &DemoOptions) -> Result<PathBu
     let text = format!(
         "# Demo policy for {trust}{}\n[policy]\nversion = \"demo-1\"\ntrust = \"{trust}\"\n\
          description = \"TrustQL demo policy\"\n\n[disclosure]\n{disclosure}\n\n[query]\nmax_groups = 20000\n\n\
-         [[project]]\nid = \"{PROJECT}\"\ntitle = \"Cancer pathways across the region (demonstration)\"\n\
+         {}[[project]]\nid = \"{PROJECT}\"\ntitle = \"Cancer pathways across the region (demonstration)\"\n\
          researchers = [{}]\ntables = [\"sim_av_patient\", \"sim_av_tumour\", \"sim_sact_regimen\", \
          \"sim_sact_cycle\", \"sim_sact_drug_detail\", \"sim_sact_outcome\", \"sim_rtds_episode\", \
          \"sim_rtds_prescription\"]\nexpires = \"2099-12-31\"\n",
         if unprotected {
             " (UNPROTECTED: for correctness checks only)"
+        } else {
+            ""
+        },
+        // The correctness mode answers what one process over the union would, extremes
+        // included.
+        if unprotected || options.extremes {
+            "[classes.clinical]\ngroup_by = true\nfilter = true\naggregate = true\nmin_max = true\n\n"
         } else {
             ""
         },

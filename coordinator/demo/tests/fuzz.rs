@@ -43,6 +43,9 @@ fn options(unprotected: bool) -> DemoOptions {
         patients: 3_000,
         seed: 21,
         unprotected,
+        // MIN/MAX of clinical columns, off by default, is allowed here so its invariants
+        // (the minimum applies to the patients it reads) are checked too.
+        extremes: true,
         node_deadline_ms: 20_000,
         ..DemoOptions::default()
     }

@@ -23,7 +23,7 @@ use crate::policy::SHIPPABLE_AGGREGATES;
 use crate::refusal::{Refusal, Rule};
 
 /// Scalar functions a query may call: none reads anything but its arguments, and none fails on
-/// data once [`crate::total`] has rewritten the plan and vetting has checked its constant
+/// data once [`TotalExpressions`](crate::TotalExpressions) has rewritten the plan and vetting has checked its constant
 /// arguments. `date_bin` is not offered: it fails on data in ways no rewrite covers (an
 /// overflowing bin, a stride too large for the value).
 pub const ALLOWED_SCALAR_FUNCTIONS: [&str; 29] = [
@@ -142,7 +142,7 @@ pub fn locked_session(config: SessionConfig, runtime: Arc<RuntimeEnv>) -> Sessio
 
 /// Plans researcher SQL: refuses statements; planning errors (which never see data) are
 /// reported as invalid SQL, unknown functions as the function rule. The plan is as written;
-/// the session's analyzer makes its expressions total ([`crate::total`]) whenever it is
+/// the session's analyzer makes its expressions total ([`TotalExpressions`](crate::TotalExpressions)) whenever it is
 /// optimised or run, at the node and at the coordinator alike.
 pub async fn plan_sql(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan, Refusal> {
     let state = ctx.state();

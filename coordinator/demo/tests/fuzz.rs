@@ -46,6 +46,11 @@ fn options(unprotected: bool) -> DemoOptions {
         // MIN/MAX of clinical columns, off by default, is allowed here so its invariants
         // (the minimum applies to the patients it reads) are checked too.
         extremes: true,
+        // Hundreds of queries a run: more than the default daily allowance.
+        query_allowance: Some(trustql_policies::QueryAllowance {
+            per_day: 1_000_000,
+            total: None,
+        }),
         node_deadline_ms: 20_000,
         ..DemoOptions::default()
     }

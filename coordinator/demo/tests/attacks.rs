@@ -264,3 +264,64 @@ async fn a_runtime_error_does_not_tell_which_trust_holds_a_row() {
     );
     assert_eq!(floats(&answered, 0), exact);
 }
+
+#[tokio::test]
+async fn in_dp_mode_a_runtime_error_neither_tells_where_a_row_is_nor_goes_uncharged() {
+    // Class 4 under differential privacy, which answers the full aggregate SQL it can bound:
+    // a filter built to fail where a tumour of age T exists is answered by every trust, and
+    // charged at every trust, whether T is held by one trust or by none.
+    let fed = launch(&DemoOptions {
+        trusts: 3,
+        patients: 3_000,
+        seed: 15,
+        node_deadline_ms: 10_000,
+        dp: Some(trustql_demo::DemoDp {
+            epsilon_per_query: 0.5,
+            epsilon_budget: 50.0,
+        }),
+        ..DemoOptions::default()
+    })
+    .await
+    .expect("launch");
+    let mut client = client(&fed).await;
+    let mut held: HashMap<i64, usize> = HashMap::new();
+    for trust in &fed.info.trusts {
+        for age in ages_at(&fed, trust).await {
+            *held.entry(age).or_default() += 1;
+        }
+    }
+    let target = held
+        .iter()
+        .filter(|(_, n)| **n < fed.info.trusts.len())
+        .min_by_key(|(age, n)| (**n, **age))
+        .map(|(age, _)| *age)
+        .expect("an age some trust lacks");
+    for template in [
+        "SELECT COUNT(*) FILTER (WHERE 600 / (age - {T}) > 0) FROM sim_av_tumour",
+        "SELECT COUNT(*) FILTER (WHERE age % (age - {T}) = 0) FROM sim_av_tumour",
+        "SELECT COUNT(*) FILTER (WHERE abs(age - {T} + (-9223372036854775807 - 1)) > 0) \
+         FROM sim_av_tumour",
+        "SELECT COUNT(*) FILTER (WHERE CAST(CASE WHEN age = {T} THEN 'x' ELSE '1' END AS INT) \
+         = 1) FROM sim_av_tumour",
+    ] {
+        for age in [target, 200] {
+            let sql = template.replace("{T}", &age.to_string());
+            let result = client
+                .query(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let coverage = result.coverage.clone().expect("coverage");
+            assert!(coverage.complete, "{sql}: {coverage}");
+            assert_eq!(coverage.incomplete, 0, "{sql}: {coverage}");
+            for t in &coverage.trusts {
+                let dp = t.dp.as_ref().expect("a DP answer");
+                assert_eq!(
+                    dp.epsilon_charged, 0.5,
+                    "{sql}: {} was not charged",
+                    t.trust
+                );
+            }
+            assert_eq!(one(&result).num_rows(), 1, "{sql}");
+        }
+    }
+}

@@ -196,6 +196,22 @@ async fn ages_at(fed: &Federation, trust: &str) -> Vec<i64> {
     ages
 }
 
+/// A tumour age fewer than all trusts hold (held by one trust, if the data has one), from the
+/// trusts' own Parquet.
+async fn age_some_trust_lacks(fed: &Federation) -> i64 {
+    let mut held: HashMap<i64, usize> = HashMap::new();
+    for trust in &fed.info.trusts {
+        for age in ages_at(fed, trust).await {
+            *held.entry(age).or_default() += 1;
+        }
+    }
+    held.iter()
+        .filter(|(_, n)| **n < fed.info.trusts.len())
+        .min_by_key(|(age, n)| (**n, **age))
+        .map(|(age, _)| *age)
+        .expect("an age some trust lacks")
+}
+
 #[tokio::test]
 async fn a_runtime_error_does_not_tell_which_trust_holds_a_row() {
     // Class 4, through the coordinator: queries built to fail where a tumour of age T exists
@@ -213,19 +229,7 @@ async fn a_runtime_error_does_not_tell_which_trust_holds_a_row() {
     .await
     .expect("launch");
     let mut client = client(&fed).await;
-    let mut held: HashMap<i64, usize> = HashMap::new();
-    for trust in &fed.info.trusts {
-        for age in ages_at(&fed, trust).await {
-            *held.entry(age).or_default() += 1;
-        }
-    }
-    // An age fewer than all trusts hold (one, if the data has one).
-    let target = held
-        .iter()
-        .filter(|(_, n)| **n < fed.info.trusts.len())
-        .min_by_key(|(age, n)| (**n, **age))
-        .map(|(age, _)| *age)
-        .expect("an age some trust lacks");
+    let target = age_some_trust_lacks(&fed).await;
     let absent = 200;
     for template in [
         "SELECT SUM(600 / (age - {T})), COUNT(*) FROM sim_av_tumour",
@@ -284,18 +288,7 @@ async fn in_dp_mode_a_runtime_error_neither_tells_where_a_row_is_nor_goes_unchar
     .await
     .expect("launch");
     let mut client = client(&fed).await;
-    let mut held: HashMap<i64, usize> = HashMap::new();
-    for trust in &fed.info.trusts {
-        for age in ages_at(&fed, trust).await {
-            *held.entry(age).or_default() += 1;
-        }
-    }
-    let target = held
-        .iter()
-        .filter(|(_, n)| **n < fed.info.trusts.len())
-        .min_by_key(|(age, n)| (**n, **age))
-        .map(|(age, _)| *age)
-        .expect("an age some trust lacks");
+    let target = age_some_trust_lacks(&fed).await;
     for template in [
         "SELECT COUNT(*) FILTER (WHERE 600 / (age - {T}) > 0) FROM sim_av_tumour",
         "SELECT COUNT(*) FILTER (WHERE age % (age - {T}) = 0) FROM sim_av_tumour",

@@ -13,7 +13,7 @@ use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 use trustql_client::Client;
 use trustql_demo::{DemoOptions, launch};
 use trustql_merge::{Merger, SiteStates, TotalsRules};
-use trustql_node::{Limits, SiteEngine};
+use trustql_node::{Limits, RecordKeySecret, SiteEngine};
 use trustql_policies::{
     ApprovedPolicy, PartialAnswer, StateColumn, approve, authorise, load_approved, locked_session,
     protect, vet_sql,
@@ -76,13 +76,18 @@ fn fixture(rt: &tokio::runtime::Runtime) -> Fixture {
         let policy = load_approved(&path, &schema).expect("load");
         first_policy.get_or_insert_with(|| policy.clone());
         let engine = rt
-            .block_on(SiteEngine::open(
-                &trust,
-                schema.clone(),
-                policy,
-                &fed.join(&trust),
-                &Limits::default(),
-            ))
+            .block_on(async {
+                SiteEngine::open(
+                    &trust,
+                    schema.clone(),
+                    policy,
+                    &fed.join(&trust),
+                    &Limits::default(),
+                )
+                .await?
+                .with_record_keys(&RecordKeySecret::ephemeral())
+                .await
+            })
             .expect("engine");
         engines.push(engine);
     }

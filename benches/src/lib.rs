@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
-use trustql_node::{Limits, SiteEngine};
+use trustql_node::{Limits, RecordKeySecret, SiteEngine};
 use trustql_policies::{approve, load_approved};
 use trustql_protocol::SiteRequest;
 use trustql_schemas::{TrustSchema, table_path};
@@ -70,7 +70,10 @@ pub async fn open_node(schema: &TrustSchema, dir: &Path, trust: &str) -> Result<
     };
     SiteEngine::open(trust, schema.clone(), policy, &dir.join(trust), &limits)
         .await
-        .context("opening the node")
+        .context("opening the node")?
+        .with_record_keys(&RecordKeySecret::ephemeral())
+        .await
+        .context("computing the record keys")
 }
 
 /// Researcher `r`'s request in project `p` (see [`open_node`]).

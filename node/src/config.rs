@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::NodeError;
+use crate::record_keys::RECORD_KEYS_FILE;
 
 /// The node configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -106,6 +107,11 @@ impl NodeConfig {
     /// Where this node keeps its privacy-budget ledger.
     pub fn ledger_path(&self) -> PathBuf {
         self.state_dir.join(LEDGER_FILE)
+    }
+
+    /// Where this node keeps the secret of its patients' record keys.
+    pub fn record_keys_path(&self) -> PathBuf {
+        self.state_dir.join(RECORD_KEYS_FILE)
     }
 
     /// Reads a config file; relative paths are taken from the file's directory.

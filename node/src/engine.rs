@@ -43,6 +43,7 @@ use crate::patient_order::OrderedFiles;
 use crate::patients::{
     AGGREGATE_PATIENTS, PATIENT_COUNT, by_patient, counted_directly, in_runs, patient_count,
 };
+use crate::record_keys::{RecordKeySecret, RecordKeys};
 
 /// A protected answer, ready to stream, and what the audit log needs to know about it.
 #[derive(Debug, Clone)]
@@ -89,6 +90,8 @@ pub struct SiteEngine {
     pub(crate) data_version: String,
     /// The files whose patients are in order, as checked when the node opened.
     ordered: OrderedFiles,
+    /// Every patient's record key, for the cell-key method (computed once, at open).
+    pub(crate) record_keys: Option<Arc<RecordKeys>>,
 }
 
 impl SiteEngine {
@@ -171,6 +174,7 @@ impl SiteEngine {
             ledger: None,
             dp_turn: tokio::sync::Mutex::new(()),
             queries: Default::default(),
+            record_keys: None,
         })
     }
 
@@ -180,6 +184,20 @@ impl SiteEngine {
         self.queries = std::sync::Mutex::new(ledger.queries());
         self.ledger = Some(ledger);
         self
+    }
+
+    /// Gives every patient of the trust's data its record key under `secret`, for the
+    /// cell-key method: computed here, once, so a query looks keys up and never hashes.
+    pub async fn with_record_keys(mut self, secret: &RecordKeySecret) -> Result<Self, NodeError> {
+        let keys = RecordKeys::compute(&self.ctx, &self.schema, secret).await?;
+        self.record_keys = Some(Arc::new(keys));
+        Ok(self)
+    }
+
+    /// The patients' record keys, if the node computed them.
+    #[allow(dead_code, reason = "the cell-key accumulator (issue 16) takes them")]
+    pub(crate) fn record_keys(&self) -> Option<&Arc<RecordKeys>> {
+        self.record_keys.as_ref()
     }
 
     /// The per-request time limit, in milliseconds.

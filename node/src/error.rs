@@ -91,6 +91,12 @@ pub enum NodeError {
     /// The privacy-budget ledger could not be read or written; nothing is released unpaid.
     #[error("the privacy-budget ledger could not be used: {0}")]
     Budget(String),
+    /// The record keys of the trust's patients could not be computed at start (the cause, which
+    /// may quote data, is in the node's log).
+    #[error(
+        "the record keys of this trust's patients could not be computed; the cause is in the node's log"
+    )]
+    RecordKeys,
     /// A file could not be read or written.
     #[error("cannot access {path}: {reason}")]
     Io {
@@ -173,6 +179,7 @@ impl NodeError {
             | NodeError::BadData { .. }
             | NodeError::Policy(_)
             | NodeError::Tls(_)
+            | NodeError::RecordKeys
             | NodeError::Io { .. } => Status::internal("the trust could not answer"),
         }
     }

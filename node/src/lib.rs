@@ -14,11 +14,13 @@ pub mod faults;
 mod gate;
 mod patient_order;
 mod patients;
+mod record_keys;
 mod server;
 mod service;
 
 pub use config::{CoordinatorIdentity, LEDGER_FILE, Limits, NodeConfig, TlsConfig};
 pub use engine::{SiteAnswer, SiteEngine, Timings, fingerprint};
 pub use error::NodeError;
+pub use record_keys::{RECORD_KEYS_FILE, RecordKeySecret};
 pub use server::{RunningNode, start};
 pub use service::{MAX_REQUEST_BYTES, NodeService};

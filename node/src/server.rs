@@ -18,6 +18,7 @@ use crate::config::NodeConfig;
 use crate::engine::SiteEngine;
 use crate::error::NodeError;
 use crate::gate::Gate;
+use crate::record_keys::RecordKeySecret;
 use crate::service::{MAX_REQUEST_BYTES, NodeService};
 
 /// A node serving in the background.
@@ -77,7 +78,10 @@ pub async fn start(config: &NodeConfig, schema: TrustSchema) -> Result<RunningNo
         &config.limits,
     )
     .await?
-    .with_ledger(Arc::new(Ledger::open(&config.ledger_path())?));
+    .with_ledger(Arc::new(Ledger::open(&config.ledger_path())?))
+    // Every start: the same secret gives the same keys, so cells keep their adjustments.
+    .with_record_keys(&RecordKeySecret::load_or_create(&config.state_dir)?)
+    .await?;
     let tls = tls_config(config)?;
     let gate = Gate::new(&config.trust, &config.coordinator)?;
     let audit = Arc::new(AuditLog::open(&config.audit_dir, &now_rfc3339())?);

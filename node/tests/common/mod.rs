@@ -72,7 +72,10 @@ pub(crate) async fn open_engine(
         &trustql_node::Limits::default(),
     )
     .await
-    .expect("engine opens");
+    .expect("engine opens")
+    .with_record_keys(&trustql_node::RecordKeySecret::ephemeral())
+    .await
+    .expect("record keys");
     if !ledger {
         return engine;
     }

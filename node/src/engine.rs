@@ -29,10 +29,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use trustql_budget::Ledger;
 use trustql_policies::{
     ApprovedPolicy, Contributions, Needs, PartialAnswer, Refusal, ReleaseReport, Rule, SdcNeeds,
-    Source, StateColumn, Terms, aggregate_of, authorise, locked_session, needs, release, vet_sql,
+    Source, StateColumn, Terms, aggregate_of, argument_of, authorise, locked_session, needs,
+    release, vet_sql,
 };
 use trustql_protocol::{
-    AnswerColumn, AnswerMeta, ColumnKind, PATIENTS_COLUMN, SiteRequest, Withheld,
+    AnswerColumn, AnswerMeta, CellKeyMeta, ColumnKind, PATIENTS_COLUMN, SiteRequest, Withheld,
 };
 use trustql_schemas::{TrustSchema, check_site, table_path};
 
@@ -41,7 +42,8 @@ use crate::dp::{DpStart, with_meta};
 use crate::error::{NodeError, fault, internal};
 use crate::patient_order::OrderedFiles;
 use crate::patients::{
-    AGGREGATE_PATIENTS, PATIENT_COUNT, by_patient, counted_directly, in_runs, patient_count,
+    AGGREGATE_PATIENTS, CELL_KEY_STATE, PATIENT_COUNT, by_patient, counted_directly, in_runs,
+    patient_count,
 };
 use crate::record_keys::{RecordKeySecret, RecordKeys};
 
@@ -194,12 +196,6 @@ impl SiteEngine {
         Ok(self)
     }
 
-    /// The patients' record keys, if the node computed them.
-    #[allow(dead_code, reason = "the cell-key accumulator (issue 16) takes them")]
-    pub(crate) fn record_keys(&self) -> Option<&Arc<RecordKeys>> {
-        self.record_keys.as_ref()
-    }
-
     /// The per-request time limit, in milliseconds.
     pub(crate) fn timeout_ms(&self) -> u64 {
         self.timeout.as_millis() as u64
@@ -318,6 +314,10 @@ impl SiteEngine {
             columns,
             dp,
             allowance,
+            cell_key: match needs {
+                Needs::Sdc(sdc) if sdc.cell_keys => Some(cell_key_meta(&policy.disclosure)),
+                _ => None,
+            },
         };
         let batch = with_meta(released.batch, &meta)?;
         let answer = SiteAnswer {
@@ -428,22 +428,29 @@ impl SiteEngine {
             .iter()
             .map(|e| counted_directly(e.clone(), patient_key))
             .collect();
+        // Under the cell-key method every count of ours also adds up its patients' record keys.
+        let keys = match needs {
+            Needs::Sdc(sdc) if sdc.cell_keys => Some(
+                self.record_keys
+                    .clone()
+                    .ok_or_else(|| internal("the cell-key method without record keys"))?,
+            ),
+            _ => None,
+        };
         // The patients each SDC aggregate reads (those with a value), before the group's own
-        // count, which stays last; aggregates of the same column share one count.
+        // count, which stays last; aggregates of the same column share the first one's count.
         if let Needs::Sdc(sdc) = needs {
-            let mut counted: Vec<Expr> = Vec::new();
             for &a in &sdc.counted {
+                if sdc.reads.get(a) != Some(&Some(a)) {
+                    continue;
+                }
                 let argument = aggregate
                     .aggr_expr
                     .get(a)
                     .and_then(argument_of)
                     .ok_or_else(|| internal("a counted aggregate has no argument"))?;
-                if counted.contains(&argument) {
-                    continue;
-                }
-                counted.push(argument.clone());
                 aggr_expr.push(
-                    patient_count(cap)
+                    patient_count(cap, keys.clone())
                         .call(vec![Expr::Column(patient_key.clone())])
                         .filter(argument.is_not_null())
                         .build()
@@ -453,7 +460,7 @@ impl SiteEngine {
             }
         }
         aggr_expr.push(
-            patient_count(cap)
+            patient_count(cap, keys)
                 .call(vec![Expr::Column(patient_key.clone())])
                 .alias(PATIENTS_COLUMN),
         );
@@ -539,6 +546,7 @@ impl SiteEngine {
                 Slot::AggregatePatients(a) => {
                     (StateColumn::aggregate_patients(name, a), array.clone())
                 }
+                Slot::CellKey(of) => (StateColumn::cell_key(name, of), array.clone()),
                 Slot::DistinctPatients(a) => (StateColumn::distinct(name, a), array.clone()),
                 Slot::Distinct(a) => (StateColumn::distinct(name, a), distinct_counts(array)?),
                 Slot::State {
@@ -563,14 +571,6 @@ impl SiteEngine {
             columns,
             contributions: None,
         })
-    }
-}
-
-/// The first argument of an aggregate expression.
-fn argument_of(expr: &Expr) -> Option<Expr> {
-    match expr.clone().unalias_nested().data {
-        Expr::AggregateFunction(f) => f.params.args.first().cloned(),
-        _ => None,
     }
 }
 
@@ -633,6 +633,8 @@ enum Slot {
     Patients,
     /// The patients aggregate `.0` reads (SDC thresholds only).
     AggregatePatients(usize),
+    /// The cell key of the group's patients (`None`) or of those aggregate `.0` reads.
+    CellKey(Option<usize>),
     /// The researcher's COUNT(DISTINCT <patient key>), counted as patients.
     DistinctPatients(usize),
     Distinct(usize),
@@ -672,13 +674,22 @@ fn layout(plan: &AggregateExec) -> Result<Vec<Slot>, NodeError> {
                 .name()
                 .strip_prefix(AGGREGATE_PATIENTS)
                 .and_then(|a| a.parse().ok());
-            slots.push(if i + 1 == plan.aggr_expr().len() {
-                Slot::Patients
+            let (slot, of) = if i + 1 == plan.aggr_expr().len() {
+                (Slot::Patients, None)
             } else if let Some(a) = counted {
-                Slot::AggregatePatients(a)
+                (Slot::AggregatePatients(a), Some(a))
             } else {
-                Slot::DistinctPatients(i)
-            });
+                (Slot::DistinctPatients(i), Some(i))
+            };
+            slots.push(slot);
+            // Counted with record keys: the count's second state is its cell key.
+            match states.as_slice() {
+                [_] => {}
+                [_, key] if key.name().ends_with(&format!("[{CELL_KEY_STATE}]")) => {
+                    slots.push(Slot::CellKey(of));
+                }
+                _ => return Err(internal("a patient count with unexpected states")),
+            }
             continue;
         }
         if expr.is_distinct() {
@@ -701,6 +712,18 @@ fn layout(plan: &AggregateExec) -> Result<Vec<Slot>, NodeError> {
     Ok(slots)
 }
 
+/// The cell-key tables' public parameters, for the answer's metadata.
+fn cell_key_meta(disclosure: &trustql_policies::Disclosure) -> CellKeyMeta {
+    let c = &disclosure.cell_key;
+    CellKeyMeta {
+        count_max_adjustment: c.counts.max_adjustment,
+        count_variance: c.counts.variance,
+        sum_max_steps: c.magnitudes.max_adjustment,
+        sum_step_variance: c.magnitudes.variance,
+        sum_step_scale: c.magnitudes.scale,
+    }
+}
+
 /// How the coordinator sees a column of the answer.
 fn wire_column(column: &StateColumn) -> AnswerColumn {
     AnswerColumn {
@@ -708,8 +731,8 @@ fn wire_column(column: &StateColumn) -> AnswerColumn {
         kind: match column.source {
             Source::Key => ColumnKind::Key,
             Source::GroupingId => ColumnKind::GroupingId,
-            // Per-aggregate counts never leave (the release drops them).
-            Source::Patients | Source::AggregatePatients => ColumnKind::Patients,
+            // Per-aggregate counts and cell keys never leave (the release drops them).
+            Source::Patients | Source::AggregatePatients | Source::CellKey => ColumnKind::Patients,
             Source::DistinctCount => ColumnKind::DistinctCount,
             Source::State => ColumnKind::State,
         },

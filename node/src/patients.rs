@@ -27,8 +27,8 @@ use std::collections::HashSet;
 use std::mem::size_of;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array};
-use arrow::datatypes::{DataType, Field, FieldRef, Int64Type};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, UInt64Array};
+use arrow::datatypes::{DataType, Field, FieldRef, Int64Type, UInt64Type};
 use datafusion::common::hash_utils::RandomState;
 use datafusion::common::{Column, DataFusionError, Result, ScalarValue};
 use datafusion::logical_expr::expr::AggregateFunction;
@@ -51,6 +51,7 @@ use datafusion::physical_plan::{
 use trustql_policies::PATIENT_COUNT_CAP;
 
 use crate::patient_order::OrderedFiles;
+use crate::record_keys::RecordKeys;
 
 /// Name prefix of the patient count of one SDC aggregate (its index follows): the patients
 /// with a value for its argument, for that aggregate's threshold.
@@ -59,13 +60,20 @@ pub(crate) const AGGREGATE_PATIENTS: &str = "__trustql_patients_of_";
 /// The aggregate's name, as the physical plan shows it.
 pub(crate) const PATIENT_COUNT: &str = "trustql_patient_count";
 
+/// The state of a patient count that holds its patients' cell key.
+pub(crate) const CELL_KEY_STATE: &str = "cell_key";
+
 /// `trustql_patient_count(patient key)`: distinct patients per group, up to `cap` when given,
-/// exact only over input partitioned by the patient key (see [`by_patient`]).
-pub(crate) fn patient_count(cap: Option<u64>) -> AggregateUDF {
+/// exact only over input partitioned by the patient key (see [`by_patient`]). With `keys`, it
+/// also adds up the counted patients' record keys into the group's cell key (a second state),
+/// and then counts every patient whatever `cap` says: the cell key needs all of them.
+pub(crate) fn patient_count(cap: Option<u64>, keys: Option<Arc<RecordKeys>>) -> AggregateUDF {
+    let cap = cap.and_then(|c| i64::try_from(c).ok()).unwrap_or(i64::MAX);
     AggregateUDF::from(PatientCount {
         signature: Signature::exact(vec![DataType::Int64], Volatility::Immutable),
-        cap: cap.and_then(|c| i64::try_from(c).ok()).unwrap_or(i64::MAX),
+        cap: if keys.is_some() { i64::MAX } else { cap },
         runs: false,
+        keys: Keys(keys),
     })
 }
 
@@ -75,6 +83,30 @@ struct PatientCount {
     cap: i64,
     /// The input arrives in patient runs: compare with the last patient, keep no sets.
     runs: bool,
+    /// The patients' record keys, when the release perturbs by cell keys.
+    keys: Keys,
+}
+
+/// The record keys, compared by identity: one engine has one set of them.
+#[derive(Debug, Clone)]
+struct Keys(Option<Arc<RecordKeys>>);
+
+impl PartialEq for Keys {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Keys {}
+
+impl std::hash::Hash for Keys {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.as_ref().map(Arc::as_ptr).hash(state);
+    }
 }
 
 impl AggregateUDFImpl for PatientCount {
@@ -95,15 +127,27 @@ impl AggregateUDFImpl for PatientCount {
     }
 
     fn state_fields(&self, args: StateFieldsArgs<'_>) -> Result<Vec<FieldRef>> {
-        Ok(vec![Arc::new(Field::new(
+        let mut fields = vec![Arc::new(Field::new(
             format_state_name(args.name, "count"),
             DataType::Int64,
             false,
-        ))])
+        ))];
+        if self.keys.0.is_some() {
+            fields.push(Arc::new(Field::new(
+                format_state_name(args.name, CELL_KEY_STATE),
+                DataType::UInt64,
+                false,
+            )));
+        }
+        Ok(fields)
     }
 
     fn accumulator(&self, _args: AccumulatorArgs<'_>) -> Result<Box<dyn Accumulator>> {
-        Ok(Box::new(PatientSet::new(self.cap, self.runs)))
+        Ok(Box::new(PatientSet::new(
+            self.cap,
+            self.runs,
+            self.keys.0.clone(),
+        )))
     }
 
     fn groups_accumulator_supported(&self, _args: AccumulatorArgs<'_>) -> bool {
@@ -114,7 +158,11 @@ impl AggregateUDFImpl for PatientCount {
         &self,
         _args: AccumulatorArgs<'_>,
     ) -> Result<Box<dyn GroupsAccumulator>> {
-        Ok(Box::new(PatientGroups::new(self.cap, self.runs)))
+        Ok(Box::new(PatientGroups::new(
+            self.cap,
+            self.runs,
+            self.keys.0.clone(),
+        )))
     }
 
     fn default_value(&self, _data_type: &DataType) -> Result<ScalarValue> {
@@ -135,6 +183,18 @@ fn summed(states: &[ArrayRef]) -> Result<&Int64Array> {
         .ok_or_else(|| DataFusionError::Internal("a patient count state is not Int64".into()))
 }
 
+fn cell_keys(states: &[ArrayRef]) -> Result<&UInt64Array> {
+    states
+        .get(1)
+        .and_then(|s| s.as_primitive_opt::<UInt64Type>())
+        .ok_or_else(|| DataFusionError::Internal("a cell key state is not UInt64".into()))
+}
+
+fn no_record_key() -> DataFusionError {
+    // Every row read from the trust's tables has a patient whose key was computed at open.
+    DataFusionError::Internal("a patient without a record key".into())
+}
+
 fn patients(values: &[ArrayRef]) -> Result<&Int64Array> {
     values
         .first()
@@ -153,7 +213,7 @@ enum Seen {
     Last(Vec<Option<i64>>),
 }
 
-/// Per group, the patients seen and their number.
+/// Per group, the patients seen and their number (and, with record keys, their cell key).
 #[derive(Debug)]
 struct PatientGroups {
     seen: Seen,
@@ -161,10 +221,13 @@ struct PatientGroups {
     /// Patients a group needs no more of.
     cap: i64,
     emitted: bool,
+    /// The record keys, and per group the sum of its patients' keys (mod 2⁶⁴, that is mod 1).
+    keys: Option<Arc<RecordKeys>>,
+    cells: Vec<u64>,
 }
 
 impl PatientGroups {
-    fn new(cap: i64, runs: bool) -> Self {
+    fn new(cap: i64, runs: bool, keys: Option<Arc<RecordKeys>>) -> Self {
         PatientGroups {
             seen: if runs {
                 Seen::Last(Vec::new())
@@ -174,7 +237,18 @@ impl PatientGroups {
             counts: Vec::new(),
             cap,
             emitted: false,
+            keys,
+            cells: Vec::new(),
         }
+    }
+
+    /// Patient `id` newly counted in `group`: its record key joins the group's cell key.
+    fn add_key(&mut self, group: usize, id: i64) -> Result<()> {
+        if let Some(keys) = &self.keys {
+            let key = keys.key(id).ok_or_else(no_record_key)?;
+            self.cells[group] = self.cells[group].wrapping_add(key);
+        }
+        Ok(())
     }
 }
 
@@ -190,20 +264,28 @@ impl GroupsAccumulator for PatientGroups {
             return Err(emitted_early());
         }
         self.counts.resize(total_num_groups, 0);
+        if self.keys.is_some() {
+            self.cells.resize(total_num_groups, 0);
+        }
         let ids = patients(values)?;
         let rows = group_indices.iter().enumerate().filter(|&(row, _)| {
             ids.is_valid(row) && opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row))
         });
-        match &mut self.seen {
+        // Taken out so that counting a patient can borrow the groups' keys.
+        let mut seen = std::mem::replace(&mut self.seen, Seen::Last(Vec::new()));
+        let mut counted = Ok(());
+        match &mut seen {
             Seen::Sets(sets, slots) => {
                 sets.resize_with(total_num_groups, HashSet::default);
                 for (row, &group) in rows {
                     let set = &mut sets[group];
                     if (set.len() as i64) < self.cap {
                         let before = set.capacity();
-                        if set.insert(ids.value(row)) {
+                        let id = ids.value(row);
+                        if set.insert(id) {
                             self.counts[group] += 1;
                             *slots += set.capacity() - before;
+                            counted = counted.and_then(|()| self.add_key(group, id));
                         }
                     }
                 }
@@ -211,15 +293,17 @@ impl GroupsAccumulator for PatientGroups {
             Seen::Last(last) => {
                 last.resize(total_num_groups, None);
                 for (row, &group) in rows {
-                    let id = Some(ids.value(row));
-                    if last[group] != id && self.counts[group] < self.cap {
-                        last[group] = id;
+                    let id = ids.value(row);
+                    if last[group] != Some(id) && self.counts[group] < self.cap {
+                        last[group] = Some(id);
                         self.counts[group] += 1;
+                        counted = counted.and_then(|()| self.add_key(group, id));
                     }
                 }
             }
         }
-        Ok(())
+        self.seen = seen;
+        counted
     }
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
@@ -240,7 +324,17 @@ impl GroupsAccumulator for PatientGroups {
             Seen::Sets(..) => Seen::Sets(Vec::new(), 0),
             Seen::Last(_) => Seen::Last(Vec::new()),
         };
-        Ok(vec![self.evaluate(emit_to)?])
+        // Groups without a row yet have an empty cell: keys line up with counts.
+        if self.keys.is_some() {
+            self.cells.resize(self.counts.len(), 0);
+        }
+        let mut states = vec![self.evaluate(emit_to)?];
+        if self.keys.is_some() {
+            states.push(Arc::new(UInt64Array::from(
+                emit_to.take_needed(&mut self.cells),
+            )));
+        }
+        Ok(states)
     }
 
     fn merge_batch(
@@ -253,6 +347,14 @@ impl GroupsAccumulator for PatientGroups {
         let counts = summed(values)?;
         for (row, &group) in group_indices.iter().enumerate() {
             self.counts[group] += counts.value(row);
+        }
+        // Partitions hold disjoint patients, so their cell keys add up.
+        if self.keys.is_some() {
+            self.cells.resize(total_num_groups, 0);
+            let keys = cell_keys(values)?;
+            for (row, &group) in group_indices.iter().enumerate() {
+                self.cells[group] = self.cells[group].wrapping_add(keys.value(row));
+            }
         }
         Ok(())
     }
@@ -276,7 +378,7 @@ impl GroupsAccumulator for PatientGroups {
             }
             Seen::Last(last) => last.capacity() * size_of::<Option<i64>>(),
         };
-        seen + self.counts.capacity() * size_of::<i64>()
+        seen + (self.counts.capacity() + self.cells.capacity()) * size_of::<i64>()
     }
 }
 
@@ -285,8 +387,8 @@ impl GroupsAccumulator for PatientGroups {
 struct PatientSet(PatientGroups);
 
 impl PatientSet {
-    fn new(cap: i64, runs: bool) -> Self {
-        PatientSet(PatientGroups::new(cap, runs))
+    fn new(cap: i64, runs: bool, keys: Option<Arc<RecordKeys>>) -> Self {
+        PatientSet(PatientGroups::new(cap, runs, keys))
     }
 }
 
@@ -305,7 +407,13 @@ impl Accumulator for PatientSet {
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        Ok(vec![self.evaluate()?])
+        let mut states = vec![self.evaluate()?];
+        if self.0.keys.is_some() {
+            states.push(ScalarValue::UInt64(Some(
+                self.0.cells.first().copied().unwrap_or(0),
+            )));
+        }
+        Ok(states)
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
@@ -334,7 +442,7 @@ pub(crate) fn counted_directly(expr: Expr, patient_key: &Column) -> Expr {
         return expr;
     }
     Expr::AggregateFunction(AggregateFunction::new_udf(
-        Arc::new(patient_count(None)),
+        Arc::new(patient_count(None, None)),
         f.params.args,
         false,
         f.params.filter,
@@ -515,7 +623,7 @@ mod tests {
 
     /// Per group (or the one total, without groups), the reduced patient count.
     async fn counts(ctx: &SessionContext, group: Vec<Expr>) -> Vec<(String, i64)> {
-        let patients = patient_count(None).call(vec![Expr::Column(Column::from_name("p"))]);
+        let patients = patient_count(None, None).call(vec![Expr::Column(Column::from_name("p"))]);
         let batches = reduced(ctx, group.clone(), vec![patients]).await;
         by_group(&batches, group.is_empty())
     }
@@ -568,7 +676,7 @@ mod tests {
     #[test]
     fn nulls_and_filtered_rows_are_not_patients() {
         for runs in [false, true] {
-            let mut groups = PatientGroups::new(i64::MAX, runs);
+            let mut groups = PatientGroups::new(i64::MAX, runs, None);
             let ids: ArrayRef = Arc::new(Int64Array::from(vec![Some(7), None, Some(8), Some(7)]));
             let keep = BooleanArray::from(vec![true, true, false, true]);
             groups
@@ -586,7 +694,7 @@ mod tests {
     #[test]
     fn in_runs_a_group_counts_each_change_of_patient() {
         // Patient 1's run holds rows of both groups; group 0 sees 1, 1, 2 and group 1 sees 1, 3.
-        let mut groups = PatientGroups::new(i64::MAX, true);
+        let mut groups = PatientGroups::new(i64::MAX, true, None);
         let ids: ArrayRef = Arc::new(Int64Array::from(vec![1, 1, 1, 2, 3, 3]));
         groups
             .update_batch(&[ids], &[0, 1, 0, 0, 1, 1], None, 2)
@@ -601,7 +709,7 @@ mod tests {
             counts.as_primitive::<Int64Type>().values().to_vec(),
             vec![3, 2]
         );
-        let mut total = PatientSet::new(i64::MAX, true);
+        let mut total = PatientSet::new(i64::MAX, true, None);
         let ids: ArrayRef = Arc::new(Int64Array::from(vec![Some(1), Some(1), None, Some(2)]));
         total.update_batch(&[ids]).expect("update");
         assert_eq!(
@@ -614,7 +722,7 @@ mod tests {
     fn counting_on_after_an_early_emission_fails_as_out_of_memory() {
         let ids: ArrayRef = Arc::new(Int64Array::from(vec![1, 2]));
         for runs in [false, true] {
-            let mut groups = PatientGroups::new(i64::MAX, runs);
+            let mut groups = PatientGroups::new(i64::MAX, runs, None);
             groups
                 .update_batch(std::slice::from_ref(&ids), &[0, 1], None, 2)
                 .expect("update");
@@ -623,7 +731,7 @@ mod tests {
             let again = groups.update_batch(std::slice::from_ref(&ids), &[0, 1], None, 2);
             assert!(matches!(again, Err(DataFusionError::ResourcesExhausted(_))));
 
-            let mut total = PatientSet::new(i64::MAX, runs);
+            let mut total = PatientSet::new(i64::MAX, runs, None);
             total
                 .update_batch(std::slice::from_ref(&ids))
                 .expect("update");
@@ -637,7 +745,7 @@ mod tests {
     fn a_group_stops_collecting_patients_at_the_cap() {
         let ids: ArrayRef = Arc::new(Int64Array::from(vec![1, 2, 3, 4, 5, 9]));
         for runs in [false, true] {
-            let mut groups = PatientGroups::new(3, runs);
+            let mut groups = PatientGroups::new(3, runs, None);
             groups
                 .update_batch(std::slice::from_ref(&ids), &[0, 0, 0, 0, 0, 1], None, 2)
                 .expect("update");
@@ -654,7 +762,7 @@ mod tests {
             );
         }
         // Two partitions at the cap merge to the cap, not past it.
-        let mut reduce = PatientGroups::new(3, false);
+        let mut reduce = PatientGroups::new(3, false, None);
         let states: ArrayRef = Arc::new(Int64Array::from(vec![3, 3]));
         reduce.merge_batch(&[states], &[0, 0], 1).expect("merge");
         let merged = reduce.evaluate(EmitTo::All).expect("evaluate");
@@ -697,7 +805,7 @@ mod tests {
                     datafusion::functions_aggregate::expr_fn::count_distinct(col("p")),
                     &key,
                 ),
-                patient_count(Some(1)).call(vec![Expr::Column(key.clone())]),
+                patient_count(Some(1), None).call(vec![Expr::Column(key.clone())]),
             ],
         )
         .await;
@@ -720,12 +828,12 @@ mod tests {
     fn partial_aggregation_cannot_be_skipped() {
         let ids: ArrayRef = Arc::new(Int64Array::from(vec![1, 1]));
         assert!(
-            PatientGroups::new(i64::MAX, false)
+            PatientGroups::new(i64::MAX, false, None)
                 .convert_to_state(std::slice::from_ref(&ids), None)
                 .is_err()
         );
         assert!(
-            PatientGroups::new(i64::MAX, true)
+            PatientGroups::new(i64::MAX, true, None)
                 .convert_to_state(&[ids], None)
                 .is_err()
         );
@@ -863,7 +971,7 @@ mod tests {
             input.clone(),
             ordered,
             vec![group.clone().alias("g")],
-            vec![patient_count(None).call(vec![Expr::Column(patient.clone())])],
+            vec![patient_count(None, None).call(vec![Expr::Column(patient.clone())])],
         )
         .await;
         let runs = counts_in_runs(&partial);
@@ -921,7 +1029,7 @@ mod tests {
             ctx.table("t").await.expect("t"),
             &ordered,
             vec![],
-            vec![patient_count(None).call(vec![col("p")])],
+            vec![patient_count(None, None).call(vec![col("p")])],
         )
         .await
         .0;
@@ -1026,7 +1134,7 @@ mod tests {
             joined,
             &OrderedFiles::default(),
             vec![Expr::Column(Column::new(Some("t"), "g"))],
-            vec![patient_count(None).call(vec![Expr::Column(Column::new(Some("u"), "p"))])],
+            vec![patient_count(None, None).call(vec![Expr::Column(Column::new(Some("u"), "p"))])],
         )
         .await;
         let partial_input = partial.children()[0].clone();

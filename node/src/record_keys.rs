@@ -396,7 +396,7 @@ mod tests {
             .with_record_keys(&secret)
             .await
             .expect("keys");
-        let keys: &Arc<RecordKeys> = engine.record_keys().expect("keys");
+        let keys: &Arc<RecordKeys> = engine.record_keys.as_ref().expect("keys");
 
         // The ids, read independently: a plain session over each file holding the key.
         let plain = SessionContext::new();

@@ -15,6 +15,8 @@
 
 use thiserror::Error;
 
+use crate::policy::CellKeyRules;
+
 /// A record's or a cell's key: a fraction of 2⁶⁴ in [0, 1).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct CellKey(pub u64);
@@ -35,6 +37,16 @@ impl std::iter::Sum for CellKey {
 }
 
 impl CellKey {
+    /// A second key from this one, for a second draw that must not follow the first (a sum's
+    /// adjustment beside its count's): SplitMix64's finaliser of the key and `stream`, so the
+    /// same cell always gets the same one.
+    pub fn derived(self, stream: u64) -> CellKey {
+        let mut z = self.0 ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        CellKey(z ^ (z >> 31))
+    }
+
     /// The key as a number in [0, 1).
     pub fn fraction(self) -> f64 {
         // 2⁻⁶⁴; rounding to f64 can give 1.0 only for keys within 2⁻⁵³ of 1, clamped below.
@@ -53,6 +65,9 @@ pub enum PTableError {
         "the cell-key method's variance must be above 0 and below {0} (the largest adjustment squared)"
     )]
     Variance(f64),
+    /// The magnitude step must be a fraction of the largest contribution.
+    #[error("the cell-key method's magnitude scale must be above 0 and at most 1")]
+    Scale,
 }
 
 /// Largest adjustment a table may use: beyond it counts stop being useful.
@@ -165,9 +180,75 @@ impl PTable {
     }
 }
 
+/// The approved policy's two tables, ready to perturb: counts, and sums by the ABS
+/// magnitude method.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellKeyTables {
+    /// Integer adjustments of counts.
+    pub counts: PTable,
+    /// Steps of a sum's adjustment (its full-support row: sums are not bounded below by a
+    /// count).
+    pub magnitudes: PTable,
+    /// One step, as a fraction of the cell's largest contribution.
+    pub scale: f64,
+}
+
+/// Stream of [`CellKey::derived`] for sums.
+const SUM_STREAM: u64 = 1;
+
+impl CellKeyTables {
+    /// The tables the rules describe.
+    pub fn new(rules: &CellKeyRules) -> Result<Self, PTableError> {
+        let scale = rules.magnitudes.scale;
+        if !(scale > 0.0 && scale <= 1.0) {
+            return Err(PTableError::Scale);
+        }
+        Ok(CellKeyTables {
+            counts: PTable::new(rules.counts.max_adjustment, rules.counts.variance)?,
+            magnitudes: PTable::new(rules.magnitudes.max_adjustment, rules.magnitudes.variance)?,
+            scale,
+        })
+    }
+
+    /// A released count: `count` records whose cell key is `key`.
+    pub fn count(&self, count: u64, key: CellKey) -> u64 {
+        self.counts.perturb(count, key)
+    }
+
+    /// A released sum: `sum`, whose largest contribution (in absolute value) is `largest`,
+    /// over records whose cell key is `key`. The step is drawn from the magnitude table with a
+    /// key derived from the cell's, so it does not follow the count's adjustment.
+    pub fn sum(&self, sum: f64, largest: f64, key: CellKey) -> f64 {
+        let steps = self
+            .magnitudes
+            .adjustment(u64::from(self.magnitudes.max()), key.derived(SUM_STREAM));
+        sum + steps as f64 * self.scale * largest.abs()
+    }
+
+    /// Bias and variance of the count table's adjustment, for counts 1 to D + 1 (every larger
+    /// count has D + 1's): what `policy check` shows.
+    pub fn count_moments(&self) -> Vec<(u64, f64, f64)> {
+        (1..=u64::from(self.counts.max()) + 1)
+            .map(|n| {
+                let row = self.counts.distribution(n);
+                let mean: f64 = row.iter().map(|(d, p)| *d as f64 * p).sum();
+                let var: f64 = row
+                    .iter()
+                    .map(|(d, p)| (*d as f64 - mean).powi(2) * p)
+                    .sum();
+                (n, mean, var)
+            })
+            .collect()
+    }
+}
+
 /// Probabilities on `support` ∝ exp(a·x + b·x²) with mean 0 and variance `target`: the
 /// maximum-entropy distribution with those moments, found by nested bisection (the mean grows
 /// with `a`, and at mean 0 the variance grows with `b`).
+/// Halvings of each search interval: 400 / 2⁶⁴ is below f64's resolution, and a table builds
+/// in well under a millisecond, so a release builds its own.
+const BISECTIONS: usize = 64;
+
 fn mean_zero_with_variance(support: &[f64], target: f64) -> Vec<f64> {
     let weights = |a: f64, b: f64| -> Vec<f64> {
         let exponents: Vec<f64> = support.iter().map(|&x| a * x + b * x * x).collect();
@@ -180,7 +261,7 @@ fn mean_zero_with_variance(support: &[f64], target: f64) -> Vec<f64> {
         |p: &[f64], k: i32| -> f64 { p.iter().zip(support).map(|(p, x)| p * x.powi(k)).sum() };
     let centred = |b: f64| -> Vec<f64> {
         let (mut lo, mut hi) = (-200.0, 200.0);
-        for _ in 0..200 {
+        for _ in 0..BISECTIONS {
             let mid = 0.5 * (lo + hi);
             if moment(&weights(mid, b), 1) > 0.0 {
                 hi = mid;
@@ -191,7 +272,7 @@ fn mean_zero_with_variance(support: &[f64], target: f64) -> Vec<f64> {
         weights(0.5 * (lo + hi), b)
     };
     let (mut lo, mut hi) = (-50.0, 50.0);
-    for _ in 0..200 {
+    for _ in 0..BISECTIONS {
         let mid = 0.5 * (lo + hi);
         if moment(&centred(mid), 2) > target {
             hi = mid;

@@ -34,21 +34,23 @@ pub use allowance::{AllowanceLeft, AllowanceUsed, DEFAULT_QUERIES_PER_DAY, Query
 pub use approval::{
     Approval, ApprovedPolicy, approval_path, approve, content_hash, load_approved, load_checked,
 };
+pub use cellkey::{CellKey, CellKeyTables, PTable, PTableError};
 pub use contribution::{
     BoundedQuery, Clamp, DP_AGGREGATES, MOMENT_AGGREGATES, bound_contributions,
 };
 pub use date::{now_rfc3339, parse_date, today};
 pub use error::PolicyError;
 pub use policy::{
-    ClassRules, Classes, Disclosure, Dominance, DpRules, Finding, Header, MAX_MIN_PATIENTS,
-    MAX_NESTING, MIN_EPSILON_FLOOR, PATIENT_COUNT_CAP, Policy, Project, ProjectDp, QueryRules,
-    Rounding, SHIPPABLE_AGGREGATES,
+    CellKeyRules, ClassRules, Classes, Disclosure, Dominance, DpRules, Finding, Header,
+    MAX_MIN_PATIENTS, MAX_NESTING, MIN_EPSILON_FLOOR, MagnitudeRules, Method, PATIENT_COUNT_CAP,
+    PTableRules, Policy, Project, ProjectDp, QueryRules, Rounding, SHIPPABLE_AGGREGATES,
 };
 pub use refusal::{Refusal, Rule};
 pub use release::{
     AnswerProtection, Budget, Contributions, DisclosureReport, DpNeeds, DpReport, Moment, Needs,
     NoisyColumn, PartialAnswer, Protected, Release, ReleaseError, ReleaseReport, Role, SdcNeeds,
-    Source, StateColumn, Terms, TotalsRules, needs, protect, release, round, round_count,
+    Source, StateColumn, Terms, TotalsRules, argument_of, needs, protect, release, round,
+    round_count,
 };
 pub use session::{ALLOWED_SCALAR_FUNCTIONS, locked_session, plan_sql, sql_options};
 pub use text::{TextLimits, check_text};

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use trustql_schemas::{ColumnType, DisclosureClass, TrustSchema};
 
 use crate::allowance::QueryAllowance;
+use crate::cellkey::{CellKeyTables, PTableError};
 use crate::date::parse_date;
 use crate::error::PolicyError;
 use crate::text::TextLimits;
@@ -155,6 +156,12 @@ pub const PATIENT_COUNT_CAP: u64 = 2 * MAX_MIN_PATIENTS;
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Disclosure {
+    /// How released numbers are protected: suppression and rounding, or the cell-key method.
+    #[serde(skip_serializing_if = "Method::is_rounding")]
+    pub method: Method,
+    /// The cell-key method's perturbation tables (used when `method = "cell_key"`).
+    #[serde(skip_serializing_if = "CellKeyRules::is_default")]
+    pub cell_key: CellKeyRules,
     /// Fewest distinct patients a released group may have.
     pub min_patients: u64,
     /// Rounding of counts.
@@ -174,16 +181,104 @@ pub struct Disclosure {
 }
 
 impl Disclosure {
-    /// The correctness mode used by tests: no minimum, no rounding. It answers the full
-    /// aggregate SQL; every other SDC setting answers table-builder queries only.
-    pub fn is_unprotected(&self) -> bool {
-        self.min_patients <= 1 && self.rounding == Rounding::None
+    /// The cell-key method's tables, as `[disclosure.cell_key]` sets them.
+    pub fn cell_key_tables(&self) -> Result<CellKeyTables, PTableError> {
+        CellKeyTables::new(&self.cell_key)
     }
+
+    /// The correctness mode used by tests: no minimum, no rounding, no perturbation. It
+    /// answers the full aggregate SQL; every other SDC setting answers table-builder queries
+    /// only.
+    pub fn is_unprotected(&self) -> bool {
+        self.min_patients <= 1 && self.rounding == Rounding::None && self.method == Method::Rounding
+    }
+
+    /// Whether released numbers are perturbed by the cell-key method.
+    pub fn uses_cell_keys(&self) -> bool {
+        self.method == Method::CellKey
+    }
+}
+
+/// `[disclosure] method`: how the numbers a group releases are protected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Method {
+    /// Suppression of small groups and rounding of counts (`rounding`, `rounding_base`).
+    #[default]
+    #[serde(rename = "rounding")]
+    Rounding,
+    /// Suppression of small groups, and every count and sum perturbed by the cell-key method
+    /// (`[disclosure.cell_key]`): the same patients always get the same adjustment.
+    #[serde(rename = "cell_key", alias = "cell-key")]
+    CellKey,
+}
+
+impl Method {
+    fn is_rounding(&self) -> bool {
+        *self == Method::Rounding
+    }
+}
+
+/// `[disclosure.cell_key]`: the cell-key method's perturbation tables, public parameters
+/// (`ptable`'s D and V).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CellKeyRules {
+    /// The table for counts: integer adjustments.
+    pub counts: PTableRules,
+    /// The table for sums: an adjustment of `scale` × the cell's largest contribution per
+    /// step (the ABS magnitude method).
+    pub magnitudes: MagnitudeRules,
+}
+
+impl Default for CellKeyRules {
+    fn default() -> Self {
+        CellKeyRules {
+            counts: PTableRules {
+                max_adjustment: 3,
+                variance: 1.5,
+            },
+            magnitudes: MagnitudeRules {
+                max_adjustment: 3,
+                variance: 1.5,
+                scale: 0.1,
+            },
+        }
+    }
+}
+
+impl CellKeyRules {
+    fn is_default(&self) -> bool {
+        *self == CellKeyRules::default()
+    }
+}
+
+/// One perturbation table: the largest adjustment D and the variance V.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PTableRules {
+    /// D: no count moves by more than this.
+    pub max_adjustment: u32,
+    /// V: the adjustments' variance.
+    pub variance: f64,
+}
+
+/// The magnitude table: a perturbation table, and how far one step moves a sum.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MagnitudeRules {
+    /// D: no sum moves by more than D × `scale` × its largest contribution.
+    pub max_adjustment: u32,
+    /// V: the steps' variance.
+    pub variance: f64,
+    /// The fraction of the cell's largest contribution one step is.
+    pub scale: f64,
 }
 
 impl Default for Disclosure {
     fn default() -> Self {
         Disclosure {
+            method: Method::Rounding,
+            cell_key: CellKeyRules::default(),
             min_patients: 10,
             rounding: Rounding::None,
             rounding_base: 5,
@@ -384,6 +479,18 @@ impl Policy {
                 "[disclosure] rounding_base may be at most {MAX_MIN_PATIENTS}"
             ));
         }
+        if d.uses_cell_keys() {
+            if let Err(e) = d.cell_key_tables() {
+                error(format!("[disclosure.cell_key] {e}"));
+            }
+            if d.rounding != Rounding::None {
+                error(
+                    "[disclosure] method = \"cell_key\" perturbs counts instead of rounding them: \
+                     set rounding = \"none\" (rounding on top would bias the adjustments)"
+                        .into(),
+                );
+            }
+        }
         if let Some(dom) = d.dominance
             && (dom.n == 0 || !(dom.k > 0.0 && dom.k <= 100.0))
         {
@@ -457,7 +564,7 @@ impl Policy {
                 d.min_patients
             )));
         }
-        if d.rounding == Rounding::None {
+        if d.rounding == Rounding::None && !d.uses_cell_keys() {
             findings.push(Finding::Warning(
                 "counts are not rounded: differencing two answers can reveal small numbers".into(),
             ));
@@ -605,23 +712,28 @@ impl Policy {
              aggregate only if that many of them have a value for it",
             d.min_patients
         );
-        let _ = writeln!(
-            out,
-            "  - counts are {}",
-            match d.rounding {
-                Rounding::None => "released unrounded".to_string(),
-                Rounding::Base => format!("rounded to the nearest multiple of {}", d.rounding_base),
-                Rounding::Midpoint6 => "rounded by midpoint-6 (ceil(x/6)*6 - 3)".to_string(),
-            }
-        );
-        if d.rounding != Rounding::None {
-            // Say plainly what rounding does not cover, so a controller can decide.
+        if d.uses_cell_keys() {
+            describe_cell_keys(&mut out, d);
+        } else {
             let _ = writeln!(
                 out,
-                "    (every count an aggregate carries is rounded, AVG's and VAR's too; sums are \
-                 exact: a SUM of a column that only takes a few values can still tell a count \
-                 apart — allow only COUNT in [query] aggregates if that matters)"
+                "  - counts are {}",
+                match d.rounding {
+                    Rounding::None => "released unrounded".to_string(),
+                    Rounding::Base =>
+                        format!("rounded to the nearest multiple of {}", d.rounding_base),
+                    Rounding::Midpoint6 => "rounded by midpoint-6 (ceil(x/6)*6 - 3)".to_string(),
+                }
             );
+            if d.rounding != Rounding::None {
+                // Say plainly what rounding does not cover, so a controller can decide.
+                let _ = writeln!(
+                    out,
+                    "    (every count an aggregate carries is rounded, AVG's and VAR's too; sums are \
+                     exact: a SUM of a column that only takes a few values can still tell a count \
+                     apart — allow only COUNT in [query] aggregates if that matters)"
+                );
+            }
         }
         match d.dominance {
             Some(dom) => {
@@ -642,11 +754,20 @@ impl Policy {
                  other cell of that row or column is 0%) is withheld"
             );
         }
-        let _ = writeln!(
-            out,
-            "  - a withheld group also withholds the totals and subtotals it belongs to, so it \
-             cannot be recovered by subtraction"
-        );
+        if d.uses_cell_keys() {
+            let _ = writeln!(
+                out,
+                "  - totals and subtotals are perturbed by their own cell keys, and a withheld \
+                 group does not withhold them: subtracting released cells from a total gives \
+                 the withheld cell plus every cell's independent adjustment, not its count"
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "  - a withheld group also withholds the totals and subtotals it belongs to, so it \
+                 cannot be recovered by subtraction"
+            );
+        }
         let _ = writeln!(out, "Columns:");
         let _ = writeln!(
             out,
@@ -771,5 +892,58 @@ impl Policy {
             );
         }
         out
+    }
+}
+
+/// The cell-key method in plain words, with its tables' bias and variance.
+fn describe_cell_keys(out: &mut String, d: &Disclosure) {
+    let c = &d.cell_key;
+    let _ = writeln!(
+        out,
+        "  - every count and sum is perturbed by the cell-key method (as the ONS did for Census \
+         2021 and the ABS does in TableBuilder): each patient has a fixed random record key, \
+         made at this trust from a secret that never leaves it; a cell's key is the sum of its \
+         patients' keys; a count moves by an adjustment the public table below gives for the \
+         count and the key (at most {} either way, never below zero, zero stays zero)",
+        c.counts.max_adjustment
+    );
+    let _ = writeln!(
+        out,
+        "    the same patients always get the same adjustment, however the query is worded, so \
+         asking again averages nothing away; two cells one patient apart get unrelated \
+         adjustments, so their difference is noise, not the patient (repeated differencing is \
+         limited by the query allowance)"
+    );
+    let _ = writeln!(
+        out,
+        "  - a SUM moves by up to {} steps of {} × its largest contribution (the ABS magnitude \
+         method); an AVG is the perturbed sum over the perturbed count; VAR and STDDEV are not \
+         answered under this method (DP projects are)",
+        c.magnitudes.max_adjustment, c.magnitudes.scale
+    );
+    match d.cell_key_tables() {
+        Ok(tables) => {
+            let _ = writeln!(
+                out,
+                "    count table (D = {}, V = {}): bias and variance of the adjustment by count:",
+                c.counts.max_adjustment, c.counts.variance
+            );
+            for (n, bias, variance) in tables.count_moments() {
+                let _ = writeln!(
+                    out,
+                    "      {}{n}: bias {:+.4}, variance {variance:.3}",
+                    if n > u64::from(c.counts.max_adjustment) {
+                        ">= "
+                    } else {
+                        ""
+                    },
+                    // -0.0000 reads as a bias; it is none.
+                    if bias.abs() < 5e-5 { 0.0 } else { bias }
+                );
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(out, "    (the tables cannot be built: {e})");
+        }
     }
 }

@@ -214,6 +214,25 @@ fn totals_rules_apply_unless_every_answer_is_differentially_private() {
 }
 
 #[test]
+fn totals_of_cell_key_answers_are_not_rounded_again() {
+    let rules = TotalsRules {
+        min_patients: 10,
+        rounding: Rounding::Base,
+        rounding_base: 5,
+    };
+    use AnswerProtection::{CellKey, Dp, Sdc};
+    let unrounded = TotalsRules {
+        rounding: Rounding::None,
+        ..rules
+    };
+    // Rounding a sum of perturbed counts would bias it; the minimum still applies.
+    assert_eq!(rules.for_answers([CellKey, CellKey]), unrounded);
+    assert_eq!(rules.for_answers([CellKey, Dp]), unrounded);
+    // A rounded trust's counts still need the rounding.
+    assert_eq!(rules.for_answers([CellKey, Sdc]), rules);
+}
+
+#[test]
 fn totals_rules_that_cannot_be_served_are_refused() {
     let too_high = TotalsRules {
         min_patients: 1001,

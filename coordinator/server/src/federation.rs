@@ -7,11 +7,11 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use tonic::transport::Identity;
 use trustql_merge::{Merger, SiteStates};
-use trustql_protocol::{Coverage, SiteRequest, TrustCoverage, TrustStatus, Withheld};
+use trustql_protocol::{CellKeyMeta, Coverage, SiteRequest, TrustCoverage, TrustStatus, Withheld};
 use trustql_schemas::TrustSchema;
 
 use trustql_audit::{AuditEntry, AuditLog, Decision, TrustOutcome};
-use trustql_policies::{AnswerProtection, TotalsRules, check_text, now_rfc3339};
+use trustql_policies::{AnswerProtection, Rounding, TotalsRules, check_text, now_rfc3339};
 
 use crate::auth::{Caller, Researchers};
 use crate::config::{CoordinatorConfig, Quorum};
@@ -37,6 +37,9 @@ pub struct Coordinator {
     /// Without the federation's totals rules: for answers that are all differentially
     /// private, whose noise is the protection (and whose patient counts are not released).
     dp_merger: Merger,
+    /// The federation's minimum without its rounding: for cell-key answers, already perturbed,
+    /// whose sums rounding would bias.
+    unrounded_merger: Merger,
     schema: TrustSchema,
     links: Vec<NodeLink>,
     deadline: Duration,
@@ -52,6 +55,24 @@ const WITHHELD_NOTE: &str = "each trust withholds its own groups with too few pa
      dominated sums and 100% cells, with their margins, so a value covers only the trusts that \
      released that group; how many groups a trust withheld is not reported, as that number would \
      itself be an exact count";
+
+/// What the researcher is told about answers perturbed by the cell-key method, with the
+/// largest movement any of their trusts' tables allows.
+fn cell_key_note(tables: &[CellKeyMeta]) -> Option<String> {
+    let count = tables.iter().map(|t| t.count_max_adjustment).max()?;
+    let sum = tables
+        .iter()
+        .map(|t| f64::from(t.sum_max_steps) * t.sum_step_scale)
+        .fold(0.0, f64::max);
+    Some(format!(
+        "{} of the answering trusts perturb their counts and sums by the cell-key method: each \
+         trust's count of a group moved by at most {count} (never below zero), each sum by at \
+         most {sum} times the group's largest value, with no bias; the same patients always \
+         give the same numbers, so asking again or rewording changes nothing; a mean is a \
+         perturbed sum over a perturbed count, and totals are not rounded on top",
+        tables.len()
+    ))
+}
 
 const DISTINCT_NOTE: &str = "COUNT(DISTINCT …) is summed over trusts: a patient treated at two \
      trusts has a local id at each and is counted at both (cross-trust linkage is not done yet).";
@@ -74,6 +95,13 @@ impl Coordinator {
             audit: Arc::new(audit),
             merger: Merger::new(&schema, config.disclosure)?,
             dp_merger: Merger::new(&schema, TotalsRules::default())?,
+            unrounded_merger: Merger::new(
+                &schema,
+                TotalsRules {
+                    rounding: Rounding::None,
+                    ..config.disclosure
+                },
+            )?,
             totals: config.disclosure,
             schema,
             links,
@@ -148,12 +176,20 @@ impl Coordinator {
             .totals
             .for_answers(outcomes.iter().filter_map(|o| match o {
                 Outcome::Answered(site) if site.meta.dp.is_some() => Some(AnswerProtection::Dp),
+                Outcome::Answered(site) if site.meta.cell_key.is_some() => {
+                    Some(AnswerProtection::CellKey)
+                }
                 Outcome::Answered(_) => Some(AnswerProtection::Sdc),
                 Outcome::Not(..) => None,
             }));
-        // Without totals rules the two mergers plan alike: no need to plan again.
+        // Without totals rules the mergers plan alike: no need to plan again.
         let (merger, prepared) = if totals != self.totals && self.totals.is_active() {
-            (&self.dp_merger, self.dp_merger.prepare(sql).await?)
+            let merger = if totals.is_active() {
+                &self.unrounded_merger
+            } else {
+                &self.dp_merger
+            };
+            (merger, merger.prepare(sql).await?)
         } else {
             (&self.merger, prepared)
         };
@@ -162,10 +198,12 @@ impl Coordinator {
         let mut states = Vec::new();
         let mut noise = NoiseSum::default();
         let mut noisy_states = Vec::new();
+        let mut cell_keys = Vec::new();
         for (link, outcome) in self.links.iter().zip(outcomes) {
             let line = match outcome {
                 Outcome::Answered(site) => match prepared.conform(&site) {
                     Ok(batch) => {
+                        cell_keys.extend(site.meta.cell_key);
                         if site.meta.dp.is_some() {
                             noisy_states.push((batch.clone(), site.meta.clone()));
                         }
@@ -223,6 +261,9 @@ impl Coordinator {
                  allowance before it ran, whether or not it completed"
                     .into(),
             );
+        }
+        if let Some(note) = cell_key_note(&cell_keys) {
+            notes.push(note);
         }
         if noisy {
             notes.push(

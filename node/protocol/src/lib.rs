@@ -162,6 +162,25 @@ pub struct AnswerMeta {
     /// For a project with a query allowance (suppression and rounding): what is left.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowance: Option<AllowanceLeft>,
+    /// For an answer perturbed by the cell-key method: the public tables it used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cell_key: Option<CellKeyMeta>,
+}
+
+/// The cell-key method's public parameters, as `[disclosure.cell_key]` of the trust's policy
+/// sets them: what a researcher needs to know how far a number may have moved.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CellKeyMeta {
+    /// No count moved by more than this (D of the count table).
+    pub count_max_adjustment: u32,
+    /// The count adjustments' variance (V).
+    pub count_variance: f64,
+    /// No sum moved by more than this many steps (D of the magnitude table).
+    pub sum_max_steps: u32,
+    /// The steps' variance.
+    pub sum_step_variance: f64,
+    /// One step, as a fraction of the cell's largest contribution.
+    pub sum_step_scale: f64,
 }
 
 /// A project's query allowance left at a trust once this query was counted. It counts

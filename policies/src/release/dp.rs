@@ -44,8 +44,10 @@ pub(crate) fn release_dp(
                 continue;
             }
             Role::GroupingId => return Err(internal("grouping sets under differential privacy")),
-            Role::AggregatePatients => {
-                return Err(internal("per-aggregate patient counts in a DP answer"));
+            Role::AggregatePatients | Role::CellKey => {
+                return Err(internal(
+                    "per-aggregate patient counts or cell keys in a DP answer",
+                ));
             }
             // Measured only to choose groups by threshold; otherwise released as null.
             Role::Patients => {

@@ -12,6 +12,7 @@
 //! The federation's [`TotalsRules`] are the coordinator's side of the same contract.
 
 mod budget;
+mod cellkey;
 mod dp;
 mod sdc;
 mod state;
@@ -22,7 +23,7 @@ use datafusion::common::Column;
 use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
 use trustql_schemas::TrustSchema;
 
-use crate::contribution::{BoundedQuery, bound_contributions};
+use crate::contribution::{BoundedQuery, MOMENT_AGGREGATES, bound_contributions};
 use crate::policy::{PATIENT_COUNT_CAP, Policy, Project, ProjectDp};
 use crate::refusal::{Refusal, Rule};
 use crate::vet::Vetted;
@@ -86,7 +87,14 @@ pub struct SdcNeeds {
     /// The aggregates whose argument can be missing for some of the group's patients: each
     /// needs its own patient count ([`Source::AggregatePatients`]), so that an AVG over the
     /// two patients who have a value is not released because the group has twenty.
+    /// Aggregates of the same argument share one count: the first's.
     pub counted: Vec<usize>,
+    /// Per aggregate, whose patients it reads: `Some(a)` for the count of aggregate `a` in
+    /// `counted` (the first of its argument), `None` for the group's.
+    pub reads: Vec<Option<usize>>,
+    /// Whether released numbers are perturbed by the cell-key method: the node then adds
+    /// every patient count's cell key ([`Source::CellKey`]), and counts exactly.
+    pub cell_keys: bool,
 }
 
 /// What a differentially private release needs.
@@ -168,10 +176,26 @@ pub fn needs(
              not in differential-privacy mode here, so its queries cost no budget",
         ));
     }
+    let disclosure = &policy.disclosure;
+    let cell_keys = disclosure.uses_cell_keys();
+    if cell_keys
+        && aggregate
+            .aggr_expr
+            .iter()
+            .any(|e| function_of(e).is_some_and(|f| MOMENT_AGGREGATES.contains(&f.as_str())))
+    {
+        return Err(Refusal::new(
+            Rule::Unsupported,
+            "this trust protects answers by the cell-key method, which perturbs counts and sums \
+             but has no table for a variance's moments: VAR and STDDEV are answered in \
+             differential-privacy mode only; ask for COUNT, SUM and AVG",
+        ));
+    }
     let mut contributions = Vec::new();
     let mut top = 0;
-    if let Some(dominance) = policy.disclosure.dominance {
-        // SUM's and AVG's sums are the states the dominance rule reads.
+    // SUM's and AVG's sums are the states the dominance rule reads, and the cell-key method
+    // scales their adjustment by their largest contribution.
+    if disclosure.dominance.is_some() || cell_keys {
         contributions = aggregate
             .aggr_expr
             .iter()
@@ -179,23 +203,28 @@ pub fn needs(
             .filter(|(_, e)| matches!(function_of(e).as_deref(), Some("sum" | "avg")))
             .map(|(a, _)| a)
             .collect();
-        top = dominance.n;
+        top = disclosure.dominance.map_or(1, |d| d.n);
         if !contributions.is_empty()
             && aggregate
                 .group_expr
                 .iter()
                 .any(|e| matches!(e, Expr::GroupingSet(_)))
         {
-            return Err(Refusal::new(
-                Rule::Unsupported,
+            let why = if cell_keys {
+                "this trust perturbs sums by the cell-key method, scaled by each group's \
+                 largest contribution, which TrustQL does not measure on ROLLUP, CUBE or \
+                 GROUPING SETS yet; group without them, or ask for counts only"
+            } else {
                 "this trust applies a dominance rule to sums, which TrustQL does not evaluate on \
-                 ROLLUP, CUBE or GROUPING SETS yet; group without them",
-            ));
+                 ROLLUP, CUBE or GROUPING SETS yet; group without them"
+            };
+            return Err(Refusal::new(Rule::Unsupported, why));
         }
     }
     // COUNT(*) and COUNT(DISTINCT patient) read every patient of the group; any aggregate of a
-    // column reads only the patients with a value.
-    let counted = if policy.disclosure.min_patients > 1 {
+    // column reads only the patients with a value, whose minimum and whose cell key are their
+    // own.
+    let counted: Vec<usize> = if disclosure.min_patients > 1 || cell_keys {
         aggregate
             .aggr_expr
             .iter()
@@ -206,14 +235,42 @@ pub fn needs(
     } else {
         Vec::new()
     };
+    let mut reads = vec![None; aggregate.aggr_expr.len()];
+    let mut firsts: Vec<(Option<Expr>, usize)> = Vec::new();
+    for &a in &counted {
+        let argument = argument_of(&aggregate.aggr_expr[a]);
+        let first = match firsts.iter().find(|(arg, _)| *arg == argument) {
+            Some(&(_, first)) => first,
+            None => {
+                firsts.push((argument, a));
+                a
+            }
+        };
+        reads[a] = Some(first);
+    }
     Ok(Needs::Sdc(SdcNeeds {
         patient_key,
-        // Thresholds need no more patients than twice the largest any rule may set.
-        patient_cap: PATIENT_COUNT_CAP,
+        // Thresholds need no more patients than twice the largest any rule may set; a
+        // perturbed count is released, so it is counted exactly.
+        patient_cap: if cell_keys {
+            u64::MAX
+        } else {
+            PATIENT_COUNT_CAP
+        },
         contributions,
         top,
         counted,
+        reads,
+        cell_keys,
     }))
+}
+
+/// The first argument of an aggregate expression.
+pub fn argument_of(expr: &Expr) -> Option<Expr> {
+    match expr.clone().unalias_nested().data {
+        Expr::AggregateFunction(f) => f.params.args.first().cloned(),
+        _ => None,
+    }
 }
 
 /// Whether an aggregate reads a value that some rows may lack: anything but COUNT(*) and
@@ -289,8 +346,8 @@ pub fn release(
 ) -> Result<Release, ReleaseError> {
     let max_groups = policy.query.max_groups;
     match needs {
-        Needs::Sdc(_) => {
-            let protected = protect(answer, &policy.disclosure, max_groups)?;
+        Needs::Sdc(sdc) => {
+            let protected = sdc::protect_with(answer, &policy.disclosure, &sdc.reads, max_groups)?;
             Ok(Release {
                 batch: protected.batch,
                 columns: protected.columns,

@@ -16,13 +16,14 @@ use datafusion::common::hash_utils::RandomState;
 
 use crate::policy::{Disclosure, Rounding};
 use crate::refusal::{Refusal, Rule};
+use crate::release::cellkey;
 use crate::release::{Contributions, Moment, PartialAnswer, ReleaseError, Role, StateColumn};
 
 /// Rows that differ only at one key: (grouped keys, that key, the other grouped keys' ids).
 type Bucket = (u64, usize, Vec<u32>);
 
 /// A sum column and, per row, the sum of its group's largest per-patient contributions.
-type Tops = Vec<(usize, Vec<Option<f64>>)>;
+pub(super) type Tops = Vec<(usize, Vec<Option<f64>>)>;
 
 /// Why groups were withheld, and how many were released.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -66,7 +67,7 @@ enum Verdict {
     MarginOfWithheld,
 }
 
-fn internal(what: &'static str) -> ReleaseError {
+pub(super) fn internal(what: &'static str) -> ReleaseError {
     ReleaseError::Internal(what)
 }
 
@@ -97,6 +98,18 @@ impl Groups {
 pub fn protect(
     answer: &PartialAnswer,
     rules: &Disclosure,
+    max_groups: usize,
+) -> Result<Protected, ReleaseError> {
+    protect_with(answer, rules, &[], max_groups)
+}
+
+/// [`protect`], with whose patients each aggregate reads ([`crate::SdcNeeds::reads`]; an
+/// aggregate not listed reads its own count's patients if the answer has one, else the
+/// group's).
+pub(crate) fn protect_with(
+    answer: &PartialAnswer,
+    rules: &Disclosure,
+    reads: &[Option<usize>],
     max_groups: usize,
 ) -> Result<Protected, ReleaseError> {
     let batch = &answer.batch;
@@ -160,7 +173,11 @@ pub fn protect(
     if rules.withhold_whole_margin_cells && !keys.is_empty() {
         withhold_whole_margins(&groups, &mut verdicts);
     }
-    withhold_margins_of_withheld(&groups, &mut verdicts);
+    // Perturbed totals need no secondary suppression: a total less its released cells is the
+    // withheld cell plus every cell's own adjustment.
+    if !rules.uses_cell_keys() {
+        withhold_margins_of_withheld(&groups, &mut verdicts);
+    }
 
     let mut report = DisclosureReport::default();
     for v in &verdicts {
@@ -172,11 +189,20 @@ pub fn protect(
             Verdict::MarginOfWithheld => report.margin_of_withheld += 1,
         }
     }
-    let batch = rounded_release(batch, &roles, rules, &verdicts)?;
+    let batch = if rules.uses_cell_keys() {
+        let tables = rules
+            .cell_key_tables()
+            .map_err(|_| internal("the approved cell-key tables cannot be built"))?;
+        let tops = top_contributions(answer, &roles, &keys, 1)?;
+        let perturbed = cellkey::perturbed(answer, &roles, reads, &tables, &tops)?;
+        keep_released(&perturbed, &verdicts)?
+    } else {
+        rounded_release(batch, &roles, rules, &verdicts)?
+    };
     let columns = answer
         .columns
         .iter()
-        .filter(|c| c.role() != Role::AggregatePatients)
+        .filter(|c| !c.stays())
         .cloned()
         .collect();
     Ok(Protected {
@@ -186,13 +212,16 @@ pub fn protect(
     })
 }
 
-fn column_as_i64(batch: &RecordBatch, index: usize) -> Result<Vec<Option<i64>>, ReleaseError> {
+pub(super) fn column_as_i64(
+    batch: &RecordBatch,
+    index: usize,
+) -> Result<Vec<Option<i64>>, ReleaseError> {
     let array = cast(batch.column(index), &DataType::Int64)
         .map_err(|_| internal("a count column is not numeric"))?;
     Ok(array.as_primitive::<Int64Type>().iter().collect())
 }
 
-fn column_as_f64(array: &ArrayRef) -> Result<Vec<Option<f64>>, ReleaseError> {
+pub(super) fn column_as_f64(array: &ArrayRef) -> Result<Vec<Option<f64>>, ReleaseError> {
     let array =
         cast(array, &DataType::Float64).map_err(|_| internal("a sum column is not numeric"))?;
     Ok(array.as_primitive::<Float64Type>().iter().collect())
@@ -396,8 +425,8 @@ fn rounded_release(
     for (index, role) in roles.iter().enumerate() {
         let column = batch.column(index);
         match role {
-            // Thresholds' input only: it stays at the trust.
-            Role::AggregatePatients => continue,
+            // Thresholds' and perturbation's input only: it stays at the trust.
+            Role::AggregatePatients | Role::CellKey => continue,
             Role::Count | Role::Patients | Role::Moment(Moment::Count) => {
                 let rounded: Int64Array = column_as_i64(batch, index)?
                     .into_iter()
@@ -415,11 +444,16 @@ fn rounded_release(
     let schema = Schema::new(fields);
     let rounded = RecordBatch::try_new(Arc::new(schema), columns)
         .map_err(|_| internal("could not rebuild the answer"))?;
+    keep_released(&rounded, verdicts)
+}
+
+/// The rows whose verdict is to release them.
+fn keep_released(batch: &RecordBatch, verdicts: &[Verdict]) -> Result<RecordBatch, ReleaseError> {
     let keep: BooleanArray = verdicts
         .iter()
         .map(|v| Some(*v == Verdict::Release))
         .collect();
-    filter_record_batch(&rounded, &keep).map_err(|_| internal("could not filter the answer"))
+    filter_record_batch(batch, &keep).map_err(|_| internal("could not filter the answer"))
 }
 
 /// Rounds a count as the policy says.

@@ -17,6 +17,10 @@ pub enum Source {
     /// The node's count of the group's patients one aggregate reads (those with a value for
     /// its argument): decides that aggregate's threshold and never leaves the trust.
     AggregatePatients,
+    /// The cell key (the sum of the record keys, mod 1) of the patients a patient count
+    /// counted: the group's (no aggregate) or those one aggregate reads. Decides the cell-key
+    /// method's adjustments and never leaves the trust.
+    CellKey,
     /// A researcher's COUNT(DISTINCT …), finished into a count at the node.
     DistinctCount,
     /// One state column of an aggregate's accumulator.
@@ -50,6 +54,9 @@ pub enum Role {
     Patients,
     /// Distinct patients one aggregate reads; used by the thresholds, never released.
     AggregatePatients,
+    /// The cell key of the group's patients, or of the patients one aggregate reads; used by
+    /// the cell-key method, never released.
+    CellKey,
     /// A released frequency: COUNT's count, a COUNT(DISTINCT), and AVG's count, which
     /// SUM / AVG would otherwise give exactly beside a rounded COUNT.
     Count,
@@ -96,6 +103,15 @@ impl StateColumn {
         }
     }
 
+    /// The cell key of the patients the count `of` counted: the group's (`None`) or those
+    /// aggregate `of` reads.
+    pub fn cell_key(name: impl Into<String>, of: Option<usize>) -> Self {
+        StateColumn {
+            aggregate: of,
+            ..Self::plain(name, Source::CellKey)
+        }
+    }
+
     /// A researcher's COUNT(DISTINCT …) of aggregate `aggregate`, as a count.
     pub fn distinct(name: impl Into<String>, aggregate: usize) -> Self {
         StateColumn {
@@ -133,6 +149,12 @@ impl StateColumn {
         }
     }
 
+    /// Whether it stays at the trust whatever the release: the thresholds' and the cell-key
+    /// method's inputs.
+    pub fn stays(&self) -> bool {
+        matches!(self.source, Source::AggregatePatients | Source::CellKey)
+    }
+
     /// Whether its aggregate is VAR or STDDEV, whose states are moments.
     pub fn is_moment_aggregate(&self) -> bool {
         MOMENT_AGGREGATES.contains(&self.function.as_str())
@@ -147,6 +169,7 @@ impl StateColumn {
             Source::GroupingId => Role::GroupingId,
             Source::Patients => Role::Patients,
             Source::AggregatePatients => Role::AggregatePatients,
+            Source::CellKey => Role::CellKey,
             Source::DistinctCount => Role::Count,
             Source::State if self.is_moment_aggregate() => match self.state.as_str() {
                 "count" => Role::Moment(Moment::Count),

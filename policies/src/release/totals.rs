@@ -36,6 +36,8 @@ impl Default for TotalsRules {
 pub enum AnswerProtection {
     /// Suppression and rounding (statistical disclosure control).
     Sdc,
+    /// Suppression and the cell-key method: counts and sums already perturbed.
+    CellKey,
     /// Differential privacy: calibrated noise, and no patient count released.
     Dp,
 }
@@ -65,14 +67,23 @@ impl TotalsRules {
     /// When some are and some are not (a mixed federation), the rules apply to the merged
     /// totals: the SDC trusts' counts need them, and the DP trusts, releasing no patient count,
     /// add nothing towards the minimum, which errs on the side of withholding.
+    ///
+    /// Cell-key answers are perturbed by their own cell keys: rounding their sum on top would
+    /// bias it, so without a rounded (plain SDC) answer among them the totals are not rounded,
+    /// and only the minimum applies.
     pub fn for_answers(&self, answers: impl IntoIterator<Item = AnswerProtection>) -> TotalsRules {
-        let mut answers = answers.into_iter().peekable();
-        let any = answers.peek().is_some();
-        if any && answers.all(|a| a == AnswerProtection::Dp) {
-            TotalsRules::default()
-        } else {
-            *self
+        let answers: Vec<AnswerProtection> = answers.into_iter().collect();
+        if !answers.is_empty() && answers.iter().all(|a| *a == AnswerProtection::Dp) {
+            return TotalsRules::default();
         }
+        let rounded = answers.contains(&AnswerProtection::Sdc);
+        if answers.contains(&AnswerProtection::CellKey) && !rounded {
+            return TotalsRules {
+                rounding: Rounding::None,
+                ..*self
+            };
+        }
+        *self
     }
 
     /// What a researcher is told the rules did.

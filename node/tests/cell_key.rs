@@ -1,0 +1,300 @@
+//! The cell-key method at a node over real Parquet: the same patients give the same numbers
+//! however the query is worded, every count and sum moves by at most the table's bound and
+//! not always by zero, and what the method needs stays at the trust.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::compute::{cast, concat_batches};
+use arrow::datatypes::{DataType, Float64Type, Int64Type};
+use datafusion::prelude::SessionContext;
+use trustql_node::{NodeError, SiteEngine};
+use trustql_policies::Rule;
+use trustql_protocol::{ColumnKind, PATIENTS_COLUMN, SiteRequest};
+
+const TODAY: i32 = 20_415; // 2025-11-23
+
+const CELL_KEY: &str = "method = \"cell_key\"\nmin_patients = 10\nrounding = \"none\"";
+
+fn request(sql: &str) -> SiteRequest {
+    SiteRequest {
+        request_id: "r1".into(),
+        researcher: "alice".into(),
+        project: "p1".into(),
+        sql: sql.into(),
+        ..Default::default()
+    }
+}
+
+async fn engine(dir: &std::path::Path, disclosure: &str) -> SiteEngine {
+    let fed = common::synth(dir, 3_000);
+    let (_, policy) = common::policy(dir, disclosure);
+    common::open_engine(dir, &fed, policy, false).await
+}
+
+async fn truth(ctx: &SessionContext, sql: &str) -> RecordBatch {
+    let batches = ctx
+        .sql(sql)
+        .await
+        .expect("sql")
+        .collect()
+        .await
+        .expect("collect");
+    concat_batches(&batches[0].schema(), &batches).expect("concat")
+}
+
+fn text(batch: &RecordBatch, column: usize, row: usize) -> String {
+    let column = cast(batch.column(column), &DataType::Utf8).expect("text");
+    column.as_string::<i32>().value(row).to_string()
+}
+
+fn int(batch: &RecordBatch, column: usize, row: usize) -> i64 {
+    let column = cast(batch.column(column), &DataType::Int64).expect("int");
+    column.as_primitive::<Int64Type>().value(row)
+}
+
+/// The first column's values, and the named columns' integers, per row.
+fn by_key(batch: &RecordBatch, columns: &[usize]) -> BTreeMap<String, Vec<i64>> {
+    (0..batch.num_rows())
+        .map(|r| {
+            (
+                text(batch, 0, r),
+                columns.iter().map(|&c| int(batch, c, r)).collect(),
+            )
+        })
+        .collect()
+}
+
+async fn answer(engine: &SiteEngine, sql: &str) -> trustql_node::SiteAnswer {
+    engine.answer(&request(sql), TODAY).await.expect("answer")
+}
+
+#[tokio::test]
+async fn the_same_patients_get_the_same_numbers_however_the_query_is_worded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path(), CELL_KEY).await;
+    let wordings = [
+        "SELECT site_icd10_o2_3char, COUNT(*) FROM sim_av_tumour WHERE stage_best = '4' GROUP BY 1",
+        "SELECT site_icd10_o2_3char, COUNT(*) FROM sim_av_tumour WHERE stage_best IN ('4') GROUP BY 1",
+        "SELECT site_icd10_o2_3char, COUNT(*) FROM sim_av_tumour WHERE '4' = stage_best AND age >= 0 \
+         GROUP BY site_icd10_o2_3char",
+        "SELECT site_icd10_o2_3char, COUNT(*) FROM sim_av_tumour WHERE age >= 0 AND stage_best = '4' \
+         GROUP BY site_icd10_o2_3char",
+    ];
+    let first = answer(&engine, wordings[0]).await;
+    assert!(first.meta.released > 3, "enough groups to compare");
+    let cell_key = first.meta.cell_key.expect("the answer says the method");
+    assert_eq!(cell_key.count_max_adjustment, 3);
+    let want = by_key(&first.batch, &[1, 2]);
+    for sql in &wordings[1..] {
+        let got = by_key(&answer(&engine, sql).await.batch, &[1, 2]);
+        assert_eq!(got, want, "{sql}");
+    }
+    // Asking again gives the same numbers: nothing to average away.
+    assert_eq!(
+        by_key(&answer(&engine, wordings[0]).await.batch, &[1, 2]),
+        want
+    );
+}
+
+#[tokio::test]
+async fn counts_move_by_at_most_the_tables_bound_and_not_always_by_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path(), CELL_KEY).await;
+    let ctx = common::plain_session(&dir.path().join("fed/TQ01")).await;
+    let sql = "SELECT site_icd10_o2_3char, COUNT(*) FROM sim_av_tumour GROUP BY 1";
+    let released = answer(&engine, sql).await;
+    let exact = by_key(
+        &truth(
+            &ctx,
+            "SELECT site_icd10_o2_3char, COUNT(*), COUNT(DISTINCT patientid) FROM sim_av_tumour \
+             GROUP BY 1",
+        )
+        .await,
+        &[1, 2],
+    );
+    let got = by_key(&released.batch, &[1, 2]);
+    assert!(got.len() > 5);
+    let mut moved = 0;
+    for (site, values) in &got {
+        let truth = &exact[site];
+        assert!(truth[1] >= 10, "{site}: a small group was released");
+        for (released, exact) in values.iter().zip(truth) {
+            assert!(
+                (released - exact).abs() <= 3,
+                "{site}: {released} for {exact}"
+            );
+            if released != exact {
+                moved += 1;
+            }
+        }
+    }
+    assert!(moved > 0, "no count moved: the perturbation is not applied");
+    // The patient count is released perturbed too, under its usual name.
+    assert_eq!(released.batch.schema().field(2).name(), PATIENTS_COLUMN);
+}
+
+#[tokio::test]
+async fn sums_and_means_no_longer_give_the_exact_count() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path(), CELL_KEY).await;
+    let ctx = common::plain_session(&dir.path().join("fed/TQ01")).await;
+    let released = answer(
+        &engine,
+        "SELECT site_icd10_o2_3char, COUNT(*), SUM(age), AVG(age) FROM sim_av_tumour GROUP BY 1",
+    )
+    .await;
+    let exact = by_key(
+        &truth(
+            &ctx,
+            "SELECT site_icd10_o2_3char, COUNT(age) FROM sim_av_tumour GROUP BY 1",
+        )
+        .await,
+        &[1],
+    );
+    // The states: COUNT's count, SUM's sum, AVG's count and sum, the patients.
+    let kinds: Vec<ColumnKind> = released.meta.columns.iter().map(|c| c.kind).collect();
+    assert!(!kinds.is_empty());
+    let schema = released.batch.schema();
+    let column = |name: &str| {
+        schema
+            .fields()
+            .iter()
+            .position(|f| f.name() == name)
+            .unwrap_or_else(|| panic!("no column {name} in {schema:?}"))
+    };
+    let (sum, avg_count, avg_sum) = (
+        column("sum(sim_av_tumour.age)[sum]"),
+        column("avg(sim_av_tumour.age)[count]"),
+        column("avg(sim_av_tumour.age)[sum]"),
+    );
+    let mut exact_ratios = 0;
+    let rows = released.batch.num_rows();
+    for r in 0..rows {
+        let site = text(&released.batch, 0, r);
+        let n = exact[&site][0];
+        let s = int(&released.batch, sum, r) as f64;
+        let avg_sum = released
+            .batch
+            .column(avg_sum)
+            .as_primitive::<Float64Type>()
+            .value(r);
+        let mean = avg_sum / int(&released.batch, avg_count, r) as f64;
+        // SUM / AVG is the perturbed count of the patients with an age, not the exact one.
+        if ((s / mean).round() as i64) == n {
+            exact_ratios += 1;
+        }
+        assert!((int(&released.batch, avg_count, r) - n).abs() <= 3);
+    }
+    assert!(
+        exact_ratios * 2 < rows,
+        "{exact_ratios} of {rows} groups give their exact count as SUM / AVG"
+    );
+}
+
+#[tokio::test]
+async fn count_of_a_column_every_patient_has_equals_count_star() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path(), CELL_KEY).await;
+    let ctx = common::plain_session(&dir.path().join("fed/TQ01")).await;
+    let nulls = truth(
+        &ctx,
+        "SELECT COUNT(*) - COUNT(site_icd10_o2_3char) FROM sim_av_tumour",
+    )
+    .await;
+    assert_eq!(
+        int(&nulls, 0, 0),
+        0,
+        "the test needs a column without nulls"
+    );
+    let released = answer(
+        &engine,
+        "SELECT stage_best, COUNT(*), COUNT(site_icd10_o2_3char) FROM sim_av_tumour GROUP BY 1",
+    )
+    .await;
+    for r in 0..released.batch.num_rows() {
+        // The same patients, the same value: the same adjustment.
+        assert_eq!(int(&released.batch, 1, r), int(&released.batch, 2, r));
+    }
+}
+
+#[tokio::test]
+async fn cell_keys_stay_at_the_trust() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path(), CELL_KEY).await;
+    let released = answer(
+        &engine,
+        "SELECT site_icd10_o2_3char, COUNT(*), AVG(age) FROM sim_av_tumour GROUP BY 1",
+    )
+    .await;
+    for field in released.batch.schema().fields() {
+        assert!(
+            !field.name().contains("cell_key") && !field.name().contains("patients_of"),
+            "{} left the trust",
+            field.name()
+        );
+    }
+    assert_eq!(
+        released.meta.columns.len(),
+        released.batch.num_columns(),
+        "every released column is described"
+    );
+}
+
+#[tokio::test]
+async fn totals_are_perturbed_and_released_beside_withheld_cells() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path(), CELL_KEY).await;
+    let released = answer(
+        &engine,
+        "SELECT site_icd10_o2_3char, stage_best, COUNT(*) FROM sim_av_tumour \
+         GROUP BY ROLLUP(site_icd10_o2_3char, stage_best)",
+    )
+    .await;
+    assert!(released.withheld.small > 0, "some cells are small");
+    assert_eq!(released.withheld.margin_of_withheld, 0);
+    // The grand total is there, within the bound of the true number of tumours.
+    let ctx = common::plain_session(&dir.path().join("fed/TQ01")).await;
+    let total = int(
+        &truth(&ctx, "SELECT COUNT(*) FROM sim_av_tumour").await,
+        0,
+        0,
+    );
+    let grand = (0..released.batch.num_rows())
+        .find(|&r| released.batch.column(0).is_null(r) && released.batch.column(1).is_null(r))
+        .expect("the grand total is released");
+    let count = released
+        .batch
+        .schema()
+        .fields()
+        .iter()
+        .position(|f| f.name().starts_with("count("))
+        .expect("the count");
+    let grand_count = int(&released.batch, count, grand);
+    assert!(
+        (grand_count - total).abs() <= 3,
+        "{grand_count} for {total}"
+    );
+}
+
+#[tokio::test]
+async fn variances_are_refused_under_the_cell_key_method() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path(), CELL_KEY).await;
+    let err = engine
+        .answer(
+            &request("SELECT stage_best, VAR(age) FROM sim_av_tumour GROUP BY 1"),
+            TODAY,
+        )
+        .await
+        .expect_err("refused");
+    match err {
+        NodeError::Refused(r) => {
+            assert_eq!(r.rule, Rule::Unsupported);
+            assert!(r.reason.contains("cell-key"), "{}", r.reason);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}

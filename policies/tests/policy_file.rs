@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use trustql_policies::{
-    Finding, MAX_MIN_PATIENTS, Policy, PolicyError, Rounding, approval_path, approve, content_hash,
-    load_approved,
+    Finding, MAX_MIN_PATIENTS, Method, Policy, PolicyError, Rounding, approval_path, approve,
+    content_hash, load_approved,
 };
 use trustql_schemas::TrustSchema;
 
@@ -43,7 +43,13 @@ fn errors(policy: &Policy) -> Vec<String> {
 
 #[test]
 fn examples_lint_clean() {
-    for name in ["standard.toml", "midpoint6.toml", "strict.toml", "dp.toml"] {
+    for name in [
+        "standard.toml",
+        "midpoint6.toml",
+        "strict.toml",
+        "dp.toml",
+        "cell-key.toml",
+    ] {
         let text = std::fs::read_to_string(example(name)).expect("example");
         let policy = Policy::from_toml(&text).expect(name);
         assert!(errors(&policy).is_empty(), "{name}: {:?}", errors(&policy));
@@ -284,4 +290,78 @@ fn a_minimum_epsilon_per_query_is_linted_and_described() {
     let p = Policy::from_toml(&text).expect("with a minimum");
     assert_eq!(p.dp.min_epsilon_per_query, 0.1);
     assert!(errors(&p).is_empty(), "{:?}", errors(&p));
+}
+
+#[test]
+fn the_cell_key_method_is_chosen_checked_and_explained() {
+    let text = std::fs::read_to_string(example("cell-key.toml")).expect("example");
+    let policy = Policy::from_toml(&text).expect("cell-key policy");
+    assert_eq!(policy.disclosure.method, Method::CellKey);
+    // No rounding under the method, and no warning that counts are unrounded.
+    assert!(
+        !policy
+            .lint(&schema())
+            .iter()
+            .any(|f| matches!(f, Finding::Warning(m) if m.contains("not rounded")))
+    );
+    let described = policy.describe();
+    assert!(described.contains("cell-key method"), "{described}");
+    assert!(described.contains("ONS"), "{described}");
+    // Every row of the count table is shown unbiased, with its variance; V at the full rows.
+    let rows: Vec<&str> = described
+        .lines()
+        .filter(|l| l.contains(": bias +") || l.contains(": bias -"))
+        .collect();
+    assert_eq!(rows.len(), 4, "{described}");
+    assert!(rows.iter().all(|r| r.contains("bias +0.0000")), "{rows:?}");
+    assert!(
+        rows[3].contains(">= 4") && rows[3].contains("variance 1.500"),
+        "{rows:?}"
+    );
+    assert!(!described.contains("withholds the totals"), "{described}");
+    // `cell-key` is accepted for `cell_key`.
+    let hyphen = text.replace("\"cell_key\"", "\"cell-key\"");
+    assert_eq!(
+        Policy::from_toml(&hyphen)
+            .expect("hyphen")
+            .disclosure
+            .method,
+        Method::CellKey
+    );
+}
+
+#[test]
+fn a_cell_key_policy_that_cannot_be_served_is_an_error() {
+    let with = |disclosure: &str| {
+        let text = MINIMAL.replace(
+            "[[project]]",
+            &format!("[disclosure]\nmethod = \"cell_key\"\n{disclosure}\n\n[[project]]"),
+        );
+        errors(&Policy::from_toml(&text).expect("policy"))
+    };
+    assert!(with("").is_empty(), "{:?}", with(""));
+    assert!(
+        with("rounding = \"base\"")
+            .iter()
+            .any(|e| e.contains("rounding on top"))
+    );
+    for table in [
+        "counts = { max_adjustment = 0, variance = 1.0 }",
+        "counts = { max_adjustment = 21, variance = 1.0 }",
+        "counts = { max_adjustment = 2, variance = 4.0 }",
+        "magnitudes = { max_adjustment = 3, variance = 1.5, scale = 0.0 }",
+        "magnitudes = { max_adjustment = 3, variance = 1.5, scale = 2.0 }",
+    ] {
+        let errors = with(&format!("[disclosure.cell_key]\n{table}"));
+        assert!(
+            errors.iter().any(|e| e.contains("[disclosure.cell_key]")),
+            "{table}: {errors:?}"
+        );
+    }
+    // An unknown method is a parse error, not a silent default.
+    let unknown = MINIMAL.replace(
+        "[[project]]",
+        "[disclosure]\nmethod = \"noise\"\n\n[[project]]",
+    );
+    assert!(Policy::from_toml(&unknown).is_err());
 }

@@ -196,6 +196,12 @@ pub struct CellKeyTables {
 /// Stream of [`CellKey::derived`] for sums.
 const SUM_STREAM: u64 = 1;
 
+/// Stream of [`CellKey::derived`] for counts (with the count mixed in).
+const COUNT_STREAM: u64 = 2 << 62;
+
+/// A sum's key mixes in the sum on this grid, in units of the largest contribution.
+const SUM_GRID: f64 = 1.0 / 1_048_576.0;
+
 impl CellKeyTables {
     /// The tables the rules describe.
     pub fn new(rules: &CellKeyRules) -> Result<Self, PTableError> {
@@ -210,19 +216,38 @@ impl CellKeyTables {
         })
     }
 
-    /// A released count: `count` records whose cell key is `key`.
+    /// A released count: `count` records whose patients' cell key is `key`. The table is
+    /// read at a key derived from the cell's and the count itself: the same patients with the
+    /// same count (however the query is worded, `COUNT(age)` beside `COUNT(*)` when no age is
+    /// missing) get the same adjustment, and the same patients with one more row (a second
+    /// tumour) an unrelated one, so the difference is not that row.
     pub fn count(&self, count: u64, key: CellKey) -> u64 {
-        self.counts.perturb(count, key)
+        self.counts
+            .perturb(count, key.derived(COUNT_STREAM ^ count))
     }
 
     /// A released sum: `sum`, whose largest contribution (in absolute value) is `largest`,
     /// over records whose cell key is `key`. The step is drawn from the magnitude table with a
     /// key derived from the cell's, so it does not follow the count's adjustment.
+    ///
+    /// The key is also derived from the sum itself, on a grid of 2⁻²⁰ of the largest
+    /// contribution (far coarser than the last bits a different order of floating-point
+    /// addition could change, so asking again gives the same sum): the same patients with one
+    /// more row get an unrelated step, and the difference is not that row's value.
     pub fn sum(&self, sum: f64, largest: f64, key: CellKey) -> f64 {
-        let steps = self
-            .magnitudes
-            .adjustment(u64::from(self.magnitudes.max()), key.derived(SUM_STREAM));
-        sum + steps as f64 * self.scale * largest.abs()
+        let largest = largest.abs();
+        let grid = if largest > 0.0 {
+            (sum / (largest * SUM_GRID)).round()
+        } else {
+            0.0
+        };
+        // Saturating: a sum beyond i64's range on that grid is one cell of it.
+        let cell = grid as i64 as u64;
+        let steps = self.magnitudes.adjustment(
+            u64::from(self.magnitudes.max()),
+            key.derived(SUM_STREAM).derived(cell),
+        );
+        sum + steps as f64 * self.scale * largest
     }
 
     /// Bias and variance of the count table's adjustment, for counts 1 to D + 1 (every larger

@@ -414,3 +414,54 @@ fn a_perturbed_sum_keeps_null_for_a_group_without_values() {
     .expect("protect");
     assert!(out.batch.column(1).is_null(0));
 }
+
+#[test]
+fn the_same_patients_with_one_more_row_get_an_unrelated_adjustment() {
+    // A second tumour of a patient already counted: the patients, and so the cell key, are
+    // the same; the count and the sum are one row more. The released difference must not be
+    // that row.
+    let t = tables();
+    let mut random = Keys(99);
+    let cells = 20_000;
+    let (mut exact_counts, mut exact_sums) = (0, 0);
+    for i in 0..cells {
+        let key = random.cell(15);
+        let n = 20 + (i % 30) as u64;
+        if t.count(n + 1, key) as i64 - t.count(n, key) as i64 == 1 {
+            exact_counts += 1;
+        }
+        let (sum, age) = (1_300.0 + i as f64, 67.0);
+        let difference = t.sum(sum + age, 90.0, key) - t.sum(sum, 90.0, key);
+        if (difference - age).abs() < 1e-9 {
+            exact_sums += 1;
+        }
+    }
+    // Independent draws agree this often (Σ p² of the table's row), not always.
+    let row = t.counts.distribution(1000);
+    let agree: f64 = row.iter().map(|(_, p)| p * p).sum();
+    let rate = exact_counts as f64 / cells as f64;
+    assert!(
+        (rate - agree).abs() < 0.02,
+        "the count difference was exact {rate:.3} of the time, independent draws {agree:.3}"
+    );
+    let steps = t.magnitudes.distribution(1000);
+    let agree: f64 = steps.iter().map(|(_, p)| p * p).sum();
+    let rate = exact_sums as f64 / cells as f64;
+    assert!(
+        (rate - agree).abs() < 0.02,
+        "the sum difference was exact {rate:.3} of the time, independent draws {agree:.3}"
+    );
+    // And asking again is the same answer: the grid absorbs floating-point reordering.
+    let key = random.cell(15);
+    let (a, b): (f64, f64) = ((0.1 + 0.2 + 0.3) * 1000.0, (0.3 + 0.2 + 0.1) * 1000.0);
+    assert_ne!(
+        a.to_bits(),
+        b.to_bits(),
+        "the test needs two orders that differ"
+    );
+    assert_eq!(
+        t.sum(a, 90.0, key) - a,
+        t.sum(b, 90.0, key) - b,
+        "the same step"
+    );
+}

@@ -49,6 +49,8 @@ pub struct Coordinator {
     totals: TotalsRules,
     /// Every researcher request, hash-chained like a node's.
     audit: Arc<AuditLog>,
+    /// Calls refused before they named a query (bad token, project or header).
+    refused_calls: RefusedCalls,
 }
 
 const WITHHELD_NOTE: &str = "each trust withholds its own groups with too few patients, \
@@ -109,6 +111,7 @@ impl Coordinator {
             quorum: config.quorum,
             limits: config.limits,
             researchers: Researchers::new(config.researchers.clone()),
+            refused_calls: RefusedCalls::new(std::time::Instant::now()),
         })
     }
 
@@ -385,12 +388,109 @@ impl Coordinator {
         })
     }
 
-    /// Authenticates a call's metadata.
-    pub(crate) fn authenticate(
+    /// Authenticates a call's metadata. A call refused here is recorded in the audit log
+    /// (who, when the token was good, which call, from where), at most
+    /// [`REFUSED_CALLS_PER_MINUTE`] a minute so that a flood of bad tokens cannot fill the disk;
+    /// the rest are counted in one record when the minute is over.
+    pub(crate) async fn authenticate(
         &self,
         metadata: &tonic::metadata::MetadataMap,
+        call: &'static str,
+        peer: Option<std::net::SocketAddr>,
     ) -> Result<Caller, CoordinatorError> {
-        self.researchers.authenticate(metadata)
+        let failure = match self.researchers.authenticate(metadata) {
+            Ok(caller) => return Ok(caller),
+            Err(failure) => failure,
+        };
+        let (record, skipped) = self.refused_calls.admit(std::time::Instant::now());
+        let mut entries = Vec::new();
+        if skipped > 0 {
+            entries.push(AuditEntry::node_note(
+                &now_rfc3339(),
+                format!(
+                    "{skipped} more refused calls in the minute before were not recorded one by one"
+                ),
+                "",
+            ));
+        }
+        if record {
+            let from =
+                peer.map_or_else(|| "an unknown address".to_string(), |p| p.ip().to_string());
+            entries.push(AuditEntry {
+                researcher: failure.researcher.clone().unwrap_or_default(),
+                project: metadata
+                    .get(trustql_protocol::PROJECT_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|p| p.chars().take(64).collect())
+                    .unwrap_or_default(),
+                decision: Decision::Refused,
+                reason: Some(format!(
+                    "{call} from {from}: {}",
+                    first_line(&failure.error)
+                )),
+                ..AuditEntry::node_note(&now_rfc3339(), String::new(), "")
+            });
+        }
+        for entry in entries {
+            let audit = self.audit.clone();
+            let recorded = tokio::task::spawn_blocking(move || audit.append(entry)).await;
+            if !matches!(recorded, Ok(Ok(_))) {
+                tracing::error!(call, "the record of a refused call was not written");
+                return Err(CoordinatorError::Internal(
+                    "the audit record could not be written".into(),
+                ));
+            }
+        }
+        Err(failure.error)
+    }
+}
+
+/// Most refused calls recorded one by one in a minute.
+pub const REFUSED_CALLS_PER_MINUTE: u32 = 60;
+
+/// How many refused calls were recorded in the current minute, and how many were not.
+#[derive(Debug)]
+struct RefusedCalls(std::sync::Mutex<RefusedWindow>);
+
+#[derive(Debug)]
+struct RefusedWindow {
+    started: std::time::Instant,
+    recorded: u32,
+    skipped: u64,
+}
+
+impl RefusedCalls {
+    fn new(now: std::time::Instant) -> Self {
+        RefusedCalls(std::sync::Mutex::new(RefusedWindow {
+            started: now,
+            recorded: 0,
+            skipped: 0,
+        }))
+    }
+
+    /// Whether to record this refused call, and how many the minute before left unrecorded
+    /// (reported once, by the first call of a new minute).
+    fn admit(&self, now: std::time::Instant) -> (bool, u64) {
+        let mut window = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut skipped = 0;
+        if now.duration_since(window.started) >= Duration::from_secs(60) {
+            skipped = window.skipped;
+            *window = RefusedWindow {
+                started: now,
+                recorded: 0,
+                skipped: 0,
+            };
+        }
+        if window.recorded < REFUSED_CALLS_PER_MINUTE {
+            window.recorded += 1;
+            (true, skipped)
+        } else {
+            window.skipped += 1;
+            (false, skipped)
+        }
     }
 }
 
@@ -526,5 +626,20 @@ mod tests {
         let mut lines = vec![(answered_line("TQ01"), Taken::Before)];
         assert_eq!(conceal_incomplete(&mut lines), 0);
         assert!(lines[0].0.allowance.is_some());
+    }
+
+    #[test]
+    fn refused_calls_are_recorded_up_to_a_rate_and_the_rest_counted() {
+        let start = std::time::Instant::now();
+        let calls = RefusedCalls::new(start);
+        let admitted = (0..REFUSED_CALLS_PER_MINUTE + 15)
+            .filter(|_| calls.admit(start).0)
+            .count();
+        assert_eq!(admitted, REFUSED_CALLS_PER_MINUTE as usize);
+        // Within the minute, nothing is reported as skipped yet.
+        assert_eq!(calls.admit(start + Duration::from_secs(59)), (false, 0));
+        // The first refused call of the next minute is recorded and reports the 16 skipped.
+        assert_eq!(calls.admit(start + Duration::from_secs(61)), (true, 16));
+        assert_eq!(calls.admit(start + Duration::from_secs(62)), (true, 0));
     }
 }

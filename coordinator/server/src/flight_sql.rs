@@ -137,9 +137,11 @@ impl ResearcherService {
         })
     }
 
-    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+    /// The authenticated caller of `request`, a call of kind `call`; a refusal is audited.
+    async fn caller<T>(&self, request: &Request<T>, call: &'static str) -> Result<Caller, Status> {
         self.coordinator
-            .authenticate(request.metadata())
+            .authenticate(request.metadata(), call, request.remote_addr())
+            .await
             .map_err(|e| e.to_status())
     }
 
@@ -218,13 +220,14 @@ impl ResearcherService {
     }
 
     /// The FlightInfo of a metadata listing: its ticket is the command itself.
-    fn listing(
+    async fn listing(
         &self,
         request: Request<FlightDescriptor>,
         command: Vec<u8>,
         schema: SchemaRef,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(&request)?;
+        self.caller(&request, "get_flight_info (metadata listing)")
+            .await?;
         let info = FlightInfo::new()
             .try_with_schema(schema.as_ref())
             .map_err(|_| Status::internal("a schema could not be encoded"))?
@@ -259,7 +262,7 @@ impl FlightSqlService for ResearcherService {
         Status,
     > {
         // Tokens travel as `authorization: Bearer …` on every call; a handshake only checks it.
-        self.caller(&request)?;
+        self.caller(&request, "do_handshake").await?;
         let reply = HandshakeResponse {
             protocol_version: 0,
             payload: Default::default(),
@@ -280,7 +283,7 @@ impl FlightSqlService for ResearcherService {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&request, "get_flight_info_statement").await?;
         let info = self.execute(&caller, &query.query).await?;
         Ok(Response::new(info.with_descriptor(request.into_inner())))
     }
@@ -290,7 +293,9 @@ impl FlightSqlService for ResearcherService {
         query: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self
+            .caller(&request, "get_flight_info_prepared_statement")
+            .await?;
         let sql = std::str::from_utf8(&query.prepared_statement_handle).map_err(|_| {
             Status::invalid_argument("not a prepared statement of this coordinator")
         })?;
@@ -303,7 +308,7 @@ impl FlightSqlService for ResearcherService {
         ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&request, "do_get_statement").await?;
         let answer = self.take(&caller, &ticket.statement_handle)?;
         Ok(Response::new(stream_batches(answer.schema, answer.batches)))
     }
@@ -313,7 +318,8 @@ impl FlightSqlService for ResearcherService {
         query: ActionCreatePreparedStatementRequest,
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        self.caller(&request)?;
+        self.caller(&request, "do_action_create_prepared_statement")
+            .await?;
         let schema = self
             .coordinator
             .result_schema(&query.query)
@@ -335,7 +341,8 @@ impl FlightSqlService for ResearcherService {
         _query: ActionClosePreparedStatementRequest,
         request: Request<Action>,
     ) -> Result<(), Status> {
-        self.caller(&request)?;
+        self.caller(&request, "do_action_close_prepared_statement")
+            .await?;
         Ok(())
     }
 
@@ -349,6 +356,7 @@ impl FlightSqlService for ResearcherService {
             .ok_or_else(|| Status::internal("server info unavailable"))?;
         let schema = query.clone().into_builder(data).schema();
         self.listing(request, query.as_any().encode_to_vec(), schema)
+            .await
     }
 
     async fn do_get_sql_info(
@@ -356,7 +364,7 @@ impl FlightSqlService for ResearcherService {
         query: CommandGetSqlInfo,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.caller(&request)?;
+        self.caller(&request, "do_get_sql_info").await?;
         let data = SQL_INFO
             .as_ref()
             .ok_or_else(|| Status::internal("server info unavailable"))?;
@@ -370,6 +378,7 @@ impl FlightSqlService for ResearcherService {
     ) -> Result<Response<FlightInfo>, Status> {
         let schema = query.into_builder().schema();
         self.listing(request, query.as_any().encode_to_vec(), schema)
+            .await
     }
 
     async fn do_get_catalogs(
@@ -377,7 +386,7 @@ impl FlightSqlService for ResearcherService {
         query: CommandGetCatalogs,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.caller(&request)?;
+        self.caller(&request, "do_get_catalogs").await?;
         let mut builder = query.into_builder();
         builder.append(CATALOG);
         one_batch(builder.build())
@@ -390,6 +399,7 @@ impl FlightSqlService for ResearcherService {
     ) -> Result<Response<FlightInfo>, Status> {
         let schema = query.clone().into_builder().schema();
         self.listing(request, query.as_any().encode_to_vec(), schema)
+            .await
     }
 
     async fn do_get_schemas(
@@ -397,7 +407,7 @@ impl FlightSqlService for ResearcherService {
         query: CommandGetDbSchemas,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.caller(&request)?;
+        self.caller(&request, "do_get_schemas").await?;
         let mut builder = query.into_builder();
         builder.append(CATALOG, DB_SCHEMA);
         one_batch(builder.build())
@@ -410,6 +420,7 @@ impl FlightSqlService for ResearcherService {
     ) -> Result<Response<FlightInfo>, Status> {
         let schema = query.clone().into_builder().schema();
         self.listing(request, query.as_any().encode_to_vec(), schema)
+            .await
     }
 
     async fn do_get_tables(
@@ -417,7 +428,7 @@ impl FlightSqlService for ResearcherService {
         query: CommandGetTables,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.caller(&request)?;
+        self.caller(&request, "do_get_tables").await?;
         let schema = self.coordinator.schema();
         let mut builder = query.into_builder();
         for table in schema.tables() {
@@ -438,6 +449,7 @@ impl FlightSqlService for ResearcherService {
     ) -> Result<Response<FlightInfo>, Status> {
         let schema = query.into_builder().schema();
         self.listing(request, query.as_any().encode_to_vec(), schema)
+            .await
     }
 
     async fn do_get_table_types(
@@ -445,7 +457,7 @@ impl FlightSqlService for ResearcherService {
         query: CommandGetTableTypes,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.caller(&request)?;
+        self.caller(&request, "do_get_table_types").await?;
         let mut builder = query.into_builder();
         builder.append("TABLE");
         one_batch(builder.build())

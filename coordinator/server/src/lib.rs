@@ -20,7 +20,7 @@ mod server;
 pub use auth::{EPSILON_HEADER, PREVIEW_HEADER, PROJECT_HEADER, token_hash};
 pub use config::{CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, TlsFiles};
 pub use error::{CoordinatorError, random_hex};
-pub use federation::{Coordinator, FederatedAnswer};
+pub use federation::{Coordinator, FederatedAnswer, REFUSED_CALLS_PER_MINUTE};
 pub use flight_sql::ResearcherService;
 pub use limits::Limits;
 pub use server::{RunningCoordinator, start};

@@ -46,6 +46,7 @@ use crate::patients::{
     patient_count,
 };
 use crate::record_keys::{RecordKeySecret, RecordKeys};
+use crate::unordered::UnorderedExec;
 
 /// A protected answer, ready to stream, and what the audit log needs to know about it.
 #[derive(Debug, Clone)]
@@ -805,7 +806,11 @@ pub(crate) fn partial_reduce(
         Arc::new(agg.group_expr().as_final()),
         agg.aggr_expr().to_vec(),
         vec![None; agg.aggr_expr().len()],
-        Arc::new(CoalescePartitionsExec::new(partial)),
+        // The partial's claims about its rows (constants, order) can be false after a grouping
+        // set's expansion; the reduce must hash every group, not trust them.
+        Arc::new(UnorderedExec::new(Arc::new(CoalescePartitionsExec::new(
+            partial,
+        )))),
         agg.input_schema(),
     )
     .map_err(fault("could not plan the partial reduce"))?;

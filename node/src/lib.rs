@@ -17,6 +17,7 @@ mod patients;
 mod record_keys;
 mod server;
 mod service;
+mod unordered;
 
 pub use config::{CoordinatorIdentity, LEDGER_FILE, Limits, NodeConfig, TlsConfig};
 pub use engine::{SiteAnswer, SiteEngine, Timings, fingerprint};

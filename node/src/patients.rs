@@ -597,12 +597,15 @@ mod tests {
             .await
             .expect("plan");
         let reduce = partial_reduce(&physical, 2, ordered).expect("reduce");
-        let partial = reduce
-            .input()
-            .children()
-            .first()
-            .map(|&partial| partial.clone())
-            .expect("reduce over coalesce over partial");
+        // The reduce's input leads (through the coalesce) down to the partial aggregate.
+        let mut partial = reduce.input().clone();
+        while !partial.is::<AggregateExec>() {
+            partial = partial
+                .children()
+                .first()
+                .map(|&child| child.clone())
+                .expect("the reduce is over the partial");
+        }
         let batches = datafusion::physical_plan::collect(reduce, ctx.task_ctx())
             .await
             .expect("run");

@@ -3,10 +3,10 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::compute::{cast, concat_batches};
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use datafusion::datasource::memory::MemorySourceConfig;
@@ -624,4 +624,194 @@ async fn dominated_sums_are_withheld_by_the_largest_contributions() {
         assert_eq!(answer.meta.released, released, "{sql}");
         assert_eq!(answer.withheld.dominated, 1 - released, "{sql}");
     }
+}
+
+/// Each released row of a one-COUNT(*) answer as its keys and grouping id ("a|b|gid"), with
+/// its count and patients; fails if a (keys, grouping id) group appears twice.
+fn groups_of(answer: &trustql_node::SiteAnswer) -> BTreeMap<String, (i64, i64)> {
+    let batch = &answer.batch;
+    let column = |kind: ColumnKind| {
+        answer
+            .meta
+            .columns
+            .iter()
+            .position(|c| c.kind == kind)
+            .unwrap_or_else(|| panic!("no {kind:?} column"))
+    };
+    let keys: Vec<usize> = (0..answer.meta.columns.len())
+        .filter(|c| answer.meta.columns[*c].kind == ColumnKind::Key)
+        .chain([column(ColumnKind::GroupingId)])
+        .collect();
+    let text = rows_in_order(&batch.project(&keys).expect("keys"));
+    let count = cast(batch.column(column(ColumnKind::State)), &DataType::Int64).expect("cast");
+    let patients =
+        cast(batch.column(column(ColumnKind::Patients)), &DataType::Int64).expect("cast");
+    let (count, patients) = (
+        count.as_primitive::<Int64Type>(),
+        patients.as_primitive::<Int64Type>(),
+    );
+    let mut groups = BTreeMap::new();
+    for (row, key) in text.into_iter().enumerate() {
+        let before = groups.insert(key.clone(), (count.value(row), patients.value(row)));
+        assert!(before.is_none(), "group {key} appears twice");
+    }
+    groups
+}
+
+/// The same as [`groups_of`] from ground truth whose columns are the keys, the grouping id,
+/// the count and the distinct patients.
+fn truth_groups(batch: &RecordBatch) -> BTreeMap<String, (i64, i64)> {
+    let n = batch.num_columns();
+    let text = rows_in_order(
+        &batch
+            .project(&(0..n - 2).collect::<Vec<_>>())
+            .expect("keys"),
+    );
+    let count = cast(batch.column(n - 2), &DataType::Int64).expect("cast");
+    let patients = cast(batch.column(n - 1), &DataType::Int64).expect("cast");
+    let (count, patients) = (
+        count.as_primitive::<Int64Type>(),
+        patients.as_primitive::<Int64Type>(),
+    );
+    text.into_iter()
+        .enumerate()
+        .map(|(row, key)| (key, (count.value(row), patients.value(row))))
+        .collect()
+}
+
+/// Each row as text, in the batch's order.
+fn rows_in_order(batch: &RecordBatch) -> Vec<String> {
+    let columns: Vec<ArrayRef> = batch
+        .columns()
+        .iter()
+        .map(|c| cast(c, &DataType::Utf8).expect("cast"))
+        .collect();
+    (0..batch.num_rows())
+        .map(|r| {
+            columns
+                .iter()
+                .map(|c| {
+                    c.as_string::<i32>()
+                        .iter()
+                        .nth(r)
+                        .flatten()
+                        .unwrap_or("null")
+                })
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+        .collect()
+}
+
+/// A site of the joined patients and tumours with at least 30 patients and a stage cell of
+/// fewer than 10: its ROLLUP by site and stage has released and withheld groups.
+async fn site_with_small_stages(ctx: &SessionContext) -> String {
+    let sites = truth(
+        ctx,
+        "SELECT site FROM (SELECT t.site_icd10_o2_3char AS site, t.stage_best, \
+         COUNT(DISTINCT t.patientid) AS n FROM sim_av_patient p JOIN sim_av_tumour t \
+         ON p.patientid = t.patientid GROUP BY 1, 2) c GROUP BY site \
+         HAVING SUM(n) >= 30 AND MIN(n) < 10 ORDER BY SUM(n) DESC LIMIT 1",
+    )
+    .await;
+    let site = cast(sites.column(0), &DataType::Utf8).expect("cast");
+    site.as_string::<i32>()
+        .iter()
+        .next()
+        .flatten()
+        .expect("the data must have such a site")
+        .to_string()
+}
+
+/// ROLLUPs whose WHERE fixes a key, each with its ground truth over the trust's files (keys,
+/// grouping id, count, distinct patients).
+fn fixed_key_rollups(site: &str) -> Vec<(String, String)> {
+    let join = "FROM sim_av_patient p JOIN sim_av_tumour t ON p.patientid = t.patientid";
+    vec![
+        (
+            "SELECT gender, COUNT(*) FROM sim_av_patient WHERE gender = '1' GROUP BY ROLLUP(gender)"
+                .into(),
+            "SELECT gender, GROUPING(gender), COUNT(*), COUNT(DISTINCT patientid) \
+             FROM sim_av_patient WHERE gender = '1' GROUP BY ROLLUP(gender)"
+                .into(),
+        ),
+        (
+            format!("SELECT p.gender, COUNT(*) {join} WHERE p.gender = '1' GROUP BY ROLLUP(p.gender)"),
+            format!(
+                "SELECT p.gender, GROUPING(p.gender), COUNT(*), COUNT(DISTINCT p.patientid) \
+                 {join} WHERE p.gender = '1' GROUP BY ROLLUP(p.gender)"
+            ),
+        ),
+        (
+            format!(
+                "SELECT t.site_icd10_o2_3char, t.stage_best, COUNT(*) {join} \
+                 WHERE t.site_icd10_o2_3char = '{site}' \
+                 GROUP BY ROLLUP(t.site_icd10_o2_3char, t.stage_best)"
+            ),
+            format!(
+                "SELECT t.site_icd10_o2_3char, t.stage_best, \
+                 GROUPING(t.site_icd10_o2_3char, t.stage_best), COUNT(*), \
+                 COUNT(DISTINCT p.patientid) {join} WHERE t.site_icd10_o2_3char = '{site}' \
+                 GROUP BY ROLLUP(t.site_icd10_o2_3char, t.stage_best)"
+            ),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn a_rollup_whose_filter_fixes_a_key_has_one_row_per_group() {
+    // The filter makes the key look constant to DataFusion, which the rolled-up rows (NULL
+    // there) are not: trusted, the reduce emitted the grand total once per partition.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path(), 3_000, common::UNPROTECTED).await;
+    let ctx = plain(dir.path()).await;
+    let site = site_with_small_stages(&ctx).await;
+    for (sql, truth_sql) in fixed_key_rollups(&site) {
+        let plan = engine
+            .explain(&request(&sql), TODAY)
+            .await
+            .expect("explain");
+        assert!(
+            !plan.contains("ordering_mode"),
+            "the reduce must hash every group:\n{plan}"
+        );
+        let answer = engine.answer(&request(&sql), TODAY).await.expect("answer");
+        let expected = truth_groups(&truth(&ctx, &truth_sql).await);
+        assert!(expected.len() >= 2, "{sql}: a detail row and a total");
+        assert_eq!(groups_of(&answer), expected, "{sql}");
+        assert_eq!(answer.meta.released, expected.len(), "{sql}");
+        assert_eq!(answer.withheld.small, 0, "{sql}");
+    }
+}
+
+#[tokio::test]
+async fn a_rollup_whose_filter_fixes_a_key_withholds_each_group_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(
+        dir.path(),
+        3_000,
+        "min_patients = 10\nrounding = \"none\"\nwithhold_whole_margin_cells = false",
+    )
+    .await;
+    let ctx = plain(dir.path()).await;
+    let site = site_with_small_stages(&ctx).await;
+    for (sql, truth_sql) in fixed_key_rollups(&site) {
+        let answer = engine.answer(&request(&sql), TODAY).await.expect("answer");
+        let expected = truth_groups(&truth(&ctx, &truth_sql).await);
+        let small = expected.values().filter(|(_, n)| *n < 10).count();
+        let released = groups_of(&answer);
+        let w = &answer.withheld;
+        let withheld = w.small + w.dominated + w.whole_margin + w.margin_of_withheld;
+        assert_eq!(released.len() + withheld, expected.len(), "{sql}: {w:?}");
+        assert_eq!(answer.meta.released, released.len(), "{sql}");
+        assert_eq!(w.small, small, "{sql}");
+        for (group, value) in &released {
+            assert_eq!(expected.get(group), Some(value), "{sql}: {group}");
+        }
+    }
+    // The site's ROLLUP has a small stage cell, whose subtotal and total are withheld too.
+    let (sql, _) = &fixed_key_rollups(&site)[2];
+    let answer = engine.answer(&request(sql), TODAY).await.expect("answer");
+    assert!(answer.withheld.small > 0 && answer.withheld.margin_of_withheld == 2);
+    assert!(answer.meta.released > 0);
 }

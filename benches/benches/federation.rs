@@ -85,7 +85,7 @@ fn fixture(rt: &tokio::runtime::Runtime) -> Fixture {
                     &Limits::default(),
                 )
                 .await?
-                .with_record_keys(&RecordKeySecret::ephemeral())
+                .with_record_keys(&RecordKeySecret::ephemeral().expect("a secret"))
                 .await
             })
             .expect("engine");

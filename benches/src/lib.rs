@@ -1,6 +1,9 @@
 //! TrustQL's benchmarks live in `benches/`; run them with `cargo bench -p trustql-benches`.
 //! This library holds what the comparison harnesses (`src/bin/`) share.
 
+// Library code returns errors; only tests may expect().
+#![cfg_attr(not(test), deny(clippy::expect_used))]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -71,7 +74,7 @@ pub async fn open_node(schema: &TrustSchema, dir: &Path, trust: &str) -> Result<
     SiteEngine::open(trust, schema.clone(), policy, &dir.join(trust), &limits)
         .await
         .context("opening the node")?
-        .with_record_keys(&RecordKeySecret::ephemeral())
+        .with_record_keys(&RecordKeySecret::ephemeral()?)
         .await
         .context("computing the record keys")
 }

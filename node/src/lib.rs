@@ -4,6 +4,9 @@
 //! the trust's approved policy, answers with protected partial aggregation states, and records
 //! every request in a hash-chained audit log. It trusts nothing the coordinator checked.
 
+// Library code returns errors; only tests may expect().
+#![cfg_attr(not(test), deny(clippy::expect_used))]
+
 mod allowance;
 mod config;
 mod dp;

@@ -60,12 +60,11 @@ impl RecordKeySecret {
     }
 
     /// A random secret held in memory only, for tests and benchmarks.
-    ///
-    /// # Panics
-    /// If the system random source fails.
-    pub fn ephemeral() -> Self {
-        let bytes = random().expect("the system random source works");
-        Self::from_bytes(&bytes)
+    pub fn ephemeral() -> Result<Self, NodeError> {
+        let bytes = random().map_err(|()| {
+            NodeError::Config("the system random source failed: no record-key secret".into())
+        })?;
+        Ok(Self::from_bytes(&bytes))
     }
 
     fn from_bytes(bytes: &[u8; 32]) -> Self {
@@ -306,7 +305,7 @@ mod tests {
 
         let again = RecordKeySecret::load_or_create(&state).expect("reloaded");
         assert_eq!(std::fs::read_to_string(&path).expect("secret file"), text);
-        let other = RecordKeySecret::ephemeral();
+        let other = RecordKeySecret::ephemeral().expect("a secret");
         let ids = 0..1_000i64;
         let keys = |s: &RecordKeySecret| ids.clone().map(|i| s.record_key(i)).collect::<Vec<_>>();
         assert_eq!(
@@ -389,7 +388,7 @@ mod tests {
         approve(&policy_path, "Test Controller", &schema).expect("approve");
         let policy = load_approved(&policy_path, &schema).expect("load");
         let site = fed.join("TQ01");
-        let secret = RecordKeySecret::ephemeral();
+        let secret = RecordKeySecret::ephemeral().expect("a secret");
         let engine = SiteEngine::open("TQ01", schema.clone(), policy, &site, &Limits::default())
             .await
             .expect("opens")

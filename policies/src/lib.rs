@@ -14,6 +14,9 @@
 //!
 //! Nothing here talks to the network; the node wraps it.
 
+// Library code returns errors; only tests may expect().
+#![cfg_attr(not(test), deny(clippy::expect_used))]
+
 mod allowance;
 mod approval;
 pub mod cellkey;

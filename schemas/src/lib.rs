@@ -5,6 +5,9 @@
 //! class and code set, and the foreign keys by which every table reaches the patient. This crate
 //! loads it, turns it into Arrow schemas, and checks a site's Parquet files against it.
 
+// Library code returns errors; only tests may expect().
+#![cfg_attr(not(test), deny(clippy::expect_used))]
+
 mod check;
 mod error;
 mod layout;

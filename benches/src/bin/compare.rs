@@ -7,6 +7,9 @@
 //!
 //! `cargo run --release -p trustql-benches --bin compare -- [--patients N] [--repeats R]`
 
+// Library code returns errors; only tests may expect().
+#![cfg_attr(not(test), deny(clippy::expect_used))]
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

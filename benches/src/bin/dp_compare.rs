@@ -10,6 +10,9 @@
 //! Its time is for queries over a pandas frame already in memory, TrustQL's from Parquet at
 //! each node through the coordinator.
 
+// Library code returns errors; only tests may expect().
+#![cfg_attr(not(test), deny(clippy::expect_used))]
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -9,6 +9,9 @@
 //!
 //! Both run in this process with two partitions, alternating, after one warm-up each.
 
+// Library code returns errors; only tests may expect().
+#![cfg_attr(not(test), deny(clippy::expect_used))]
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

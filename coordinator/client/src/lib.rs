@@ -1,6 +1,9 @@
 //! A researcher's client: connects to a coordinator over TLS with a bearer token, names the
 //! project, runs SQL through Flight SQL, and reads the result with its coverage report.
 
+// Library code returns errors; only tests may expect().
+#![cfg_attr(not(test), deny(clippy::expect_used))]
+
 use std::time::Duration;
 
 use arrow::array::RecordBatch;

@@ -2,6 +2,9 @@
 //! (or a given directory), a throwaway CA and certificates, one approved policy per trust,
 //! one node per trust and a coordinator, all on 127.0.0.1 with ports the OS picks.
 
+// Library code returns errors; only tests may expect().
+#![cfg_attr(not(test), deny(clippy::expect_used))]
+
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;

@@ -7,6 +7,9 @@
 //! `Final` aggregation, then HAVING, ORDER BY and LIMIT — so AVG, VAR and STDDEV are exact.
 //! A COUNT(DISTINCT …) arrives from each node as a count and is merged as a sum.
 
+// Library code returns errors; only tests may expect().
+#![cfg_attr(not(test), deny(clippy::expect_used))]
+
 mod error;
 mod merger;
 

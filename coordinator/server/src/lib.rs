@@ -6,6 +6,9 @@
 //! partial states are finished with DataFusion's own final aggregation. Every answer carries
 //! a coverage report: which trusts answered, refused, timed out or could not be reached.
 
+// Library code returns errors; only tests may expect().
+#![cfg_attr(not(test), deny(clippy::expect_used))]
+
 mod admission;
 mod auth;
 mod config;

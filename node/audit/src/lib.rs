@@ -7,6 +7,9 @@
 //!   kept beside the log in [`HEAD_FILE`] and keyed by a node secret, [`KEY_FILE`]), so a
 //!   truncated log or a rewritten tail is named too.
 
+// Library code returns errors; only tests may expect().
+#![cfg_attr(not(test), deny(clippy::expect_used))]
+
 mod error;
 mod head;
 mod log;

@@ -6,6 +6,9 @@
 //! server's certificate (a node's, or the coordinator's researcher-facing one) cannot be used
 //! to call a node.
 
+// Library code returns errors; only tests may expect().
+#![cfg_attr(not(test), deny(clippy::expect_used))]
+
 use std::path::{Path, PathBuf};
 
 use rcgen::{

@@ -5,6 +5,9 @@
 //! is signed by the coordinator ([`RequestSigner`]), and a node opens it only with the keys
 //! it was configured with ([`RequestVerifier`]).
 
+// Library code returns errors; only tests may expect().
+#![cfg_attr(not(test), deny(clippy::expect_used))]
+
 mod signed;
 
 use serde::{Deserialize, Serialize};

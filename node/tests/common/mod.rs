@@ -73,7 +73,7 @@ pub(crate) async fn open_engine(
     )
     .await
     .expect("engine opens")
-    .with_record_keys(&trustql_node::RecordKeySecret::ephemeral())
+    .with_record_keys(&trustql_node::RecordKeySecret::ephemeral().expect("a secret"))
     .await
     .expect("record keys");
     if !ledger {

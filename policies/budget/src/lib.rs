@@ -12,6 +12,9 @@
 //! [`Kind::Query`] line per query that passed vetting (project, day, query key), fsync'd before
 //! it runs, so a restart does not give a project its allowance back (see [`Queries`]).
 
+// Library code returns errors; only tests may expect().
+#![cfg_attr(not(test), deny(clippy::expect_used))]
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};

@@ -6,6 +6,9 @@
 //! regimens and radiotherapy by patient id, cycles and outcomes by regimen, drugs by cycle.
 //! Rows whose parent is absent are counted and left out, never guessed.
 
+// Library code returns errors; only tests may expect().
+#![cfg_attr(not(test), deny(clippy::expect_used))]
+
 mod error;
 mod values;
 

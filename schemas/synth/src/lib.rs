@@ -9,6 +9,9 @@
 //! Generation works in chunks of patients, each with its own random stream derived from the seed
 //! and the chunk number, so the output depends only on the seed, never on the thread count.
 
+// Library code returns errors; only tests may expect().
+#![cfg_attr(not(test), deny(clippy::expect_used))]
+
 mod buffer;
 mod clinical;
 mod error;

@@ -28,9 +28,13 @@ pub(crate) struct DemoArgs {
     #[arg(long)]
     unprotected: bool,
     /// Run the demo project in differential-privacy mode at every trust (OpenDP noise,
-    /// durable budgets) instead of suppression and rounding.
+    /// durable budgets) instead of the cell-key method.
     #[arg(long, conflicts_with = "unprotected")]
     dp: bool,
+    /// Protect the demo project by suppression and rounding of counts to 5 at every trust
+    /// instead of the cell-key method (sums and means are then exact).
+    #[arg(long, conflicts_with_all = ["unprotected", "dp"])]
+    rounding: bool,
     /// With --dp: the ε a query spends at each trust.
     #[arg(long, default_value_t = DemoDp::default().epsilon_per_query, requires = "dp")]
     epsilon_per_query: f64,
@@ -54,6 +58,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<bool> {
         seed: args.seed,
         data: args.data.clone(),
         unprotected: args.unprotected,
+        rounding: args.rounding,
         dp: args.dp.then_some(DemoDp {
             epsilon_per_query: args.epsilon_per_query,
             epsilon_budget: args.epsilon_budget,
@@ -88,6 +93,18 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<bool> {
                 "Differential privacy: project {} spends ε {} per query at each trust, {} in all \
                  (see each answer's coverage for what is left)",
                 info.project, dp.epsilon_per_query, dp.epsilon_budget
+            );
+        } else if options.rounding {
+            println!(
+                "Suppression and rounding: each trust withholds groups of fewer than 10 patients \
+                 and rounds every count to the nearest 5 (sums and means are exact)"
+            );
+        } else if !options.unprotected {
+            println!(
+                "Cell-key method: each trust withholds groups of fewer than 10 patients and \
+                 perturbs every count (by at most 3) and every sum; the same patients always \
+                 get the same adjustment, so rewording or repeating a query changes nothing \
+                 (--rounding: suppression and rounding to 5 instead)"
             );
         }
         if let Some(path) = &args.info {

@@ -24,6 +24,23 @@ fn the_demo_runs_its_showcase_with_coverage() {
         !out.contains("UNPROTECTED") && !out.contains("WARNING"),
         "{out}"
     );
+    // The default protection is the cell-key method, said at the start and beside answers.
+    assert!(out.contains("Cell-key method: each trust"), "{out}");
+    assert!(
+        out.contains("perturb their counts and sums by the cell-key method"),
+        "{out}"
+    );
+    assert!(!out.contains("rounded to the nearest"), "{out}");
+
+    let rounded = trustql(&["demo", "--trusts", "2", "--patients", "1000", "--rounding"]);
+    let out = text(&rounded);
+    assert!(rounded.status.success(), "{out}");
+    assert!(
+        out.contains("Suppression and rounding: each trust"),
+        "{out}"
+    );
+    assert!(out.contains("rounded to the nearest 5"), "{out}");
+    assert!(!out.contains("cell-key method"), "{out}");
 
     let loud = trustql(&[
         "demo",

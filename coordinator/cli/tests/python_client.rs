@@ -46,7 +46,11 @@ fn python() -> PathBuf {
 fn a_python_adbc_client_browses_and_queries_over_tls_with_a_token() {
     let python = python();
     let dir = tempfile::tempdir().expect("tempdir");
-    let demo = serve_demo(dir.path(), &["--trusts", "2", "--patients", "3000"]);
+    // The script checks that counts are rounded to 5.
+    let demo = serve_demo(
+        dir.path(),
+        &["--trusts", "2", "--patients", "3000", "--rounding"],
+    );
     let info = demo.info_path.clone();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/flight_sql_client.py");
     let output = Command::new(&python)

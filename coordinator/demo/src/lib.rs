@@ -59,6 +59,9 @@ pub struct DemoOptions {
     pub data: Option<PathBuf>,
     /// Minimum count 1 and no rounding at every node (correctness checks only).
     pub unprotected: bool,
+    /// Protect the demo project by suppression and rounding to 5 at every node instead of the
+    /// cell-key method (`trustql demo --rounding`).
+    pub rounding: bool,
     /// The coordinator's deadline per node.
     pub node_deadline_ms: u64,
     /// How many trusts must answer.
@@ -71,8 +74,9 @@ pub struct DemoOptions {
     /// [`COLLEAGUE`] (the demo's coordinator gives them no token; tests that run their own
     /// coordinator do, such as the load test's hundred researchers).
     pub researchers: Vec<String>,
-    /// The demo project's query allowance at every trust (suppression and rounding), instead
-    /// of the policy default ([`trustql_policies::DEFAULT_QUERIES_PER_DAY`] a day).
+    /// The demo project's query allowance at every trust (cell-key or suppression and
+    /// rounding), instead of the policy default ([`trustql_policies::DEFAULT_QUERIES_PER_DAY`]
+    /// a day).
     pub query_allowance: Option<QueryAllowance>,
     /// Allow MIN/MAX of clinical columns (off by default; the unprotected mode always allows
     /// them, to compare with one process over the union).
@@ -120,6 +124,7 @@ impl Default for DemoOptions {
             seed: 42,
             data: None,
             unprotected: false,
+            rounding: false,
             node_deadline_ms: 30_000,
             quorum: Quorum::All,
             dp: None,
@@ -294,7 +299,8 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
             token_sha256: token_hash(&token),
             projects: vec![PROJECT.into()],
         }],
-        // The federation repeats the trusts' own rules on the totals; with DP, the noise is
+        // The federation repeats the trusts' own rules on the totals (for cell-key answers the
+        // coordinator keeps the minimum and drops the rounding itself); with DP, the noise is
         // the protection and the totals are left as the trusts' noise made them.
         disclosure: if let Some(totals) = options.totals {
             totals
@@ -364,9 +370,13 @@ fn write_policy(dir: &Path, trust: &str, options: &DemoOptions) -> Result<PathBu
     let disclosure = if unprotected {
         "min_patients = 1\nrounding = \"none\"\nwithhold_whole_margin_cells = false".to_string()
     } else {
-        let mut text = "min_patients = 10\nrounding = \"base\"\nrounding_base = 5\n\
-                        withhold_whole_margin_cells = true"
-            .to_string();
+        let method = if options.rounding {
+            "min_patients = 10\nrounding = \"base\"\nrounding_base = 5"
+        } else {
+            // The cell-key method perturbs counts instead of rounding them.
+            "method = \"cell_key\"\nmin_patients = 10\nrounding = \"none\""
+        };
+        let mut text = format!("{method}\nwithhold_whole_margin_cells = true");
         if let Some(a) = options.query_allowance {
             text.push_str(&format!(
                 "\nquery_allowance = {{ per_day = {}{} }}",
@@ -466,8 +476,9 @@ pub const SHOWCASE: &[(&str, &str)] = &[
          GROUP BY site_icd10_o2_3char, stage_best ORDER BY site, stage",
     ),
     (
+        // No STDDEV: the cell-key method, the demo's default, has no table for moments.
         "Mean age at diagnosis by site (ten largest)",
-        "SELECT site_icd10_o2_3char AS site, COUNT(*) AS tumours, AVG(age) AS mean_age, STDDEV(age) AS sd_age \
+        "SELECT site_icd10_o2_3char AS site, COUNT(*) AS tumours, AVG(age) AS mean_age \
          FROM sim_av_tumour GROUP BY site_icd10_o2_3char ORDER BY tumours DESC LIMIT 10",
     ),
     (

@@ -1,6 +1,8 @@
 //! Issue 15's attacks, run as a researcher would: through the real coordinator and nodes of a
-//! protected demo federation (minimum 10 patients, counts rounded to 5), each answer checked
-//! against the trusts' own Parquet, so a test fails if an attack recovers an exact count.
+//! protected demo federation (minimum 10 patients, counts rounded to 5: `--rounding`, as the
+//! attacks were written against rounding; tests/cell_key.rs runs them under the cell-key
+//! default), each answer checked against the trusts' own Parquet, so a test fails if an attack
+//! recovers an exact count.
 
 // Only the union oracle of the shared panel is used here.
 #[allow(dead_code)]
@@ -21,6 +23,7 @@ async fn protected() -> Federation {
         trusts: 3,
         patients: 3_000,
         seed: 15,
+        rounding: true,
         node_deadline_ms: 10_000,
         ..DemoOptions::default()
     })

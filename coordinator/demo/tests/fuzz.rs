@@ -4,12 +4,12 @@
 //! - Unprotected (`min_patients = 1`, no rounding): the federated answer equals one process
 //!   over the union of every trust's Parquet (a patient seen at two trusts is two rows there,
 //!   as in the oracle test), as sorted rows, numbers to about six significant digits.
-//! - Protected (the demo's SDC policy: at least 10 patients a group, counts rounded to base 5
-//!   at each trust, the same rules on the coordinator's totals): every released count is a
-//!   multiple of 5; every released row is explained, value by value, by a set of trusts that
-//!   each hold at least 10 of the group's patients; the coverage report parses, travels in the
-//!   schema too, and adds up to each trust's groups. Queries outside the table builder are
-//!   refused with a clear message and the coordinator keeps answering.
+//! - Protected (the demo's `--rounding` policy: at least 10 patients a group, counts rounded
+//!   to base 5 at each trust, the same rules on the coordinator's totals): every released
+//!   count is a multiple of 5; every released row is explained, value by value, by a set of
+//!   trusts that each hold at least 10 of the group's patients; the coverage report parses,
+//!   travels in the schema too, and adds up to each trust's groups. Queries outside the table
+//!   builder are refused with a clear message and the coordinator keeps answering.
 //!
 //! `TRUSTQL_FUZZ_SEED` replays a run (every run prints its seed); `TRUSTQL_FUZZ_SECONDS` bounds
 //! the time of each property (default 30) and `TRUSTQL_FUZZ_QUERIES` the number of queries
@@ -30,7 +30,8 @@ use trustql_client::{Client, QueryResult};
 use trustql_demo::{DemoOptions, Federation, PROJECT, launch};
 use trustql_protocol::{COVERAGE_META_KEY, Coverage, TrustStatus};
 
-/// The demo's protected policy (`write_policy` in the demo) and its coordinator's totals rules.
+/// The demo's `--rounding` policy (`write_policy` in the demo) and its coordinator's totals
+/// rules.
 const MIN_PATIENTS: i64 = 10;
 const BASE: i64 = 5;
 
@@ -43,6 +44,9 @@ fn options(unprotected: bool) -> DemoOptions {
         patients: 3_000,
         seed: 21,
         unprotected,
+        // The protected invariants are those of suppression and rounding (ignored when
+        // unprotected).
+        rounding: true,
         // MIN/MAX of clinical columns, off by default, is allowed here so its invariants
         // (the minimum applies to the patients it reads) are checked too.
         extremes: true,

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::{cast, concat_batches};
@@ -297,4 +297,264 @@ async fn variances_are_refused_under_the_cell_key_method() {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
+}
+
+/// Every group's patients for a query at TQ01, from the Parquet: SQL whose last column is the
+/// patient key and whose other columns name the group.
+async fn cell_keys_of(
+    ctx: &SessionContext,
+    sql: &str,
+    record_keys: &HashMap<i64, u64>,
+) -> HashMap<String, u64> {
+    let batch = truth(ctx, sql).await;
+    let last = batch.num_columns() - 1;
+    let ids = cast(batch.column(last), &DataType::Int64).expect("ids");
+    let ids = ids.as_primitive::<Int64Type>();
+    let labels: Vec<_> = (0..last)
+        .map(|c| cast(batch.column(c), &DataType::Utf8).expect("text"))
+        .collect();
+    let mut cells: HashMap<String, u64> = HashMap::new();
+    let mut seen = HashSet::new();
+    for row in 0..batch.num_rows() {
+        if ids.is_null(row) {
+            continue;
+        }
+        let label = labels
+            .iter()
+            .map(|l| {
+                let l = l.as_string::<i32>();
+                if l.is_null(row) {
+                    "∅".to_string()
+                } else {
+                    l.value(row).to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/");
+        let id = ids.value(row);
+        if !seen.insert((label.clone(), id)) {
+            continue;
+        }
+        let key = record_keys.get(&id).expect("every patient has a key");
+        let cell = cells.entry(label).or_default();
+        *cell = cell.wrapping_add(*key);
+    }
+    cells
+}
+
+/// Whether `bytes` holds any of the 8-byte values in `forbidden`, at any offset.
+fn holds_any(bytes: &[u8], forbidden: &HashSet<[u8; 8]>) -> bool {
+    bytes.windows(8).any(|w| {
+        let w: [u8; 8] = w.try_into().expect("8 bytes");
+        forbidden.contains(&w)
+    })
+}
+
+#[tokio::test]
+async fn record_and_cell_keys_never_leave_the_node_in_any_frame() {
+    use arrow::ipc::{MessageHeader, root_as_message};
+    use arrow_flight::FlightData;
+    use futures::TryStreamExt;
+    use trustql_policies::{CellKey, CellKeyRules, CellKeyTables};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fed = common::synth(dir.path(), 3_000);
+    let (policy_path, _) = common::policy(dir.path(), CELL_KEY);
+    let pki = common::pki(dir.path());
+    let config = common::node_config(
+        dir.path(),
+        &fed,
+        &policy_path,
+        &pki,
+        trustql_node::Limits::default(),
+    );
+    let node = trustql_node::start(&config, common::schema())
+        .await
+        .expect("node starts");
+
+    // The node's secret, and from it every patient's record key by the documented HMAC.
+    let text = std::fs::read_to_string(config.state_dir.join(trustql_node::RECORD_KEYS_FILE))
+        .expect("the node made its secret");
+    let text = text.trim();
+    assert_eq!(text.len(), 64, "64 hex digits");
+    let secret: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).expect("hex"))
+        .collect();
+    let secret = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+    let ctx = common::plain_session(&fed.join("TQ01")).await;
+    let schema = common::schema();
+    let mut record_keys: HashMap<i64, u64> = HashMap::new();
+    for table in schema.tables() {
+        let Some(column) = schema.patient_column(&table.name).expect("schema") else {
+            continue;
+        };
+        let batch = truth(
+            &ctx,
+            &format!("SELECT DISTINCT \"{column}\" FROM \"{}\"", table.name),
+        )
+        .await;
+        let ids = cast(batch.column(0), &DataType::Int64).expect("ids");
+        for id in ids.as_primitive::<Int64Type>().iter().flatten() {
+            let mut message = b"trustql-record-key/1".to_vec();
+            message.extend_from_slice(&id.to_le_bytes());
+            let tag = ring::hmac::sign(&secret, &message);
+            let key = u64::from_be_bytes(tag.as_ref()[..8].try_into().expect("8 bytes"));
+            record_keys.insert(id, key);
+        }
+    }
+    assert!(record_keys.len() >= 3_000, "{} patients", record_keys.len());
+
+    // Each query, and the groups (and the patients each aggregate reads) whose cell keys it
+    // needs: every key of every group, released or not.
+    let tumours = "FROM sim_av_tumour";
+    let queries: [(&str, Vec<String>); 6] = [
+        (
+            "SELECT site_icd10_o2_3char, COUNT(*), AVG(age) FROM sim_av_tumour GROUP BY 1",
+            vec![
+                format!("SELECT site_icd10_o2_3char, patientid {tumours}"),
+                format!("SELECT site_icd10_o2_3char, patientid {tumours} WHERE age IS NOT NULL"),
+            ],
+        ),
+        (
+            "SELECT stage_best, COUNT(*), SUM(age) FROM sim_av_tumour \
+             WHERE site_icd10_o2_3char = 'C18' GROUP BY 1",
+            vec![
+                format!("SELECT stage_best, patientid {tumours} WHERE site_icd10_o2_3char = 'C18'"),
+                format!(
+                    "SELECT stage_best, patientid {tumours} WHERE site_icd10_o2_3char = 'C18' \
+                     AND age IS NOT NULL"
+                ),
+            ],
+        ),
+        (
+            "SELECT site_icd10_o2_3char, stage_best, COUNT(*) FROM sim_av_tumour \
+             GROUP BY ROLLUP(site_icd10_o2_3char, stage_best)",
+            vec![
+                format!("SELECT site_icd10_o2_3char, stage_best, patientid {tumours}"),
+                format!("SELECT site_icd10_o2_3char, patientid {tumours}"),
+                format!("SELECT patientid {tumours}"),
+            ],
+        ),
+        (
+            "SELECT gender, COUNT(*) FROM sim_av_patient GROUP BY gender",
+            vec!["SELECT gender, patientid FROM sim_av_patient".into()],
+        ),
+        (
+            "SELECT intent_of_treatment, COUNT(*), COUNT(DISTINCT encore_patient_id) \
+             FROM sim_sact_regimen GROUP BY 1",
+            vec!["SELECT intent_of_treatment, encore_patient_id FROM sim_sact_regimen".into()],
+        ),
+        (
+            "SELECT p.gender, t.stage_best, COUNT(*) FROM sim_av_patient p \
+             JOIN sim_av_tumour t ON p.patientid = t.patientid GROUP BY 1, 2",
+            vec![
+                "SELECT p.gender, t.stage_best, t.patientid FROM sim_av_patient p \
+                 JOIN sim_av_tumour t ON p.patientid = t.patientid"
+                    .into(),
+            ],
+        ),
+    ];
+    let mut forbidden: HashSet<[u8; 8]> = HashSet::new();
+    let mut forbid = |key: u64| {
+        forbidden.insert(key.to_be_bytes());
+        forbidden.insert(key.to_le_bytes());
+    };
+    record_keys.values().copied().for_each(&mut forbid);
+    let mut cells = 0;
+    let mut by_site = HashMap::new();
+    for (i, (_, truths)) in queries.iter().enumerate() {
+        for sql in truths {
+            let keys = cell_keys_of(&ctx, sql, &record_keys).await;
+            cells += keys.len();
+            if i == 0 && by_site.is_empty() {
+                by_site = keys.clone();
+            }
+            keys.into_values().for_each(&mut forbid);
+        }
+    }
+    assert!(cells > 100, "{cells} cell keys");
+    // The scan finds a key at any offset.
+    let some_key = record_keys.values().next().expect("a key");
+    assert!(holds_any(
+        &[&[0u8][..], &some_key.to_le_bytes()].concat(),
+        &forbidden
+    ));
+
+    // The keys computed here are the node's: the public table at them gives the released
+    // patient counts exactly.
+    let tables = CellKeyTables::new(&CellKeyRules::default()).expect("the default tables");
+    let patients = truth(
+        &ctx,
+        "SELECT site_icd10_o2_3char, COUNT(DISTINCT patientid) FROM sim_av_tumour GROUP BY 1",
+    )
+    .await;
+    let exact_patients = by_key(&patients, &[1]);
+
+    let mut client = common::client(node.addr(), &pki.ca_pem, Some(&pki.coordinator))
+        .await
+        .expect("the coordinator's identity connects");
+    let mut frames = 0;
+    for (n, (sql, _)) in queries.iter().enumerate() {
+        let ticket = common::signed_ticket(
+            &pki,
+            SiteRequest {
+                request_id: format!("frames-{n}"),
+                ..request(sql)
+            },
+        );
+        let messages: Vec<FlightData> = client
+            .do_get(ticket)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .into_inner()
+            .try_collect()
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert!(messages.len() >= 2, "{sql}: a schema and a batch");
+        for message in &messages {
+            frames += 1;
+            for (part, bytes) in [
+                ("data_header", &message.data_header),
+                ("data_body", &message.data_body),
+                ("app_metadata", &message.app_metadata),
+            ] {
+                assert!(
+                    !holds_any(bytes, &forbidden),
+                    "{sql}: a record or cell key in a frame's {part}"
+                );
+            }
+            let header = root_as_message(&message.data_header).expect("an IPC message");
+            if header.header_type() == MessageHeader::Schema {
+                let schema = arrow::datatypes::Schema::try_from(message).expect("a schema message");
+                // AVG's count is UInt64 too, so the names tell the key states apart; their
+                // values are covered by the scan above.
+                for field in schema.fields() {
+                    assert!(
+                        !field.name().contains("cell_key") && !field.name().contains("patients_of"),
+                        "{sql}: {field:?} left the trust"
+                    );
+                }
+            }
+        }
+        if n == 0 {
+            let batches =
+                arrow_flight::utils::flight_data_to_batches(&messages).expect("decodable");
+            let batch = concat_batches(&batches[0].schema(), &batches).expect("concat");
+            let column = batch
+                .schema()
+                .index_of(PATIENTS_COLUMN)
+                .expect("the patient count is released");
+            assert!(batch.num_rows() > 5, "{sql}");
+            for (site, released) in by_key(&batch, &[column]) {
+                let exact = exact_patients[&site][0] as u64;
+                let key = CellKey(by_site[&site]);
+                assert_eq!(
+                    released[0] as u64,
+                    tables.count(exact, key),
+                    "{site}: the released patient count is not the table's at this key"
+                );
+            }
+        }
+    }
+    assert!(frames >= 2 * queries.len());
 }

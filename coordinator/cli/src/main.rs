@@ -2,7 +2,6 @@
 
 // Library code returns errors; only tests may expect().
 #![cfg_attr(not(test), deny(clippy::expect_used))]
-
 // Doc comments here are clap's --help text, where `DIR/<TRUST>/<table>.parquet` is meant
 // literally, not as HTML.
 #![allow(rustdoc::invalid_html_tags)]

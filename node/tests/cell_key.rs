@@ -10,8 +10,7 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::{cast, concat_batches};
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use datafusion::prelude::SessionContext;
-use trustql_node::{NodeError, SiteEngine};
-use trustql_policies::Rule;
+use trustql_node::SiteEngine;
 use trustql_protocol::{ColumnKind, PATIENTS_COLUMN, SiteRequest};
 
 const TODAY: i32 = 20_415; // 2025-11-23
@@ -280,23 +279,72 @@ async fn totals_are_perturbed_and_released_beside_withheld_cells() {
 }
 
 #[tokio::test]
-async fn variances_are_refused_under_the_cell_key_method() {
+async fn variances_carry_a_perturbed_count_and_mean_and_the_groups_own_spread() {
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = engine(dir.path(), CELL_KEY).await;
-    let err = engine
-        .answer(
-            &request("SELECT stage_best, VAR(age) FROM sim_av_tumour GROUP BY 1"),
-            TODAY,
-        )
-        .await
-        .expect_err("refused");
-    match err {
-        NodeError::Refused(r) => {
-            assert_eq!(r.rule, Rule::Unsupported);
-            assert!(r.reason.contains("cell-key"), "{}", r.reason);
+    let ctx = common::plain_session(&dir.path().join("fed/TQ01")).await;
+    let released = answer(
+        &engine,
+        "SELECT stage_best, VAR(age) FROM sim_av_tumour GROUP BY 1",
+    )
+    .await;
+    let exact = truth(
+        &ctx,
+        "SELECT stage_best, COUNT(age), AVG(age), VAR(age) FROM sim_av_tumour GROUP BY 1",
+    )
+    .await;
+    let exact: BTreeMap<String, (i64, f64, f64)> = (0..exact.num_rows())
+        .map(|r| {
+            let f = |c: usize| {
+                cast(exact.column(c), &DataType::Float64)
+                    .expect("float")
+                    .as_primitive::<Float64Type>()
+                    .value(r)
+            };
+            (text(&exact, 0, r), (int(&exact, 1, r), f(2), f(3)))
+        })
+        .collect();
+    let schema = released.batch.schema();
+    let column = |state: &str| {
+        schema
+            .fields()
+            .iter()
+            .position(|f| f.name().ends_with(&format!("[{state}]")) && f.name().starts_with("var"))
+            .unwrap_or_else(|| panic!("no {state} in {schema:?}"))
+    };
+    let (count, mean, m2) = (column("count"), column("mean"), column("m2"));
+    let float = |c: usize, r: usize| {
+        cast(released.batch.column(c), &DataType::Float64)
+            .expect("float")
+            .as_primitive::<Float64Type>()
+            .value(r)
+    };
+    let mut moved_means = 0;
+    assert!(released.batch.num_rows() > 2);
+    for r in 0..released.batch.num_rows() {
+        let (n, true_mean, true_var) = exact[&text(&released.batch, 0, r)];
+        let released_n = int(&released.batch, count, r);
+        // The count is perturbed like any count, the mean is the perturbed sum over it.
+        assert!((released_n - n).abs() <= 3, "{released_n} for {n}");
+        let released_mean = float(mean, r);
+        assert!(
+            (released_mean - true_mean).abs() < 0.1 * true_mean,
+            "{released_mean}"
+        );
+        if (released_mean - true_mean).abs() > 1e-9 {
+            moved_means += 1;
         }
-        other => panic!("expected a refusal, got {other:?}"),
+        // The sample variance is the group's own.
+        let variance = float(m2, r) / (released_n - 1) as f64;
+        assert!(
+            (variance - true_var).abs() < 1e-6 * true_var.max(1.0),
+            "{variance} for {true_var}"
+        );
     }
+    assert!(
+        moved_means > 0,
+        "no mean moved: an exact mean beside a perturbed count gives it away"
+    );
 }
 
 /// Every group's patients for a query at TQ01, from the Parquet: SQL whose last column is the

@@ -917,8 +917,8 @@ fn describe_cell_keys(out: &mut String, d: &Disclosure) {
     let _ = writeln!(
         out,
         "  - a SUM moves by up to {} steps of {} × its largest contribution (the ABS magnitude \
-         method); an AVG is the perturbed sum over the perturbed count; VAR and STDDEV are not \
-         answered under this method (DP projects are)",
+         method); an AVG is the perturbed sum over the perturbed count, and so is a VAR's or \
+         STDDEV's mean, whose spread (the sample variance) is the group's own",
         c.magnitudes.max_adjustment, c.magnitudes.scale
     );
     match d.cell_key_tables() {

@@ -465,3 +465,59 @@ fn the_same_patients_with_one_more_row_get_an_unrelated_adjustment() {
         "the same step"
     );
 }
+
+#[test]
+fn a_variance_carries_the_perturbed_count_the_perturbed_sum_over_it_and_its_own_spread() {
+    let mut random = Keys(21);
+    let group = random.cell(12);
+    let (n, mean, m2) = (12i64, 70.0, 11.0 * 9.0);
+    let out = protect(
+        &PartialAnswer {
+            batch: batch(vec![
+                ("patients", ints(&[12])),
+                (
+                    "var(age)[count]",
+                    Arc::new(arrow::array::UInt64Array::from(vec![n as u64])),
+                ),
+                ("var(age)[mean]", Arc::new(Float64Array::from(vec![mean]))),
+                ("var(age)[m2]", Arc::new(Float64Array::from(vec![m2]))),
+                ("__cell_key", keys(&[group.0])),
+            ]),
+            columns: vec![
+                StateColumn::patients("patients"),
+                StateColumn::state("var(age)[count]", 0, "var", "count"),
+                StateColumn::state("var(age)[mean]", 0, "var", "mean"),
+                StateColumn::state("var(age)[m2]", 0, "var", "m2"),
+                StateColumn::cell_key("__cell_key", None),
+            ],
+            contributions: Some(Contributions {
+                batch: batch(vec![
+                    ("patient", ints(&(0..12).collect::<Vec<_>>())),
+                    (
+                        "c0",
+                        ints(&[90, 60, 65, 70, 75, 70, 70, 65, 70, 75, 60, 70]),
+                    ),
+                ]),
+                aggregates: vec![0],
+            }),
+        },
+        &cell_key_rules(),
+        100,
+    )
+    .expect("protect");
+    let t = tables();
+    let released_n = t.count(12, group) as f64;
+    assert_eq!(
+        column_i64(&out.batch, "var(age)[count]"),
+        vec![released_n as i64]
+    );
+    let released_mean = out.batch.column(2).as_primitive::<Float64Type>().value(0);
+    let want = t.sum(mean * n as f64, 90.0, group) / released_n;
+    assert!(
+        (released_mean - want).abs() < 1e-9,
+        "{released_mean} for {want}"
+    );
+    // The sample variance is the group's own: m2 / (n − 1) = 9.
+    let released_m2 = out.batch.column(3).as_primitive::<Float64Type>().value(0);
+    assert!((released_m2 / (released_n - 1.0) - 9.0).abs() < 1e-9);
+}

@@ -66,6 +66,8 @@ fn cell_key_note(tables: &[CellKeyMeta]) -> Option<String> {
         .iter()
         .map(|t| f64::from(t.sum_max_steps) * t.sum_step_scale)
         .fold(0.0, f64::max);
+    // 3 × 0.1 is 0.30000000000000004 in binary: say it as a person would.
+    let sum = (sum * 1e6).round() / 1e6;
     Some(format!(
         "{} of the answering trusts perturb their counts and sums by the cell-key method: each \
          trust's count of a group moved by at most {count} (never below zero), each sum by at \

@@ -53,6 +53,21 @@ pub(super) fn perturbed(
             .unwrap_or(&group)
     };
 
+    let largest_of = |index: usize| {
+        tops.iter()
+            .find(|(c, _)| *c == index)
+            .map(|(_, t)| t.as_slice())
+            .ok_or(internal("a sum without its largest contributions"))
+    };
+    // A variance's count, exact and perturbed, for its mean and m2.
+    let moment_count = |aggregate: Option<usize>| -> Result<(usize, ArrayRef), ReleaseError> {
+        let index = (0..roles.len())
+            .find(|&i| {
+                roles[i] == Role::Moment(Moment::Count) && answer.columns[i].aggregate == aggregate
+            })
+            .ok_or(internal("a variance without its count"))?;
+        Ok((index, counts(batch, index, keys_of(aggregate), tables)?))
+    };
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(roles.len());
     let mut fields = Vec::with_capacity(roles.len());
     for (index, role) in roles.iter().enumerate() {
@@ -65,15 +80,22 @@ pub(super) fn perturbed(
             Role::Count | Role::Moment(Moment::Count) => {
                 counts(batch, index, keys_of(aggregate), tables)?
             }
-            Role::Moment(_) => return Err(internal("a variance under the cell-key method")),
-            Role::Sum => {
-                let largest = tops
-                    .iter()
-                    .find(|(c, _)| *c == index)
-                    .map(|(_, t)| t)
-                    .ok_or(internal("a sum without its largest contributions"))?;
-                sums(column, keys_of(aggregate), largest, tables)?
+            Role::Moment(Moment::Mean) => {
+                let (n, released_n) = moment_count(aggregate)?;
+                means(
+                    column,
+                    &column_as_i64(batch, n)?,
+                    &released_n,
+                    keys_of(aggregate),
+                    largest_of(index)?,
+                    tables,
+                )?
             }
+            Role::Moment(Moment::M2) => {
+                let (n, released_n) = moment_count(aggregate)?;
+                squares(column, &column_as_i64(batch, n)?, &released_n)?
+            }
+            Role::Sum => sums(column, keys_of(aggregate), largest_of(index)?, tables)?,
         };
         columns.push(released);
         fields.push(batch.schema().field(index).clone());
@@ -146,4 +168,60 @@ fn sums(
         return Err(internal("a perturbed sum does not fit its type"));
     }
     Ok(restored)
+}
+
+/// A variance's mean, as the perturbed sum (the magnitude table, as for SUM) over the perturbed
+/// count: an exact mean beside a perturbed count would give the exact count back.
+fn means(
+    column: &ArrayRef,
+    counts: &[Option<i64>],
+    released: &ArrayRef,
+    keys: &[Option<u64>],
+    largest: &[Option<f64>],
+    tables: &CellKeyTables,
+) -> Result<ArrayRef, ReleaseError> {
+    let values = column_as_f64(column)?;
+    let released = column_as_f64(released)?;
+    if [counts.len(), released.len(), keys.len(), largest.len()]
+        .iter()
+        .any(|&l| l != values.len())
+    {
+        return Err(internal("cell keys do not match the answer"));
+    }
+    let moved: Float64Array = (0..values.len())
+        .map(|r| {
+            let (mean, n, released) = (values[r]?, counts[r]? as f64, released[r]?);
+            if released <= 0.0 {
+                return Some(0.0);
+            }
+            let sum = tables.sum(mean * n, largest[r]?, CellKey(keys[r].unwrap_or(0)));
+            Some(sum / released)
+        })
+        .collect();
+    cast(&moved, column.data_type()).map_err(|_| internal("could not restore a mean's type"))
+}
+
+/// A variance's sum of squared deviations, scaled to the perturbed count so that the sample
+/// variance (m2 / (n − 1)) is the group's own and no second count can be read from it.
+fn squares(
+    column: &ArrayRef,
+    counts: &[Option<i64>],
+    released: &ArrayRef,
+) -> Result<ArrayRef, ReleaseError> {
+    let values = column_as_f64(column)?;
+    let released = column_as_f64(released)?;
+    if counts.len() != values.len() || released.len() != values.len() {
+        return Err(internal("cell keys do not match the answer"));
+    }
+    let scaled: Float64Array = (0..values.len())
+        .map(|r| {
+            let (m2, n, released) = (values[r]?, counts[r]? as f64, released[r]?);
+            Some(if n > 1.0 && released > 1.0 {
+                m2 * (released - 1.0) / (n - 1.0)
+            } else {
+                0.0
+            })
+        })
+        .collect();
+    cast(&scaled, column.data_type()).map_err(|_| internal("could not restore a variance's type"))
 }

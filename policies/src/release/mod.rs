@@ -178,29 +178,21 @@ pub fn needs(
     }
     let disclosure = &policy.disclosure;
     let cell_keys = disclosure.uses_cell_keys();
-    if cell_keys
-        && aggregate
-            .aggr_expr
-            .iter()
-            .any(|e| function_of(e).is_some_and(|f| MOMENT_AGGREGATES.contains(&f.as_str())))
-    {
-        return Err(Refusal::new(
-            Rule::Unsupported,
-            "this trust protects answers by the cell-key method, which perturbs counts and sums \
-             but has no table for a variance's moments: VAR and STDDEV are answered in \
-             differential-privacy mode only; ask for COUNT, SUM and AVG",
-        ));
-    }
     let mut contributions = Vec::new();
     let mut top = 0;
     // SUM's and AVG's sums are the states the dominance rule reads, and the cell-key method
-    // scales their adjustment by their largest contribution.
+    // scales their adjustment (and a variance's mean's) by their largest contribution.
     if disclosure.dominance.is_some() || cell_keys {
         contributions = aggregate
             .aggr_expr
             .iter()
             .enumerate()
-            .filter(|(_, e)| matches!(function_of(e).as_deref(), Some("sum" | "avg")))
+            .filter(|(_, e)| {
+                function_of(e).is_some_and(|f| {
+                    matches!(f.as_str(), "sum" | "avg")
+                        || (cell_keys && MOMENT_AGGREGATES.contains(&f.as_str()))
+                })
+            })
             .map(|(a, _)| a)
             .collect();
         top = disclosure.dominance.map_or(1, |d| d.n);
@@ -211,7 +203,7 @@ pub fn needs(
                 .any(|e| matches!(e, Expr::GroupingSet(_)))
         {
             let why = if cell_keys {
-                "this trust perturbs sums by the cell-key method, scaled by each group's \
+                "this trust perturbs sums, means and variances by the cell-key method, scaled by each group's \
                  largest contribution, which TrustQL does not measure on ROLLUP, CUBE or \
                  GROUPING SETS yet; group without them, or ask for counts only"
             } else {

@@ -167,7 +167,7 @@ pub(crate) fn protect_with(
         }
     }
     if let Some(dominance) = rules.dominance {
-        let tops = top_contributions(answer, &roles, &keys, dominance.n)?;
+        let tops = top_contributions(answer, &roles, &keys, dominance.n, &[Role::Sum])?;
         withhold_dominated(batch, &tops, dominance.k, &mut verdicts)?;
     }
     if rules.withhold_whole_margin_cells && !keys.is_empty() {
@@ -193,7 +193,9 @@ pub(crate) fn protect_with(
         let tables = rules
             .cell_key_tables()
             .map_err(|_| internal("the approved cell-key tables cannot be built"))?;
-        let tops = top_contributions(answer, &roles, &keys, 1)?;
+        // A variance's mean is a sum over its count, perturbed as one.
+        let measured = [Role::Sum, Role::Moment(Moment::Mean)];
+        let tops = top_contributions(answer, &roles, &keys, 1, &measured)?;
         let perturbed = cellkey::perturbed(answer, &roles, reads, &tables, &tops)?;
         keep_released(&perturbed, &verdicts)?
     } else {
@@ -234,11 +236,12 @@ fn top_contributions(
     roles: &[Role],
     keys: &[usize],
     n: u32,
+    measured: &[Role],
 ) -> Result<Tops, ReleaseError> {
     let sums: Vec<(usize, usize)> = roles
         .iter()
         .enumerate()
-        .filter(|(_, r)| **r == Role::Sum)
+        .filter(|(_, r)| measured.contains(r))
         .map(|(c, _)| {
             answer.columns[c]
                 .aggregate

@@ -476,9 +476,8 @@ pub const SHOWCASE: &[(&str, &str)] = &[
          GROUP BY site_icd10_o2_3char, stage_best ORDER BY site, stage",
     ),
     (
-        // No STDDEV: the cell-key method, the demo's default, has no table for moments.
         "Mean age at diagnosis by site (ten largest)",
-        "SELECT site_icd10_o2_3char AS site, COUNT(*) AS tumours, AVG(age) AS mean_age \
+        "SELECT site_icd10_o2_3char AS site, COUNT(*) AS tumours, AVG(age) AS mean_age, STDDEV(age) AS sd_age \
          FROM sim_av_tumour GROUP BY site_icd10_o2_3char ORDER BY tumours DESC LIMIT 10",
     ),
     (

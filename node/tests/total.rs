@@ -254,3 +254,42 @@ async fn a_failure_after_vetting_names_nothing_and_costs_its_epsilon() {
         assert_eq!(charged, if project == "p2" { 1.0 } else { 0.0 }, "{sql}");
     }
 }
+
+/// Oracles through a pattern, with `{T}` for the target age: arrow builds a pattern when a batch
+/// reaches it, so one that does not build fails exactly where a tumour of age `{T}` exists.
+const PATTERN_ORACLES: [&str; 2] = [
+    "SELECT COUNT(*) FROM sim_av_tumour \
+     WHERE CASE WHEN age = {T} THEN site_icd10_o2_3char SIMILAR TO '.{12000}' END",
+    "SELECT COUNT(*) FROM sim_av_tumour \
+     WHERE site_icd10_o2_3char SIMILAR TO CASE WHEN age = {T} THEN '(' ELSE 'C' END",
+];
+
+#[tokio::test]
+async fn a_pattern_oracle_is_refused_alike_before_anything_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(dir.path()).await;
+    let target = present_age(dir.path()).await;
+    let ctx = common::plain_session(&dir.path().join("fed/TQ01")).await;
+    let ledger = engine.ledger().expect("ledger");
+    for template in PATTERN_ORACLES {
+        // Not vacuous: without TrustQL the query fails on the target row, and only there.
+        for (age, fails) in [(target, true), (ABSENT_AGE, false)] {
+            let sql = oracle(template, age);
+            let result = async { ctx.sql(&sql).await?.collect().await }.await;
+            assert_eq!(result.is_err(), fails, "{sql}");
+        }
+        for project in ["p1", "p2"] {
+            let before = ledger.spent("p2").epsilon;
+            for age in [target, ABSENT_AGE] {
+                let sql = oracle(template, age);
+                let result = engine.answer(&request(project, &sql), TODAY).await;
+                assert_eq!(
+                    outcome(&result),
+                    Outcome::Refused(Rule::ErrorOracle),
+                    "{project}: {sql}"
+                );
+            }
+            assert_eq!(ledger.spent("p2").epsilon, before, "{project}: {template}");
+        }
+    }
+}

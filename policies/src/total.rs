@@ -15,7 +15,9 @@
 //!   nanoseconds and fails, or panics, near the ends of that range).
 //!
 //! What cannot be made total this way is refused by vetting (`vet.rs`, [`Rule::ErrorOracle`]):
-//! regular expressions, DECIMAL, date and timestamp arithmetic, integer `round` to a place.
+//! a pattern (LIKE, ILIKE, SIMILAR TO, `~`, `~~`) that is not a literal, or a literal one that
+//! arrow cannot build (checked at vetting with arrow's own kernel: arrow builds it only when a
+//! batch reaches it), DECIMAL, date and timestamp arithmetic, integer `round` to a place.
 //! `+ - *` of integers wrap in DataFusion 55 and floats give inf/NaN, so neither fails.
 //!
 //! The rewrite is an analyzer rule of [`crate::locked_session`], after type coercion (which adds

@@ -7,10 +7,13 @@
 
 use std::collections::HashSet;
 
+use datafusion::arrow::array::{Scalar, StringArray};
+use datafusion::arrow::compute::kernels::comparison;
 use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::error::ArrowError;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, DFSchema, ScalarValue};
-use datafusion::logical_expr::expr::{AggregateFunction, Alias, Cast, TryCast};
+use datafusion::logical_expr::expr::{AggregateFunction, Alias, Cast, Like, TryCast};
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{BinaryExpr, Expr, ExprSchemable, JoinType, LogicalPlan, Operator};
 use trustql_schemas::{DisclosureClass, TrustSchema};
@@ -440,7 +443,8 @@ impl Vetter<'_> {
             Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
                 binary_total(left, *op, right, schema)
             }
-            Expr::SimilarTo(_) => Some(regex_refusal()),
+            Expr::Like(like) => pattern_total(like, Pattern::Like),
+            Expr::SimilarTo(like) => pattern_total(like, Pattern::Regex),
             Expr::Cast(Cast { field, .. }) | Expr::TryCast(TryCast { field, .. })
                 if matches!(
                     field.data_type(),
@@ -1095,18 +1099,19 @@ fn total_arguments(name: &str, args: &[Expr], schema: &DFSchema) -> Option<Refus
     }
 }
 
-/// Binary operators no rewrite makes total: regular expressions (a pattern can fail to
-/// compile), and date or timestamp arithmetic, which overflows (only a date minus a date, a
-/// number of days, cannot).
+/// Binary operators no rewrite makes total: pattern matches (`~`, `~~`) whose pattern is not a
+/// literal that builds ([`pattern_refused`]), and date or timestamp arithmetic, which overflows
+/// (only a date minus a date, a number of days, cannot).
 fn binary_total(left: &Expr, op: Operator, right: &Expr, schema: &DFSchema) -> Option<Refusal> {
-    if matches!(
-        op,
-        Operator::RegexMatch
-            | Operator::RegexIMatch
-            | Operator::RegexNotMatch
-            | Operator::RegexNotIMatch
-    ) {
-        return Some(regex_refusal());
+    let pattern = match op {
+        Operator::RegexMatch | Operator::RegexNotMatch => Some((Pattern::Regex, false)),
+        Operator::RegexIMatch | Operator::RegexNotIMatch => Some((Pattern::Regex, true)),
+        Operator::LikeMatch | Operator::NotLikeMatch => Some((Pattern::Like, false)),
+        Operator::ILikeMatch | Operator::NotILikeMatch => Some((Pattern::Like, true)),
+        _ => None,
+    };
+    if let Some((kind, case_insensitive)) = pattern {
+        return pattern_refused(right, kind, case_insensitive, &op.to_string());
     }
     if !matches!(op, Operator::Plus | Operator::Minus) {
         return None;
@@ -1134,11 +1139,130 @@ fn binary_total(left: &Expr, op: Operator, right: &Expr, schema: &DFSchema) -> O
     })
 }
 
-fn regex_refusal() -> Refusal {
-    Refusal::new(
-        Rule::ErrorOracle,
-        "regular expressions (~, SIMILAR TO) can fail on some patterns or values; use LIKE",
-    )
+/// How DataFusion 55 reads a pattern: as a LIKE pattern (`%`, `_`, a backslash escapes), or as a
+/// regular expression of the `regex` crate (SIMILAR TO is planned as `~`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pattern {
+    Like,
+    Regex,
+}
+
+/// LIKE, ILIKE, SIMILAR TO and their negations: the escape character and the pattern.
+fn pattern_total(like: &Like, kind: Pattern) -> Option<Refusal> {
+    let what = match (kind, like.case_insensitive) {
+        (Pattern::Regex, _) => "SIMILAR TO",
+        (Pattern::Like, true) => "ILIKE",
+        (Pattern::Like, false) => "LIKE",
+    };
+    // DataFusion refuses any other escape while planning: say so plainly, before that.
+    let escape_ok = match kind {
+        Pattern::Like => like.escape_char.is_none_or(|c| c == '\\'),
+        Pattern::Regex => like.escape_char.is_none(),
+    };
+    if !escape_ok {
+        return Some(Refusal::new(
+            Rule::Unsupported,
+            match kind {
+                Pattern::Like => format!("{what} ... ESCAPE supports only the backslash (\\)"),
+                Pattern::Regex => format!("{what} ... ESCAPE is not supported"),
+            },
+        ));
+    }
+    pattern_refused(&like.pattern, kind, like.case_insensitive, what)
+}
+
+/// A pattern DataFusion could fail to build while it runs. Arrow builds a LIKE pattern into a
+/// regular expression (and compiles a regular expression) when a batch reaches it, so a pattern
+/// that does not build (invalid, or over the `regex` crate's size limit: some 11,000 `_`, or
+/// `.{12000}`) fails only where rows exist, and a pattern taken from the data fails on the rows
+/// whose value does not build. So the pattern must be a literal, and is built here, by the same
+/// arrow kernel, before anything runs. (A trailing backslash is a literal backslash in arrow
+/// 59, not an error.)
+fn pattern_refused(
+    pattern: &Expr,
+    kind: Pattern,
+    case_insensitive: bool,
+    what: &str,
+) -> Option<Refusal> {
+    let Some(value) = literal_value(pattern) else {
+        return Some(Refusal::new(
+            Rule::ErrorOracle,
+            format!(
+                "the pattern of {what} must be a literal: a pattern taken from the data (a \
+                 column, a concatenation, a CASE) could make the query fail on some rows"
+            ),
+        ));
+    };
+    if value.is_null() {
+        return None;
+    }
+    // A pattern of another type is compared as its text (type coercion casts it).
+    let text = match value.cast_to(&DataType::Utf8) {
+        Ok(ScalarValue::Utf8(Some(text))) => text,
+        Ok(ScalarValue::Utf8(None)) => return None,
+        _ => {
+            return Some(Refusal::new(
+                Rule::ErrorOracle,
+                format!("the pattern of {what} must be text"),
+            ));
+        }
+    };
+    let built = match kind {
+        Pattern::Like => like_builds(&text, case_insensitive),
+        Pattern::Regex => regex_builds(&text, case_insensitive),
+    };
+    built.err().map(|e| {
+        let reason = if e.to_string().contains("size limit") {
+            "is too large to compile"
+        } else {
+            "is not a valid regular expression"
+        };
+        Refusal::new(
+            Rule::ErrorOracle,
+            format!(
+                "the pattern of {what} {reason}; it would fail wherever a row reaches it, so it \
+                 is refused before running"
+            ),
+        )
+    })
+}
+
+/// Arrow's own LIKE (ILIKE) of `pattern` against a non-ASCII value: ILIKE of ASCII values may
+/// take a path without a regular expression, which this value does not, so every path builds.
+fn like_builds(pattern: &str, case_insensitive: bool) -> Result<(), ArrowError> {
+    let value = StringArray::from(vec!["\u{e9}"]);
+    let pattern = Scalar::new(StringArray::from(vec![pattern]));
+    if case_insensitive {
+        comparison::ilike(&value, &pattern).map(|_| ())
+    } else {
+        comparison::like(&value, &pattern).map(|_| ())
+    }
+}
+
+/// Arrow's regular-expression match of `pattern`, as DataFusion's `~` (`~*`) calls it.
+fn regex_builds(pattern: &str, case_insensitive: bool) -> Result<(), ArrowError> {
+    let value = StringArray::from(vec!["\u{e9}"]);
+    comparison::regexp_is_match_scalar(&value, pattern, case_insensitive.then_some("i")).map(|_| ())
+}
+
+/// The value of a literal, through aliases and casts (as they will be folded while planning);
+/// `None` if `expr` is no literal.
+fn literal_value(expr: &Expr) -> Option<ScalarValue> {
+    match expr {
+        Expr::Literal(value, _) => Some(value.clone()),
+        Expr::Alias(Alias { expr, .. }) => literal_value(expr),
+        Expr::Cast(Cast { expr, field }) => literal_value(expr)?.cast_to(field.data_type()).ok(),
+        Expr::TryCast(TryCast { expr, field }) => {
+            let value = literal_value(expr)?;
+            Some(
+                value
+                    .cast_to(field.data_type())
+                    .or_else(|_| ScalarValue::try_from(field.data_type()))
+                    .ok()?,
+            )
+        }
+        _ => None,
+    }
 }
 
 fn is_literal(expr: &Expr) -> bool {

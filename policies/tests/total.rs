@@ -327,9 +327,12 @@ expires = "2099-12-31"
 }
 
 async fn vet(sql: &str) -> Result<(), Refusal> {
-    let policy = full_sql_policy();
+    vet_under(&full_sql_policy(), sql).await
+}
+
+async fn vet_under(policy: &Policy, sql: &str) -> Result<(), Refusal> {
     let project = policy.project("p1").expect("project");
-    vet_sql(&common::session(), &common::schema(), &policy, project, sql)
+    vet_sql(&common::session(), &common::schema(), policy, project, sql)
         .await
         .map(|_| ())
 }
@@ -394,6 +397,20 @@ async fn forms_no_rewrite_makes_total_are_refused_before_running() {
             "SELECT SUM(trustql_divide(age, 2)) FROM sim_av_tumour",
             Rule::Function,
         ),
+        // Patterns: a literal that builds, nothing else (see `patterns_must_be_literals…`).
+        (
+            "SELECT COUNT(*) FROM sim_av_tumour WHERE stage_best LIKE gender",
+            Rule::ErrorOracle,
+        ),
+        (
+            "SELECT COUNT(*) FROM sim_av_tumour WHERE stage_best SIMILAR TO '('",
+            Rule::ErrorOracle,
+        ),
+        // The regular-expression functions are not registered at all.
+        (
+            "SELECT COUNT(*) FROM sim_av_tumour WHERE regexp_like(stage_best, '1')",
+            Rule::Function,
+        ),
     ];
     for (sql, rule) in refused {
         match vet(sql).await {
@@ -409,11 +426,157 @@ async fn forms_no_rewrite_makes_total_are_refused_before_running() {
         "SELECT date_part('year', diagnosisdatebest) AS y, COUNT(*) FROM sim_av_tumour GROUP BY 1",
         "SELECT date_trunc('month', diagnosisdatebest) AS m, COUNT(*) FROM sim_av_tumour GROUP BY 1",
         "SELECT round(CAST(age AS DOUBLE), -1) AS a, COUNT(*) FROM sim_av_tumour GROUP BY 1",
-        "SELECT COUNT(*) FROM sim_av_tumour WHERE stage_best LIKE gender",
+        "SELECT COUNT(*) FROM sim_av_tumour WHERE stage_best LIKE '1%'",
     ];
     for sql in accepted {
         if let Err(r) = vet(sql).await {
             panic!("should be accepted: {sql}\n{r}");
         }
+    }
+}
+
+// ---- patterns: LIKE, ILIKE, SIMILAR TO, ~ ------------------------------------------------------
+
+/// Underscores enough for the regular expression arrow builds from a LIKE pattern to pass the
+/// `regex` crate's size limit (10 MiB; some 11,000 do it).
+fn oversized_like() -> String {
+    "_".repeat(12_000)
+}
+
+#[tokio::test]
+async fn a_pattern_that_does_not_build_fails_in_plain_datafusion_only_where_a_row_reaches_it() {
+    // Not vacuous: arrow builds the pattern when a batch reaches it, so the failure tells
+    // whether a row with i = 57 exists (the hostile table has one, none has i = 12345).
+    let plain = with_table(SessionContext::new());
+    let like = oversized_like();
+    for form in [
+        format!("s LIKE '{like}'"),
+        format!("s ILIKE '{like}'"),
+        format!("s NOT LIKE '{like}'"),
+        "s SIMILAR TO '.{12000}'".to_string(),
+        "s SIMILAR TO '('".to_string(),
+        // A pattern from the data fails on the rows whose value does not build.
+        "s SIMILAR TO CASE WHEN i = {T} THEN '(' ELSE 'a' END".to_string(),
+    ] {
+        for (target, fails) in [("57", true), ("12345", false)] {
+            let form = form.replace("{T}", target);
+            let sql =
+                format!("SELECT COUNT(*) AS n FROM t WHERE CASE WHEN i = {target} THEN {form} END");
+            assert_eq!(run(&plain, &sql).await.is_err(), fails, "{sql}");
+        }
+    }
+    // A trailing backslash is no error in arrow 59: a literal backslash.
+    for form in ["s LIKE 'abc\\'", "s ILIKE 'é\\'", "s LIKE '\\\\\\'"] {
+        let sql = format!("SELECT COUNT(*) AS n FROM t WHERE {form}");
+        assert!(run(&plain, &sql).await.is_ok(), "{sql}");
+    }
+}
+
+#[tokio::test]
+async fn patterns_must_be_literals_that_build_when_vetted() {
+    // A trust may allow long queries: the size limit is reached by the pattern, not the text.
+    let mut policy = full_sql_policy();
+    policy.query.max_query_chars = 100_000;
+    let like = oversized_like();
+    let q = |condition: &str| format!("SELECT COUNT(*) FROM sim_av_tumour WHERE {condition}");
+    let refused = [
+        // Not a literal: a column, a concatenation, a CASE, on either operator's right.
+        (q("stage_best LIKE gender"), Rule::ErrorOracle),
+        (q("stage_best NOT LIKE gender || '%'"), Rule::ErrorOracle),
+        (
+            q("stage_best ILIKE CASE WHEN age > 50 THEN '1%' ELSE '2%' END"),
+            Rule::ErrorOracle,
+        ),
+        (q("'1' LIKE stage_best"), Rule::ErrorOracle),
+        (q("stage_best ~~ gender"), Rule::ErrorOracle),
+        (q("stage_best !~~* gender"), Rule::ErrorOracle),
+        (q("stage_best SIMILAR TO gender"), Rule::ErrorOracle),
+        (
+            q("stage_best NOT SIMILAR TO lower(gender)"),
+            Rule::ErrorOracle,
+        ),
+        (q("stage_best ~ gender"), Rule::ErrorOracle),
+        (q("stage_best ~* ('^' || gender)"), Rule::ErrorOracle),
+        // Literals that do not build: refused before running, not failed where rows are.
+        (q(&format!("stage_best LIKE '{like}'")), Rule::ErrorOracle),
+        (q(&format!("stage_best ILIKE '{like}'")), Rule::ErrorOracle),
+        (
+            q(&format!("stage_best NOT LIKE '%{like}%'")),
+            Rule::ErrorOracle,
+        ),
+        (
+            q(&format!(
+                "CASE WHEN age = 57 THEN stage_best LIKE '{like}' END"
+            )),
+            Rule::ErrorOracle,
+        ),
+        (q("stage_best SIMILAR TO '('"), Rule::ErrorOracle),
+        (q("stage_best SIMILAR TO '.{12000}'"), Rule::ErrorOracle),
+        (q("stage_best NOT SIMILAR TO '[z-a]'"), Rule::ErrorOracle),
+        (q("stage_best ~ 'a{1000}{1000}'"), Rule::ErrorOracle),
+        (q("stage_best ~* '.{12000}'"), Rule::ErrorOracle),
+        // Escapes DataFusion does not implement.
+        (q("stage_best LIKE '1#%' ESCAPE '#'"), Rule::Unsupported),
+        (q("stage_best SIMILAR TO '1' ESCAPE '#'"), Rule::Unsupported),
+    ];
+    for (sql, rule) in &refused {
+        let short: String = sql.chars().take(120).collect();
+        match vet_under(&policy, sql).await {
+            Ok(()) => panic!("should be refused ({}): {short}", rule.name()),
+            Err(r) => {
+                assert_eq!(r.rule, *rule, "{short}\n{r}");
+                if r.rule == Rule::ErrorOracle {
+                    assert!(r.reason.contains("pattern"), "{short}\n{r}");
+                }
+            }
+        }
+    }
+    let not_literal = vet_under(&policy, &q("stage_best LIKE gender"))
+        .await
+        .expect_err("refused");
+    assert!(
+        not_literal.reason.contains("must be a literal"),
+        "{not_literal}"
+    );
+    let accepted = [
+        q("stage_best LIKE '1%'"),
+        q("site_icd10_o2_3char ILIKE 'c5_'"),
+        q("site_icd10_o2_3char NOT LIKE 'C%'"),
+        q("site_icd10_o2_3char NOT ILIKE '%x%'"),
+        q("site_icd10_o2_3char LIKE 'C\\%' ESCAPE '\\'"),
+        q("site_icd10_o2_3char LIKE 'C\\'"),
+        q("site_icd10_o2_3char LIKE NULL"),
+        q(&format!("site_icd10_o2_3char LIKE '{}'", "_".repeat(1_000))),
+        q("site_icd10_o2_3char ~~ 'C5%'"),
+        q("site_icd10_o2_3char SIMILAR TO 'C5[0-9]'"),
+        q("site_icd10_o2_3char NOT SIMILAR TO '^D'"),
+        q("site_icd10_o2_3char ~ '^C5[0-9]$'"),
+        q("site_icd10_o2_3char !~* 'c'"),
+        // A literal is still one through the casts coercion adds.
+        q("site_icd10_o2_3char LIKE CAST('C%' AS VARCHAR)"),
+    ];
+    for sql in &accepted {
+        if let Err(r) = vet_under(&policy, sql).await {
+            panic!("should be accepted: {sql}\n{r}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn accepted_patterns_answer_in_the_locked_session_as_in_plain_datafusion() {
+    let plain = with_table(SessionContext::new());
+    let locked = locked();
+    for form in [
+        "s LIKE 'a%'",
+        "s ILIKE 'ABC'",
+        "s NOT LIKE '%1%'",
+        "s LIKE '1\\.5'",
+        "s SIMILAR TO '^[0-9]+$'",
+        "s ~* '^A'",
+    ] {
+        let sql = format!("SELECT COUNT(*) AS n FROM t WHERE {form}");
+        let a = run(&plain, &sql).await.expect(&sql);
+        let b = run(&locked, &sql).await.expect(&sql);
+        assert_eq!(a, b, "{sql}");
     }
 }

@@ -50,16 +50,52 @@ pub fn one_trust(schema: &TrustSchema, patients: u64, dir: &Path) -> Result<()> 
     Ok(())
 }
 
+/// The disclosure body of [`open_node`]'s policy: suppression under 10 patients and rounding
+/// to 5.
+pub const ROUNDING_TO_5: &str = "min_patients = 10\nrounding = \"base\"\nrounding_base = 5";
+
+/// A disclosure body for the cell-key method, with the same minimum of 10 patients and the
+/// built-in perturbation tables.
+pub const CELL_KEY: &str = "method = \"cell_key\"\nmin_patients = 10\nrounding = \"none\"";
+
 /// A node over `dir/<trust>` with its default limits (a ten-minute timeout), under a policy
 /// written to `dir/policy-<trust>.toml` that lets researcher `r` of project `p` read the
-/// panel's tables.
+/// panel's tables, with suppression and rounding to 5 ([`ROUNDING_TO_5`]).
 pub async fn open_node(schema: &TrustSchema, dir: &Path, trust: &str) -> Result<SiteEngine> {
+    open_node_with(schema, dir, trust, ROUNDING_TO_5).await
+}
+
+/// [`open_node`] under the policy's `[disclosure]` body `disclosure` (such as [`CELL_KEY`]),
+/// record keys computed.
+pub async fn open_node_with(
+    schema: &TrustSchema,
+    dir: &Path,
+    trust: &str,
+    disclosure: &str,
+) -> Result<SiteEngine> {
+    open_node_without_keys(schema, dir, trust, disclosure)
+        .await?
+        .with_record_keys(&RecordKeySecret::ephemeral()?)
+        .await
+        .context("computing the record keys")
+}
+
+/// [`open_node_with`] before the record keys are computed, so their one-off cost can be timed
+/// on its own; call `SiteEngine::with_record_keys` before answering. The policy file is
+/// rewritten by each call, and read only here: nodes opened one after another on the same
+/// `dir` keep their own policies.
+pub async fn open_node_without_keys(
+    schema: &TrustSchema,
+    dir: &Path,
+    trust: &str,
+    disclosure: &str,
+) -> Result<SiteEngine> {
     let policy_path = dir.join(format!("policy-{trust}.toml"));
     std::fs::write(
         &policy_path,
         format!(
-            "[policy]\nversion = \"bench\"\ntrust = \"{trust}\"\n\n[disclosure]\nmin_patients = 10\n\
-         rounding = \"base\"\nrounding_base = 5\n\n[query]\nmax_groups = 20000\n\n\
+            "[policy]\nversion = \"bench\"\ntrust = \"{trust}\"\n\n[disclosure]\n{disclosure}\n\n\
+         [query]\nmax_groups = 20000\n\n\
          [[project]]\nid = \"p\"\nresearchers = [\"r\"]\ntables = [\"sim_av_patient\", \
          \"sim_av_tumour\", \"sim_sact_regimen\", \"sim_rtds_prescription\"]\n\
          expires = \"2099-12-31\"\n"
@@ -73,10 +109,7 @@ pub async fn open_node(schema: &TrustSchema, dir: &Path, trust: &str) -> Result<
     };
     SiteEngine::open(trust, schema.clone(), policy, &dir.join(trust), &limits)
         .await
-        .context("opening the node")?
-        .with_record_keys(&RecordKeySecret::ephemeral()?)
-        .await
-        .context("computing the record keys")
+        .context("opening the node")
 }
 
 /// Researcher `r`'s request in project `p` (see [`open_node`]).

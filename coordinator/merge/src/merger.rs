@@ -1,6 +1,6 @@
 //! Planning at the coordinator and finishing the nodes' states.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, RecordBatch};
@@ -179,7 +179,8 @@ impl Prepared {
     }
 
     /// The result column of each GROUP BY key, in the order of the states' key columns (which
-    /// come first); `None` unless every key reaches the result unchanged.
+    /// come first); `None` unless every key reaches the result unchanged, under a name of its
+    /// own, and the query has no grouping sets.
     pub fn key_outputs(&self) -> Option<&[String]> {
         self.key_outputs.as_deref()
     }
@@ -200,21 +201,32 @@ impl Prepared {
             return Err(shape("its metadata does not describe its columns".into()));
         }
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.partial_schema.fields().len());
+        // Keys are named without their table (`t.gender` and `p.gender` are both `gender`):
+        // the n-th state of a name is the node's n-th column of that name, never its first.
+        let mut seen: HashMap<&str, usize> = HashMap::new();
         for field in self.partial_schema.fields() {
             let name = field.name();
+            let occurrence = seen.entry(name.as_str()).or_default();
+            let nth = *occurrence;
+            *occurrence += 1;
             let distinct_prefix = name
                 .rsplit_once('[')
                 .map(|(prefix, _)| prefix)
                 .filter(|prefix| self.distinct.contains(*prefix));
             let patients = name.rsplit_once('[').map(|(prefix, _)| prefix) == Some(PATIENTS_COLUMN);
-            let index = columns.iter().position(|c| match distinct_prefix {
-                _ if patients => c.kind == ColumnKind::Patients,
-                Some(prefix) => {
-                    c.kind == ColumnKind::DistinctCount
-                        && c.name.rsplit_once('[').map(|(p, _)| p) == Some(prefix)
-                }
-                None => c.name == *name && c.kind != ColumnKind::Patients,
-            });
+            let index = columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| match distinct_prefix {
+                    _ if patients => c.kind == ColumnKind::Patients,
+                    Some(prefix) => {
+                        c.kind == ColumnKind::DistinctCount
+                            && c.name.rsplit_once('[').map(|(p, _)| p) == Some(prefix)
+                    }
+                    None => c.name == *name && c.kind != ColumnKind::Patients,
+                })
+                .nth(nth)
+                .map(|(i, _)| i);
             let Some(index) = index else {
                 return Err(shape(format!("column {name} is missing")));
             };
@@ -283,32 +295,43 @@ fn result_columns(plan: &LogicalPlan) -> (Option<Vec<String>>, Vec<AggregateOutp
             .map(|f| (f.name().clone(), None))
             .collect(),
     };
-    let result_column = |produced: &str| {
+    // Matched with the table too: `t.gender` and `p.gender` are both named `gender`.
+    let result_column = |produced: &Column| {
         names.iter().find_map(|(name, e)| match e {
-            None => (name == produced).then(|| name.clone()),
+            None => (*name == produced.name).then(|| name.clone()),
             Some(e) => match e.clone().unalias_nested().data {
-                Expr::Column(c) if c.name == produced => Some(name.clone()),
+                Expr::Column(c) if c == *produced => Some(name.clone()),
                 _ => None,
             },
         })
     };
-    let keys = aggregate.group_expr.len();
-    let key_outputs = (0..keys)
-        .map(|k| result_column(aggregate.schema.field(k).name()))
-        .collect::<Option<Vec<_>>>();
+    let produced = |i: usize| Column::from(aggregate.schema.qualified_field(i));
+    // A grouping set's schema has every distinct key, then its id, before the aggregates.
+    let grouping_set = matches!(aggregate.group_expr.first(), Some(Expr::GroupingSet(_)));
+    let keys = aggregate
+        .group_expr_len()
+        .unwrap_or(aggregate.group_expr.len());
+    let key_outputs = (0..keys - usize::from(grouping_set))
+        .map(|k| result_column(&produced(k)))
+        .collect::<Option<Vec<_>>>()
+        // A result column named twice cannot be told apart by name, nor a grouping set's
+        // levels by their keys alone (a rolled-up NULL and a NULL value).
+        .filter(|outputs| {
+            !grouping_set && outputs.iter().collect::<HashSet<_>>().len() == outputs.len()
+        });
     let mut outputs = Vec::new();
     for (a, expr) in aggregate.aggr_expr.iter().enumerate() {
-        let produced = aggregate.schema.field(keys + a).name();
+        let produced = produced(keys + a);
         let function = match expr.clone().unalias_nested().data {
             Expr::AggregateFunction(f) => f.func.name().to_lowercase(),
             _ => continue,
         };
-        if let Some(column) = result_column(produced) {
+        if let Some(column) = result_column(&produced) {
             outputs.push(AggregateOutput {
                 aggregate: a,
                 column,
                 function,
-                state: produced.clone(),
+                state: produced.name,
             });
         }
     }

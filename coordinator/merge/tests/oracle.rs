@@ -212,3 +212,52 @@ async fn totals_rules_filter_small_totals_and_round_merged_counts() {
     );
     assert_same(sql, &got, &want, true);
 }
+
+/// `t.gender` and `p.gender` are both `gender` in the states; each key must come from its own
+/// column. The two agree on every joined row, so only the ROLLUP level that rolls up
+/// `p.gender` alone (NULL there, not `t.gender`) tells them apart.
+#[tokio::test]
+async fn keys_of_one_name_from_two_tables_keep_their_own_columns_through_a_rollup() {
+    let fed = federation().await;
+    let case = "CASE WHEN t.site_icd10_o2_3char IN ('D07', 'C93', 'C84') THEN 'A' ELSE 'other' END";
+    let query = |group_by: &str| {
+        format!(
+            "SELECT t.gender AS k0, {case} AS k1, p.gender AS k2, STDDEV_POP(t.age) AS a0, \
+             SUM(t.gleason_combined) AS a1 FROM sim_av_patient p JOIN sim_av_tumour t \
+             ON p.patientid = t.patientid GROUP BY {group_by}"
+        )
+    };
+    let sql = query(&format!("ROLLUP(t.gender, {case}, p.gender)"));
+    let got = federated(&fed, &sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let want = fed
+        .union
+        .sql(&sql)
+        .await
+        .expect("sql")
+        .collect()
+        .await
+        .expect("collect");
+    let want = concat_batches(&want[0].schema(), &want).expect("concat");
+    assert!(
+        want.num_rows() > 4,
+        "more than the grand total and one gender"
+    );
+    assert_same(&sql, &got, &want, false);
+    // Without the ROLLUP each key reaches the result under its own alias.
+    let plain = query(&format!("t.gender, {case}, p.gender"));
+    let prepared = fed.merger.prepare(&plain).await.expect("prepare");
+    assert_eq!(
+        prepared.key_outputs(),
+        Some(&["k0".to_string(), "k1".into(), "k2".into()][..])
+    );
+    // The ROLLUP's aggregates are found past its three keys and its grouping id.
+    let prepared = fed.merger.prepare(&sql).await.expect("prepare");
+    let outputs: Vec<_> = prepared
+        .aggregate_outputs()
+        .iter()
+        .map(|o| (o.column.as_str(), o.function.as_str()))
+        .collect();
+    assert_eq!(outputs, [("a0", "stddev_pop"), ("a1", "sum")]);
+}

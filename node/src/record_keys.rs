@@ -8,9 +8,9 @@
 //! sent: whoever knew them could tell which perturbation a cell got, and undo it.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{ErrorKind, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use arrow::array::AsArray;
@@ -21,6 +21,7 @@ use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
+use trustql_audit::{sync_dir, temp_path};
 use trustql_schemas::TrustSchema;
 
 use crate::engine::hex;
@@ -162,26 +163,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError {
         path,
         reason: e.to_string(),
     }
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    // Makes the link durable; only POSIX systems can open a directory to sync it.
-    #[cfg(unix)]
-    File::open(if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    })?
-    .sync_all()?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
 }
 
 /// The record key of every patient in the trust's data.

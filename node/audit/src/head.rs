@@ -7,13 +7,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{AuditError, HeadProblem};
+use crate::files::{sync_dir, temp_path};
 use crate::verify::Walk;
 
 /// File name of the sealed head inside the audit directory.
@@ -188,26 +189,6 @@ pub(crate) fn compare(sealed: &(u64, String), walk: &Walk) -> Result<(), HeadPro
         // sync and the head's replacement leaves: a record that was never acknowledged.
         interrupted: records == sealed_records + 1 && walk.last_prev.as_ref() == Some(sealed_head),
     })
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    // Makes a create or rename durable; only POSIX systems can open a directory to sync it.
-    #[cfg(unix)]
-    File::open(if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    })?
-    .sync_all()?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
 }
 
 fn to_hex(bytes: &[u8]) -> String {

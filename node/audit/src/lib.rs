@@ -11,12 +11,14 @@
 #![cfg_attr(not(test), deny(clippy::expect_used))]
 
 mod error;
+mod files;
 mod head;
 mod log;
 mod record;
 mod verify;
 
 pub use error::{AuditError, HeadProblem};
+pub use files::{sync_dir, temp_path};
 pub use head::{HEAD_FILE, HeadKey, KEY_FILE};
 pub use log::{AuditLog, LOG_FILE};
 pub use record::{AuditEntry, AuditRecord, Decision, GENESIS, TrustOutcome};

@@ -83,6 +83,29 @@ fn identifiers_dates_and_codes_are_classified() {
     }
 }
 
+/// The public Simulacrum value counts the synthetic generator is calibrated on (in the repository,
+/// a copy of /work/shared/reference/simulacrum/tumour_value_counts_v1.2.csv).
+const VALUE_COUNTS: &str = include_str!("../synth/data/tumour_value_counts_v1.2.csv");
+
+#[test]
+fn the_three_character_site_holds_exactly_the_published_sites() {
+    let schema = TrustSchema::cancer().expect("loads");
+    let tumour = schema.table("sim_av_tumour").expect("tumour");
+    let column = tumour.column("site_icd10_o2_3char").expect("site");
+    assert_eq!(column.code_set.as_deref(), Some("site_icd10_3char"));
+    let set = schema.code_set("site_icd10_3char").expect("site codes");
+    let listed: Vec<&str> = set.codes.iter().map(|c| c.code.as_str()).collect();
+    // `None` is how the counts write a null; every other value is a code.
+    let published: Vec<&str> = VALUE_COUNTS
+        .lines()
+        .filter_map(|line| line.strip_prefix("SITE_ICD10_O2_3CHAR,"))
+        .filter_map(|rest| rest.split(',').next())
+        .filter(|code| *code != "None")
+        .collect();
+    assert_eq!(published.len(), 115);
+    assert_eq!(listed, published);
+}
+
 #[test]
 fn every_table_reaches_the_patient() {
     let schema = TrustSchema::cancer().expect("loads");

@@ -99,7 +99,8 @@ impl Distributions {
                 .ok_or_else(|| SynthError::Schema(format!("code set `{name}` is missing")))
         };
         let non_null = |c: Categorical| c.filtered(|v| v.is_some());
-        let site = non_null(reference.marginal("SITE_ICD10_O2_3CHAR"));
+        let site =
+            non_null(reference.marginal_in("SITE_ICD10_O2_3CHAR", &codes("site_icd10_3char")?));
         let mut site4: HashMap<String, Vec<(Option<String>, u64)>> = HashMap::new();
         for (value, weight) in reference.marginal("SITE_ICD10_O2").weights() {
             if let Some(v) = value

@@ -63,7 +63,7 @@ fn rounded_floats(batch: &RecordBatch) -> RecordBatch {
                     .collect();
                 Arc::new(values) as ArrayRef
             }
-            _ => c.clone(),
+            _ => Arc::clone(c),
         })
         .collect();
     RecordBatch::try_new(batch.schema(), columns).expect("same schema")

@@ -157,7 +157,7 @@ impl SiteEngine {
 
 /// Appends a line to the ledger off the async threads (it fsyncs).
 async fn write(ledger: &Arc<Ledger>, charge: Charge) -> Result<(), NodeError> {
-    let ledger = ledger.clone();
+    let ledger = Arc::clone(ledger);
     tokio::task::spawn_blocking(move || ledger.charge(charge))
         .await
         .map_err(|_| NodeError::Budget("the ledger write did not finish".into()))??;

@@ -236,9 +236,7 @@ impl SiteEngine {
         started: tokio::time::Instant,
         deadline: tokio::time::Instant,
     ) -> Result<SiteAnswer, NodeError> {
-        let permit = self
-            .permits
-            .clone()
+        let permit = Arc::clone(&self.permits)
             .try_acquire_owned()
             .map_err(|_| NodeError::Busy)?;
         let policy = &self.policy.policy;
@@ -358,7 +356,7 @@ impl SiteEngine {
         let mut group_expr = aggregate.group_expr.clone();
         group_expr.push(Expr::Column(sdc.patient_key.clone()));
         let physical = self
-            .plan_aggregate(aggregate.input.clone(), group_expr, sums)
+            .plan_aggregate(Arc::clone(&aggregate.input), group_expr, sums)
             .await?;
         Ok(Contributions {
             batch: self.collect(physical, deadline).await?,
@@ -467,7 +465,7 @@ impl SiteEngine {
         );
         let physical = self
             .plan_aggregate(
-                aggregate.input.clone(),
+                Arc::clone(&aggregate.input),
                 aggregate.group_expr.clone(),
                 aggr_expr,
             )
@@ -531,7 +529,7 @@ impl SiteEngine {
         let batch = if execute {
             self.collect(plan, deadline).await?
         } else {
-            RecordBatch::new_empty(schema.clone())
+            RecordBatch::new_empty(Arc::clone(&schema))
         };
 
         let mut fields = Vec::with_capacity(batch.num_columns());
@@ -541,14 +539,14 @@ impl SiteEngine {
             let name = schema.field(index).name().clone();
             let array = batch.column(index);
             let (column, array) = match slot {
-                Slot::Key => (StateColumn::key(name), array.clone()),
-                Slot::GroupingId => (StateColumn::grouping_id(name), array.clone()),
-                Slot::Patients => (StateColumn::patients(PATIENTS_COLUMN), array.clone()),
+                Slot::Key => (StateColumn::key(name), Arc::clone(array)),
+                Slot::GroupingId => (StateColumn::grouping_id(name), Arc::clone(array)),
+                Slot::Patients => (StateColumn::patients(PATIENTS_COLUMN), Arc::clone(array)),
                 Slot::AggregatePatients(a) => {
-                    (StateColumn::aggregate_patients(name, a), array.clone())
+                    (StateColumn::aggregate_patients(name, a), Arc::clone(array))
                 }
-                Slot::CellKey(of) => (StateColumn::cell_key(name, of), array.clone()),
-                Slot::DistinctPatients(a) => (StateColumn::distinct(name, a), array.clone()),
+                Slot::CellKey(of) => (StateColumn::cell_key(name, of), Arc::clone(array)),
+                Slot::DistinctPatients(a) => (StateColumn::distinct(name, a), Arc::clone(array)),
                 Slot::Distinct(a) => (StateColumn::distinct(name, a), distinct_counts(array)?),
                 Slot::State {
                     aggregate,
@@ -557,7 +555,7 @@ impl SiteEngine {
                     let state = state_suffix(&name).to_string();
                     (
                         StateColumn::state(name, aggregate, function, state),
-                        array.clone(),
+                        Arc::clone(array),
                     )
                 }
             };
@@ -776,12 +774,12 @@ pub(crate) fn partial_reduce(
 ) -> Result<Arc<AggregateExec>, NodeError> {
     let mut partials = Vec::new();
     let mut aggregates = 0;
-    let mut stack = vec![plan.clone()];
+    let mut stack = vec![Arc::clone(plan)];
     while let Some(node) = stack.pop() {
         if let Some(agg) = node.downcast_ref::<AggregateExec>() {
             aggregates += 1;
             if *agg.mode() == AggregateMode::Partial {
-                partials.push(node.clone());
+                partials.push(Arc::clone(&node));
             }
         }
         stack.extend(node.children().into_iter().cloned());

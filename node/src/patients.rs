@@ -467,7 +467,7 @@ pub(crate) fn by_patient(
         .ok_or_else(|| DataFusionError::Internal("no patient count to partition by".into()))?;
     let input = partial.input();
     // DataFusion's own test, equal columns of an equi-join included.
-    let by_patient = Distribution::KeyPartitioned(vec![patient.clone()]);
+    let by_patient = Distribution::KeyPartitioned(vec![Arc::clone(&patient)]);
     let already = input.output_partitioning().satisfaction(
         &by_patient,
         input.equivalence_properties(),
@@ -477,7 +477,7 @@ pub(crate) fn by_patient(
         return Ok(Arc::new(partial.clone()));
     }
     let input = Arc::new(RepartitionExec::try_new(
-        partial.input().clone(),
+        Arc::clone(partial.input()),
         Partitioning::Hash(vec![patient], partitions.max(1)),
     )?);
     // The partitioning changes, so the plan's properties are computed again.
@@ -497,7 +497,7 @@ pub(crate) fn in_runs(
     let mut aggr_expr = Vec::with_capacity(partial.aggr_expr().len());
     for aggregate in partial.aggr_expr() {
         let Some(count) = aggregate.fun().inner().downcast_ref::<PatientCount>() else {
-            aggr_expr.push(aggregate.clone());
+            aggr_expr.push(Arc::clone(aggregate));
             continue;
         };
         let args = aggregate.expressions();
@@ -523,7 +523,7 @@ pub(crate) fn in_runs(
         partial.group_expr().clone(),
         aggr_expr,
         partial.filter_expr().to_vec(),
-        partial.input().clone(),
+        Arc::clone(partial.input()),
         partial.input_schema(),
     )?;
     Ok(Some(Arc::new(partial)))
@@ -554,7 +554,7 @@ mod tests {
         ]));
         let batch = |groups: Vec<&str>, ids: Vec<Option<i64>>| {
             RecordBatch::try_new(
-                schema.clone(),
+                Arc::clone(&schema),
                 vec![
                     Arc::new(StringArray::from(groups)),
                     Arc::new(Int64Array::from(ids)),
@@ -563,7 +563,7 @@ mod tests {
             .expect("batch")
         };
         let table = MemTable::try_new(
-            schema.clone(),
+            Arc::clone(&schema),
             vec![
                 vec![batch(
                     vec!["a", "a", "b", "b"],
@@ -598,12 +598,12 @@ mod tests {
             .expect("plan");
         let reduce = partial_reduce(&physical, 2, ordered).expect("reduce");
         // The reduce's input leads (through the coalesce) down to the partial aggregate.
-        let mut partial = reduce.input().clone();
+        let mut partial = Arc::clone(reduce.input());
         while !partial.is::<AggregateExec>() {
             partial = partial
                 .children()
                 .first()
-                .map(|&child| child.clone())
+                .map(|&child| Arc::clone(child))
                 .expect("the reduce is over the partial");
         }
         let batches = datafusion::physical_plan::collect(reduce, ctx.task_ctx())
@@ -850,11 +850,11 @@ mod tests {
         ]));
         let file = std::fs::File::create(path).expect("create");
         let mut writer =
-            datafusion::parquet::arrow::ArrowWriter::try_new(file, schema.clone(), None)
+            datafusion::parquet::arrow::ArrowWriter::try_new(file, Arc::clone(&schema), None)
                 .expect("writer");
         for rows in row_groups {
             let batch = RecordBatch::try_new(
-                schema.clone(),
+                Arc::clone(&schema),
                 vec![
                     Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
                     Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.1))),
@@ -942,7 +942,7 @@ mod tests {
 
     /// Whether the plan counts patients over runs.
     fn counts_in_runs(plan: &Arc<dyn ExecutionPlan>) -> bool {
-        let mut stack = vec![plan.clone()];
+        let mut stack = vec![Arc::clone(plan)];
         while let Some(node) = stack.pop() {
             let in_runs = |a: &Arc<AggregateFunctionExpr>| {
                 a.fun()
@@ -1140,7 +1140,7 @@ mod tests {
             vec![patient_count(None, None).call(vec![Expr::Column(Column::new(Some("u"), "p"))])],
         )
         .await;
-        let partial_input = partial.children()[0].clone();
+        let partial_input = Arc::clone(partial.children()[0]);
         let join = partial_input.downcast_ref::<HashJoinExec>();
         assert!(
             join.is_some_and(|j| *j.partition_mode() == PartitionMode::Partitioned),

@@ -65,7 +65,7 @@ impl NodeService {
         };
         log_outcome(&request, &outcome);
         let entry = self.entry(&request, &outcome);
-        let audit = self.audit.clone();
+        let audit = Arc::clone(&self.audit);
         let recorded = tokio::task::spawn_blocking(move || audit.append(entry))
             .await
             .map_err(|e| NodeError::Audit(e.to_string()))

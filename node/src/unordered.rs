@@ -85,7 +85,7 @@ impl ExecutionPlan for UnorderedExec {
         Ok(Arc::new(match options.children_properties {
             ChildrenPropertiesMode::Keep => UnorderedExec {
                 input,
-                properties: self.properties.clone(),
+                properties: Arc::clone(&self.properties),
             },
             ChildrenPropertiesMode::Recompute => UnorderedExec::new(input),
         }))
@@ -135,7 +135,7 @@ mod tests {
         let batch = |ids: Vec<i64>| {
             let groups = vec!["a"; ids.len()];
             RecordBatch::try_new(
-                schema.clone(),
+                Arc::clone(&schema),
                 vec![
                     Arc::new(StringArray::from(groups)),
                     Arc::new(Int64Array::from(ids)),
@@ -145,7 +145,7 @@ mod tests {
         };
         // Patients in both partitions, so each partition's partial has both groups.
         let table = MemTable::try_new(
-            schema.clone(),
+            Arc::clone(&schema),
             vec![vec![batch(vec![1, 2, 3])], vec![batch(vec![4, 5, 6])]],
         )
         .expect("table");

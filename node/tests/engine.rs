@@ -75,7 +75,7 @@ async fn finish(ctx: &SessionContext, sql: &str, states: RecordBatch) -> RecordB
         {
             break agg.clone();
         }
-        node = node.children()[0].clone();
+        node = Arc::clone(node.children()[0]);
     };
     let received = states
         .project(&(0..states.num_columns() - 1).collect::<Vec<_>>())

@@ -4,6 +4,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::{AsArray, RecordBatch};
@@ -305,10 +306,10 @@ async fn a_query_over_the_time_limit_fails_clearly_and_the_node_answers_the_next
         ..Limits::default()
     };
     let disclosure = format!("{}\n\n[query]\nmax_joins = 8", common::UNPROTECTED);
-    let site = std::sync::Arc::new(site(3_000, &disclosure, limits).await);
+    let site = Arc::new(site(3_000, &disclosure, limits).await);
 
     let slow = {
-        let site = site.clone();
+        let site = Arc::clone(&site);
         tokio::spawn(async move { raw_get(&site, ticket(&site, "slow", SLOW)).await })
     };
     // Time for the first request to connect, pass vetting and hold the only slot.

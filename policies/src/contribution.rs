@@ -130,7 +130,7 @@ pub fn bound_contributions(
 
     let mut max_rows: u64 = 1;
     let mut problem = None;
-    let input = Arc::unwrap_or_clone(aggregate.input.clone())
+    let input = Arc::unwrap_or_clone(Arc::clone(&aggregate.input))
         .transform_up(|node| match node {
             LogicalPlan::TableScan(scan) => match bound_scan(schema, rules, scan) {
                 Ok((plan, rows)) => {
@@ -316,7 +316,7 @@ fn clamp_argument(
     let mut params = params.clone();
     params.args = vec![clamped];
     let clamped = Expr::AggregateFunction(AggregateFunction {
-        func: func.clone(),
+        func: Arc::clone(func),
         params,
     });
     // Keep the researcher's name: the state columns are named after it, and the coordinator

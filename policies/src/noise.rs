@@ -211,7 +211,7 @@ fn complete(
         .map(|&k| SortField::new(batch.column(k).data_type().clone()))
         .collect();
     let converter = RowConverter::new(fields).map_err(arrow_error)?;
-    let present: Vec<ArrayRef> = keys.iter().map(|&k| batch.column(k).clone()).collect();
+    let present: Vec<ArrayRef> = keys.iter().map(|&k| Arc::clone(batch.column(k))).collect();
     let present = converter.convert_columns(&present).map_err(arrow_error)?;
     let all = converter.convert_columns(&grid).map_err(arrow_error)?;
     let in_domain: HashSet<&[u8]> = (0..all.num_rows()).map(|r| all.row(r).data()).collect();

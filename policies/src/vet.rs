@@ -6,6 +6,7 @@
 //! their count are checked on the optimised plan, where equalities have become join keys.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use datafusion::arrow::array::{Scalar, StringArray};
 use datafusion::arrow::compute::kernels::comparison;
@@ -133,7 +134,7 @@ pub fn vet_plan(
     optimized
         .apply(|node| {
             if let LogicalPlan::Aggregate(a) = node {
-                innermost = Some(a.input.clone());
+                innermost = Some(Arc::clone(&a.input));
             }
             Ok(TreeNodeRecursion::Continue)
         })
@@ -321,12 +322,12 @@ impl Vetter<'_> {
         plan.apply(|node| {
             // Join conditions read both sides; everything else reads its input.
             let schema = match node {
-                LogicalPlan::Join(join) => join.schema.clone(),
+                LogicalPlan::Join(join) => Arc::clone(&join.schema),
                 _ => node
                     .inputs()
                     .first()
-                    .map(|i| i.schema().clone())
-                    .unwrap_or_else(|| node.schema().clone()),
+                    .map(|i| Arc::clone(i.schema()))
+                    .unwrap_or_else(|| Arc::clone(node.schema())),
             };
             node.apply_expressions(|expr| {
                 expr.apply(|e| {

@@ -289,7 +289,7 @@ fn more_than_64_keys_is_a_refusal() {
     let b = batch(
         columns
             .iter()
-            .map(|(n, a)| (n.as_str(), a.clone()))
+            .map(|(n, a)| (n.as_str(), Arc::clone(a)))
             .collect(),
     );
     let mut roles = vec![key(); 65];

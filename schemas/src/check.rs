@@ -7,6 +7,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::cast;
@@ -314,7 +315,7 @@ fn check_table(
     };
 
     // Structure: names and types.
-    let file_schema = builder.schema().clone();
+    let file_schema = Arc::clone(builder.schema());
     let mut usable: HashMap<&str, usize> = HashMap::new();
     for column in &table.columns {
         match file_schema.index_of(&column.name) {

@@ -29,7 +29,7 @@ fn write_table(dir: &Path, table: &str, rows: usize, given: Vec<(&str, ArrayRef)
                 .unwrap_or_else(|| new_null_array(f.data_type(), rows))
         })
         .collect();
-    let batch = RecordBatch::try_new(arrow_schema.clone(), columns).expect("batch");
+    let batch = RecordBatch::try_new(Arc::clone(&arrow_schema), columns).expect("batch");
     write_batch(&dir.join(format!("{table}.parquet")), &batch);
 }
 

@@ -64,7 +64,7 @@ fn row_groups(path: &Path) -> Vec<Vec<Option<i64>>> {
             reader
                 .flat_map(|b| {
                     let b = b.expect("batch");
-                    let column = b.column_by_name("patientid").expect("patientid").clone();
+                    let column = Arc::clone(b.column_by_name("patientid").expect("patientid"));
                     let ids = column.as_primitive::<Int64Type>().clone();
                     (0..ids.len())
                         .map(|i| ids.is_valid(i).then(|| ids.value(i)))
@@ -143,7 +143,7 @@ fn tables_without_a_patient_column_end_groups_anywhere() {
         .position(|t| t.name == "sim_sact_cycle")
         .expect("cycle table");
     let batch = RecordBatch::try_new(
-        cycles.clone(),
+        Arc::clone(&cycles),
         cycles
             .fields()
             .iter()

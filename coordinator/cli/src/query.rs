@@ -150,7 +150,7 @@ fn with_noise_columns(
     let mut columns: Vec<ArrayRef> = Vec::new();
     for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
         fields.push(field.as_ref().clone());
-        columns.push(column.clone());
+        columns.push(Arc::clone(column));
         if let Some(noise) = coverage.noise.iter().find(|n| &n.column == field.name()) {
             fields.push(Field::new(
                 format!("{} ±95%", field.name()),

@@ -264,8 +264,8 @@ fn hammer_then_kill(
         let mut tasks = Vec::new();
         for worker in 0..3 {
             let mut client = client(site, addr).await;
-            let answered = answered.clone();
-            let signer = site.signer.clone();
+            let answered = Arc::clone(&answered);
+            let signer = Arc::clone(&site.signer);
             tasks.push(tokio::spawn(async move {
                 for n in 0.. {
                     let request = make(worker, n);

@@ -265,7 +265,7 @@ async fn a_hundred_researchers_at_once_get_right_answers_or_a_clear_busy() {
     let mut tasks = Vec::new();
     for (i, (_, token)) in researchers.iter().enumerate() {
         let (url, ca, token) = (url.clone(), ca.clone(), token.clone());
-        let (answered, busy) = (answered.clone(), busy.clone());
+        let (answered, busy) = (Arc::clone(&answered), Arc::clone(&busy));
         tasks.push(tokio::spawn(async move {
             let mut client = researcher(&url, &ca, &token).await;
             // (query index, answer) for each answer; the failures, in words.
@@ -369,7 +369,11 @@ async fn a_researcher_flooding_the_coordinator_does_not_starve_another() {
     let mut flood = Vec::new();
     for _ in 0..24 {
         let (url, ca, token) = (url.clone(), ca.clone(), researchers[0].1.clone());
-        let (stop, busy, answered) = (stop.clone(), flooder_busy.clone(), flooder_answered.clone());
+        let (stop, busy, answered) = (
+            Arc::clone(&stop),
+            Arc::clone(&flooder_busy),
+            Arc::clone(&flooder_answered),
+        );
         flood.push(tokio::spawn(async move {
             let mut client = researcher(&url, &ca, &token).await;
             let mut failures = Vec::new();
@@ -632,8 +636,8 @@ async fn relay(fed: &Federation, index: usize) -> (SocketAddr, Arc<AtomicU8>, Ar
     let seen = Arc::new(AtomicUsize::new(0));
     let service = Relay {
         upstream: FlightServiceClient::new(channel),
-        tamper: tamper.clone(),
-        seen: seen.clone(),
+        tamper: Arc::clone(&tamper),
+        seen: Arc::clone(&seen),
     };
     let incoming = TcpIncoming::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
     let addr = incoming.local_addr().expect("addr");
@@ -664,7 +668,7 @@ impl Proxy {
         let addr = listener.local_addr().expect("addr");
         let alive = Arc::new(AtomicBool::new(true));
         let (cut, cuts) = watch::channel(0u64);
-        let up = alive.clone();
+        let up = Arc::clone(&alive);
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if !up.load(Ordering::SeqCst) {

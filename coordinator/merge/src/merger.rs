@@ -142,14 +142,12 @@ impl Merger {
         states: Vec<RecordBatch>,
     ) -> Result<Vec<RecordBatch>, MergeError> {
         let source: Arc<dyn ExecutionPlan> =
-            MemorySourceConfig::try_new_exec(&[states], prepared.partial_schema.clone(), None)
+            MemorySourceConfig::try_new_exec(&[states], Arc::clone(&prepared.partial_schema), None)
                 .map_err(fault("could not hold the answers"))?;
-        let plan = prepared
-            .plan
-            .clone()
+        let plan = Arc::clone(&prepared.plan)
             .transform_up(|node| {
                 Ok(if Arc::ptr_eq(&node, &prepared.partial) {
-                    Transformed::yes(source.clone())
+                    Transformed::yes(Arc::clone(&source))
                 } else {
                     Transformed::no(node)
                 })
@@ -175,7 +173,7 @@ impl Prepared {
 
     /// The schema of the states every node's answer is conformed to (keys first).
     pub fn partial_schema(&self) -> SchemaRef {
-        self.partial_schema.clone()
+        Arc::clone(&self.partial_schema)
     }
 
     /// The result column of each GROUP BY key, in the order of the states' key columns (which
@@ -232,7 +230,7 @@ impl Prepared {
             };
             let array = site.batch.column(index);
             let array = if array.data_type() == field.data_type() {
-                array.clone()
+                Arc::clone(array)
             } else {
                 cast(array, field.data_type())
                     .map_err(|_| shape(format!("column {name} has the wrong type")))?
@@ -242,7 +240,7 @@ impl Prepared {
             }
             arrays.push(array);
         }
-        RecordBatch::try_new(self.partial_schema.clone(), arrays)
+        RecordBatch::try_new(Arc::clone(&self.partial_schema), arrays)
             .map_err(|_| shape("its columns do not fit together".into()))
     }
 }
@@ -411,17 +409,17 @@ fn zero_distinct_counts(
 
 fn single_partial(plan: &Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>, MergeError> {
     let mut partials = Vec::new();
-    let mut stack = vec![plan.clone()];
+    let mut stack = vec![Arc::clone(plan)];
     while let Some(node) = stack.pop() {
         if let Some(agg) = node.downcast_ref::<AggregateExec>()
             && *agg.mode() == AggregateMode::Partial
         {
-            partials.push(node.clone());
+            partials.push(Arc::clone(&node));
         }
         stack.extend(node.children().into_iter().cloned());
     }
     match partials.as_slice() {
-        [one] => Ok(one.clone()),
+        [one] => Ok(Arc::clone(one)),
         _ => Err(Refusal::new(
             Rule::Unsupported,
             "the query did not plan as a single two-phase aggregation (one GROUP BY level)",

@@ -148,7 +148,7 @@ impl Admission {
             if queue.running < self.max_running && queue.queued == 0 {
                 queue.running += 1;
                 return Ok(Turn {
-                    queue: self.queue.clone(),
+                    queue: Arc::clone(&self.queue),
                 });
             }
             if queue.queued >= self.max_queued {
@@ -177,7 +177,7 @@ impl Admission {
             Ok(Ok(())) => {
                 waiting.taken = true;
                 Ok(Turn {
-                    queue: self.queue.clone(),
+                    queue: Arc::clone(&self.queue),
                 })
             }
             // Timed out (or the queue went away): `waiting` leaves the queue as it drops.
@@ -206,7 +206,7 @@ mod tests {
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         let spawn = |who: &'static str, tasks: &mut Vec<tokio::task::JoinHandle<()>>| {
-            let (admission, order) = (admission.clone(), order.clone());
+            let (admission, order) = (Arc::clone(&admission), Arc::clone(&order));
             tasks.push(tokio::spawn(async move {
                 let _turn = admission.turn(who).await.expect("a turn");
                 order.lock().expect("order").push(who);

@@ -91,7 +91,7 @@ impl Coordinator {
         let links = config
             .nodes
             .iter()
-            .map(|n| NodeLink::new(n, &identity, signer.clone()))
+            .map(|n| NodeLink::new(n, &identity, Arc::clone(&signer)))
             .collect::<Result<Vec<_>, _>>()?;
         let audit = AuditLog::open(&config.audit_dir, &now_rfc3339())
             .map_err(|e| CoordinatorError::Config(format!("the coordinator's audit log: {e}")))?;
@@ -141,7 +141,7 @@ impl Coordinator {
         let mut statuses = Vec::new();
         let outcome = self.federate(caller, sql, &request_id, &mut statuses).await;
         let entry = audit_entry(caller, sql, &request_id, &outcome, statuses);
-        let audit = self.audit.clone();
+        let audit = Arc::clone(&self.audit);
         let recorded = tokio::task::spawn_blocking(move || audit.append(entry)).await;
         if !matches!(recorded, Ok(Ok(_))) {
             tracing::error!(id = %request_id, outcome = ?recorded.map(|r| r.map(|_| ())), "the audit record was not written");
@@ -354,7 +354,7 @@ impl Coordinator {
         );
         let batches = batches
             .into_iter()
-            .map(|b| b.with_schema(schema.clone()))
+            .map(|b| b.with_schema(Arc::clone(&schema)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| {
                 CoordinatorError::Merge(trustql_merge::MergeError::Engine(
@@ -434,7 +434,7 @@ impl Coordinator {
             });
         }
         for entry in entries {
-            let audit = self.audit.clone();
+            let audit = Arc::clone(&self.audit);
             let recorded = tokio::task::spawn_blocking(move || audit.append(entry)).await;
             if !matches!(recorded, Ok(Ok(_))) {
                 tracing::error!(call, "the record of a refused call was not written");

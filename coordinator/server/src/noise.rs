@@ -7,6 +7,7 @@
 //! count and the noise of the trusts that have the group.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::compute::{cast, concat_batches};
@@ -252,7 +253,7 @@ fn shares(
             n.as_primitive::<Float64Type>(),
             means.as_primitive::<Float64Type>(),
         );
-        let state_keys: Vec<ArrayRef> = (0..keys).map(|k| states.column(k).clone()).collect();
+        let state_keys: Vec<ArrayRef> = (0..keys).map(|k| Arc::clone(states.column(k))).collect();
         let Some(state_rows) = rows(converter, &state_keys, states.num_rows()) else {
             continue;
         };

@@ -75,7 +75,7 @@ pub(super) fn perturbed(
         let aggregate = answer.columns[index].aggregate;
         let released = match role {
             Role::AggregatePatients | Role::CellKey => continue,
-            Role::Key | Role::GroupingId | Role::Other => column.clone(),
+            Role::Key | Role::GroupingId | Role::Other => Arc::clone(column),
             Role::Patients => counts(batch, index, &group, tables)?,
             Role::Count | Role::Moment(Moment::Count) => {
                 counts(batch, index, keys_of(aggregate), tables)?

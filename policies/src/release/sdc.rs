@@ -271,7 +271,7 @@ fn top_contributions(
         .map(|(k, &i)| cast(rows.column(k), batch.column(i).data_type()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| internal("contribution keys do not match the answer's"))?;
-    let answer_keys: Vec<ArrayRef> = keys.iter().map(|&i| batch.column(i).clone()).collect();
+    let answer_keys: Vec<ArrayRef> = keys.iter().map(|&i| Arc::clone(batch.column(i))).collect();
     let (answer_rows, contribution_rows) = (
         group_codes(&answer_keys, batch.num_rows())?,
         group_codes(&contribution_keys, rows.num_rows())?,
@@ -440,7 +440,7 @@ fn rounded_release(
                     .map_err(|_| internal("could not restore a count's type"))?;
                 columns.push(rounded);
             }
-            _ => columns.push(column.clone()),
+            _ => columns.push(Arc::clone(column)),
         }
         fields.push(batch.schema().field(index).clone());
     }

@@ -14,6 +14,7 @@ mod values;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use trustql_schemas::{
@@ -356,7 +357,7 @@ fn import_table(
                     }
                 })?);
             }
-            let batch = RecordBatch::try_new(schema.clone(), arrays)
+            let batch = RecordBatch::try_new(Arc::clone(&schema), arrays)
                 .map_err(|e| ImportError::Config(e.to_string()))?;
             write(trust, &batch)?;
         }

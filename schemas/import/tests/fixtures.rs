@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::concat_batches;
@@ -223,7 +224,7 @@ fn write_fixtures(dir: &Path) {
 fn read(path: &Path) -> RecordBatch {
     let builder =
         ParquetRecordBatchReaderBuilder::try_new(File::open(path).expect("open")).expect("pq");
-    let schema = builder.schema().clone();
+    let schema = Arc::clone(builder.schema());
     let batches: Vec<RecordBatch> = builder
         .build()
         .expect("reader")

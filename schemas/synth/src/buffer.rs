@@ -1,5 +1,7 @@
 //! Row-at-a-time column buffers that turn into Arrow record batches.
 
+use std::sync::Arc;
+
 use arrow::array::{
     ArrayBuilder, ArrayRef, Date32Builder, Float64Builder, Int64Builder, RecordBatch, StringBuilder,
 };
@@ -138,7 +140,7 @@ impl TableBuffer {
                 ColumnBuffer::Float64(b) => ArrayBuilder::finish(b),
             })
             .collect();
-        RecordBatch::try_new(self.schema.clone(), arrays)
+        RecordBatch::try_new(Arc::clone(&self.schema), arrays)
             .map_err(|e| SynthError::Encode(e.to_string()))
     }
 }

@@ -20,6 +20,7 @@ mod pathway;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use rand::{Rng, SeedableRng};
@@ -215,7 +216,7 @@ impl Work<'_> {
             .map(|_| {
                 self.schemas
                     .iter()
-                    .map(|s| TableBuffer::new(s.clone()))
+                    .map(|s| TableBuffer::new(Arc::clone(s)))
                     .collect::<Result<_, _>>()
             })
             .collect::<Result<_, _>>()?;

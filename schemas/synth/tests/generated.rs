@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::compute::concat_batches;
@@ -42,7 +42,7 @@ fn federation() -> &'static Path {
 fn read(dir: &Path, table: &str) -> RecordBatch {
     let file = File::open(dir.join(format!("{table}.parquet"))).expect("open");
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).expect("parquet");
-    let schema = builder.schema().clone();
+    let schema = Arc::clone(builder.schema());
     let batches: Vec<RecordBatch> = builder
         .build()
         .expect("reader")

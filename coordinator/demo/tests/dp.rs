@@ -164,11 +164,39 @@ async fn noisy_answers_are_near_the_truth_and_say_how_noisy() {
 }
 
 #[tokio::test]
-async fn non_public_keys_are_thresholded_and_ordered_after_merging() {
+async fn every_three_character_site_is_released_with_noise_and_no_delta() {
     let fed = federation().await;
     let mut client = client(&fed).await;
     let sql = "SELECT site_icd10_o2_3char AS site, COUNT(*) AS tumours FROM sim_av_tumour \
-               GROUP BY site_icd10_o2_3char ORDER BY tumours DESC LIMIT 5";
+               GROUP BY site_icd10_o2_3char ORDER BY site";
+    let result = client.query(sql).await.expect("answered");
+    let coverage = result.coverage.expect("coverage");
+    let sites = trustql_schemas::TrustSchema::cancer()
+        .expect("schema")
+        .code_set("site_icd10_3char")
+        .expect("the site has a public code set")
+        .codes
+        .len();
+    for t in &coverage.trusts {
+        let dp = t.dp.as_ref().expect("dp");
+        assert!(dp.threshold.is_none(), "public groups need no threshold");
+        assert_eq!(dp.delta_charged, 0.0);
+        assert_eq!(t.released, Some(sites + 1), "every code and the null group");
+    }
+    let got = by_key(&one(&result), 1);
+    assert_eq!(got.len(), sites + 1);
+    for site in by_key(&exact(&fed, sql).await, 1).keys() {
+        assert!(got.contains_key(site), "site {site} occurs and must be released");
+    }
+}
+
+#[tokio::test]
+async fn non_public_keys_are_thresholded_and_ordered_after_merging() {
+    let fed = federation().await;
+    let mut client = client(&fed).await;
+    // The four-character site has no public code set: groups are chosen by a noisy threshold.
+    let sql = "SELECT site_icd10_o2 AS site, COUNT(*) AS tumours FROM sim_av_tumour \
+               GROUP BY site_icd10_o2 ORDER BY tumours DESC LIMIT 5";
     let result = client.query(sql).await.expect("answered");
     let got = one(&result);
     let coverage = result.coverage.expect("coverage");

@@ -170,7 +170,7 @@ async fn every_three_character_site_is_released_with_noise_and_no_delta() {
     let sql = "SELECT site_icd10_o2_3char AS site, COUNT(*) AS tumours FROM sim_av_tumour \
                GROUP BY site_icd10_o2_3char ORDER BY site";
     let result = client.query(sql).await.expect("answered");
-    let coverage = result.coverage.expect("coverage");
+    let coverage = result.coverage.clone().expect("coverage");
     let sites = trustql_schemas::TrustSchema::cancer()
         .expect("schema")
         .code_set("site_icd10_3char")
@@ -186,7 +186,10 @@ async fn every_three_character_site_is_released_with_noise_and_no_delta() {
     let got = by_key(&one(&result), 1);
     assert_eq!(got.len(), sites + 1);
     for site in by_key(&exact(&fed, sql).await, 1).keys() {
-        assert!(got.contains_key(site), "site {site} occurs and must be released");
+        assert!(
+            got.contains_key(site),
+            "site {site} occurs and must be released"
+        );
     }
 }
 

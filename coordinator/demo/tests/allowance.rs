@@ -2,17 +2,10 @@
 //! The coverage report says what is left at each trust; a repeat is not counted; once the
 //! allowance is spent the query is refused clearly, saying when it resets.
 
-use trustql_client::Client;
-use trustql_demo::{DemoOptions, Federation, PROJECT, launch};
+use trustql_demo::{DemoOptions, launch};
 use trustql_policies::QueryAllowance;
 use trustql_protocol::{AllowanceLeft, Coverage, TrustStatus};
-
-async fn client(fed: &Federation) -> Client {
-    let ca = std::fs::read(&fed.info.ca).expect("ca");
-    Client::connect(&fed.info.url, Some(&ca), &fed.info.token, Some(PROJECT))
-        .await
-        .expect("connect")
-}
+use trustql_testkit::federation::client;
 
 fn lefts(coverage: &Coverage) -> Vec<Option<AllowanceLeft>> {
     coverage.trusts.iter().map(|t| t.allowance).collect()

@@ -4,19 +4,15 @@
 //! default), each answer checked against the trusts' own Parquet, so a test fails if an attack
 //! recovers an exact count.
 
-// Only the union oracle of the shared panel is used here.
-#[allow(dead_code)]
-#[path = "../../merge/tests/panel/mod.rs"]
-mod panel;
-
 use std::collections::HashMap;
 
-use arrow::array::{AsArray, RecordBatch};
+use arrow::array::AsArray;
 use arrow::compute::{cast, concat_batches};
-use arrow::datatypes::{DataType, Float64Type, Int64Type};
+use arrow::datatypes::{DataType, Int64Type};
 use datafusion::prelude::SessionContext;
-use trustql_client::{Client, QueryResult};
-use trustql_demo::{DemoOptions, Federation, PROJECT, launch};
+use trustql_demo::{DemoOptions, Federation, launch};
+use trustql_testkit::federation::{at_trust, central, client, floats, one, texts};
+use trustql_testkit::oracle;
 
 async fn protected() -> Federation {
     launch(&DemoOptions {
@@ -31,40 +27,13 @@ async fn protected() -> Federation {
     .expect("launch")
 }
 
-async fn client(fed: &Federation) -> Client {
-    let ca = std::fs::read(&fed.info.ca).expect("ca");
-    Client::connect(&fed.info.url, Some(&ca), &fed.info.token, Some(PROJECT))
-        .await
-        .expect("connect")
-}
-
-fn one(result: &QueryResult) -> RecordBatch {
-    concat_batches(&result.schema, &result.batches).expect("concat")
-}
-
-fn texts(batch: &RecordBatch, column: usize) -> Vec<String> {
-    let text = cast(batch.column(column), &DataType::Utf8).expect("cast");
-    text.as_string::<i32>()
-        .iter()
-        .map(|v| v.unwrap_or("null").to_string())
-        .collect()
-}
-
-fn floats(batch: &RecordBatch, column: usize) -> Vec<Option<f64>> {
-    let values = cast(batch.column(column), &DataType::Float64).expect("cast");
-    values.as_primitive::<Float64Type>().iter().collect()
-}
-
 /// Exact tumour counts per site over the union of the trusts' Parquet: the ground truth.
 async fn exact_counts(central: &SessionContext) -> HashMap<String, i64> {
-    let batches = central
-        .sql("SELECT site_icd10_o2_3char, COUNT(*) FROM sim_av_tumour GROUP BY 1")
-        .await
-        .expect("sql")
-        .collect()
-        .await
-        .expect("collect");
-    let batch = concat_batches(&batches[0].schema(), &batches).expect("concat");
+    let batch = oracle::run(
+        central,
+        "SELECT site_icd10_o2_3char, COUNT(*) FROM sim_av_tumour GROUP BY 1",
+    )
+    .await;
     let counts = cast(batch.column(1), &DataType::Int64).expect("cast");
     texts(&batch, 0)
         .into_iter()
@@ -77,7 +46,7 @@ async fn exact_counts(central: &SessionContext) -> HashMap<String, i64> {
 async fn no_attack_recovers_an_exact_count_through_the_federation() {
     let fed = protected().await;
     let mut client = client(&fed).await;
-    let central = panel::union(&fed.info.data_dir, &fed.info.trusts).await;
+    let central = central(&fed).await;
     let exact = exact_counts(&central).await;
 
     // Class 1: SUM / AVG of the same column gives AVG's count, which must be rounded too.
@@ -183,7 +152,7 @@ async fn no_attack_recovers_an_exact_count_through_the_federation() {
 
 /// Distinct tumour ages at one trust, from its own Parquet.
 async fn ages_at(fed: &Federation, trust: &str) -> Vec<i64> {
-    let site = panel::union(&fed.info.data_dir, &[trust.to_string()]).await;
+    let site = at_trust(fed, trust).await;
     let batches = site
         .sql("SELECT DISTINCT age FROM sim_av_tumour WHERE age IS NOT NULL")
         .await
@@ -255,7 +224,7 @@ async fn a_runtime_error_does_not_tell_which_trust_holds_a_row() {
         assert_eq!(shapes[0], shapes[1], "{template}");
     }
     // The answer is the union's over every row that does not fail.
-    let central = panel::union(&fed.info.data_dir, &fed.info.trusts).await;
+    let central = central(&fed).await;
     let sql = format!("SELECT SUM(600 / (age - {target})) FROM sim_av_tumour");
     let answered = one(&client.query(&sql).await.expect("answered"));
     let exact = central

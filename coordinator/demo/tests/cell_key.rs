@@ -4,19 +4,13 @@
 //! over its AVG no longer gives the exact count, the same patients give the same numbers
 //! however the query is worded, and totals are perturbed, not rounded.
 
-// Only the union oracle of the shared panel is used here.
-#[allow(dead_code)]
-#[path = "../../merge/tests/panel/mod.rs"]
-mod panel;
-
 use std::collections::{BTreeMap, HashMap};
 
-use arrow::array::{AsArray, RecordBatch};
-use arrow::compute::{cast, concat_batches};
-use arrow::datatypes::{DataType, Float64Type};
+use arrow::array::RecordBatch;
 use datafusion::prelude::SessionContext;
-use trustql_client::{Client, QueryResult};
-use trustql_demo::{DemoOptions, Federation, PROJECT, launch};
+use trustql_demo::{DemoOptions, Federation, launch};
+use trustql_testkit::federation::{at_trust, central, client, floats, one, texts};
+use trustql_testkit::oracle;
 
 /// The count table's largest adjustment at each trust (the policy default, D = 3).
 const MAX_ADJUSTMENT: f64 = 3.0;
@@ -38,30 +32,6 @@ async fn federation() -> Federation {
     .expect("launch")
 }
 
-async fn client(fed: &Federation) -> Client {
-    let ca = std::fs::read(&fed.info.ca).expect("ca");
-    Client::connect(&fed.info.url, Some(&ca), &fed.info.token, Some(PROJECT))
-        .await
-        .expect("connect")
-}
-
-fn one(result: &QueryResult) -> RecordBatch {
-    concat_batches(&result.schema, &result.batches).expect("concat")
-}
-
-fn texts(batch: &RecordBatch, column: usize) -> Vec<String> {
-    let text = cast(batch.column(column), &DataType::Utf8).expect("cast");
-    text.as_string::<i32>()
-        .iter()
-        .map(|v| v.unwrap_or("null").to_string())
-        .collect()
-}
-
-fn floats(batch: &RecordBatch, column: usize) -> Vec<Option<f64>> {
-    let values = cast(batch.column(column), &DataType::Float64).expect("cast");
-    values.as_primitive::<Float64Type>().iter().collect()
-}
-
 /// Rows by their first column's text, every other column as numbers.
 fn by_key(batch: &RecordBatch) -> BTreeMap<String, Vec<Option<f64>>> {
     let columns: Vec<Vec<Option<f64>>> =
@@ -74,21 +44,14 @@ fn by_key(batch: &RecordBatch) -> BTreeMap<String, Vec<Option<f64>>> {
 }
 
 async fn truth(ctx: &SessionContext, sql: &str) -> BTreeMap<String, Vec<Option<f64>>> {
-    let batches = ctx
-        .sql(sql)
-        .await
-        .expect("sql")
-        .collect()
-        .await
-        .expect("collect");
-    by_key(&concat_batches(&batches[0].schema(), &batches).expect("concat"))
+    by_key(&oracle::run(ctx, sql).await)
 }
 
 /// Each trust's exact figures for `sql` (grouped by its first column), from its own Parquet.
 async fn per_trust(fed: &Federation, sql: &str) -> Vec<BTreeMap<String, Vec<Option<f64>>>> {
     let mut all = Vec::new();
     for trust in &fed.info.trusts {
-        let ctx = panel::union(&fed.info.data_dir, std::slice::from_ref(trust)).await;
+        let ctx = at_trust(fed, trust).await;
         all.push(truth(&ctx, sql).await);
     }
     all
@@ -199,7 +162,7 @@ async fn sum_of_one_is_refused_and_sum_over_avg_no_longer_gives_the_exact_count(
 async fn the_same_patients_give_the_same_answer_however_the_query_is_worded() {
     let fed = federation().await;
     let mut client = client(&fed).await;
-    let central = panel::union(&fed.info.data_dir, &fed.info.trusts).await;
+    let central = central(&fed).await;
     // The reordered wordings add `age >= 0`, which must keep every stage-4 tumour for them
     // to count the same patients.
     let dropped = truth(
@@ -282,7 +245,7 @@ async fn the_coverage_says_cell_key_and_totals_are_not_rounded() {
     );
 
     // Within each trust's bound of the exact totals, where every trust released the cell.
-    let central = panel::union(&fed.info.data_dir, &fed.info.trusts).await;
+    let central = central(&fed).await;
     let sql = "SELECT concat(site_icd10_o2_3char, '/', stage_best), COUNT(*), \
                COUNT(DISTINCT patientid) FROM sim_av_tumour \
                WHERE site_icd10_o2_3char IN ('C18', 'C34', 'C50', 'C61') GROUP BY 1";

@@ -1,18 +1,16 @@
 //! Differential privacy end to end: nodes add noise and charge their ledgers, the coordinator
 //! merges noisy states and reports the noise, a researcher chooses ε or previews the cost.
 
-#[path = "../../merge/tests/panel/mod.rs"]
-#[allow(dead_code)]
-mod panel;
-
 use std::collections::HashMap;
 
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::compute::{cast, concat_batches};
+use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
-use trustql_client::{Client, QueryResult};
-use trustql_demo::{DemoDp, DemoOptions, Federation, PROJECT, launch};
+use trustql_client::QueryResult;
+use trustql_demo::{DemoDp, DemoOptions, Federation, launch};
 use trustql_protocol::TrustStatus;
+use trustql_testkit::federation::{central, client, one};
+use trustql_testkit::oracle;
 
 async fn federation() -> Federation {
     launch(&DemoOptions {
@@ -28,17 +26,6 @@ async fn federation() -> Federation {
     })
     .await
     .expect("launch")
-}
-
-async fn client(fed: &Federation) -> Client {
-    let ca = std::fs::read(&fed.info.ca).expect("ca");
-    Client::connect(&fed.info.url, Some(&ca), &fed.info.token, Some(PROJECT))
-        .await
-        .expect("connect")
-}
-
-fn one(result: &QueryResult) -> RecordBatch {
-    concat_batches(&result.schema, &result.batches).expect("concat")
 }
 
 /// Column 0 as text → column `value` as f64.
@@ -60,15 +47,7 @@ fn by_key(batch: &RecordBatch, value: usize) -> HashMap<String, f64> {
 }
 
 async fn exact(fed: &Federation, sql: &str) -> RecordBatch {
-    let ctx = panel::union(&fed.info.data_dir, &fed.info.trusts).await;
-    let batches = ctx
-        .sql(sql)
-        .await
-        .expect("sql")
-        .collect()
-        .await
-        .expect("run");
-    concat_batches(&batches[0].schema(), &batches).expect("concat")
+    oracle::run(&central(fed).await, sql).await
 }
 
 #[tokio::test]

@@ -1,13 +1,8 @@
 //! End to end on loopback: real nodes behind mutual TLS, a real coordinator, a real Flight
 //! SQL client with a bearer token.
 
-#[path = "../../merge/tests/panel/mod.rs"]
-mod panel;
-
 use std::time::{Duration, Instant};
 
-use arrow::compute::concat_batches;
-use datafusion::prelude::SessionContext;
 use trustql_client::{Client, QueryResult};
 use trustql_coordinator::{
     CoordinatorConfig, NodeEntry, Quorum, ResearcherEntry, TlsFiles, token_hash,
@@ -15,13 +10,8 @@ use trustql_coordinator::{
 use trustql_demo::{DemoOptions, Federation, PROJECT, RESEARCHER, launch};
 use trustql_protocol::TrustStatus;
 use trustql_schemas::TrustSchema;
-
-async fn client(fed: &Federation) -> Client {
-    let ca = std::fs::read(&fed.info.ca).expect("ca");
-    Client::connect(&fed.info.url, Some(&ca), &fed.info.token, Some(PROJECT))
-        .await
-        .expect("connect")
-}
+use trustql_testkit::federation::{central, client, one};
+use trustql_testkit::oracle;
 
 fn options(unprotected: bool) -> DemoOptions {
     DemoOptions {
@@ -43,34 +33,19 @@ fn rounded() -> DemoOptions {
     }
 }
 
-async fn union(fed: &Federation) -> SessionContext {
-    panel::union(&fed.info.data_dir, &fed.info.trusts).await
-}
-
-fn one(result: &QueryResult) -> arrow::array::RecordBatch {
-    concat_batches(&result.schema, &result.batches).expect("concat")
-}
-
 #[tokio::test]
 async fn the_panel_through_the_coordinator_equals_one_process_over_the_union() {
     let fed = launch(&options(true)).await.expect("launch");
     let mut client = client(&fed).await;
-    let central = union(&fed).await;
-    for sql in panel::PANEL {
+    let central = central(&fed).await;
+    for sql in oracle::PANEL {
         let result = client
             .query(sql)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
         let got = one(&result);
-        let want = central
-            .sql(sql)
-            .await
-            .expect("sql")
-            .collect()
-            .await
-            .expect("collect");
-        let want = concat_batches(&want[0].schema(), &want).expect("concat");
-        panel::assert_same(sql, &got, &want, sql.contains("ORDER BY"));
+        let want = oracle::run(&central, sql).await;
+        oracle::assert_same(sql, &got, &want, sql.contains("ORDER BY"));
         let coverage = result.coverage.expect("coverage travels with every answer");
         assert!(coverage.complete, "{sql}: {coverage}");
         assert_eq!(coverage.trusts.len(), 3);
@@ -86,7 +61,7 @@ async fn the_panel_through_the_coordinator_equals_one_process_over_the_union() {
         let verified = trustql_audit_records(audit);
         assert_eq!(
             verified,
-            panel::PANEL.len() + 1,
+            oracle::PANEL.len() + 1,
             "start record plus one per query"
         );
     }

@@ -15,10 +15,6 @@
 //! the time of each property (default 30) and `TRUSTQL_FUZZ_QUERIES` the number of queries
 //! (default 400). The time only decides how many queries run; it is never asserted.
 
-#[path = "../../merge/tests/panel/mod.rs"]
-#[allow(dead_code)]
-mod panel;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -27,8 +23,9 @@ use arrow::compute::{cast, concat_batches};
 use arrow::datatypes::{DataType, Float64Type};
 use datafusion::prelude::SessionContext;
 use trustql_client::{Client, QueryResult};
-use trustql_demo::{DemoOptions, Federation, PROJECT, launch};
+use trustql_demo::{DemoOptions, Federation, launch};
 use trustql_protocol::{COVERAGE_META_KEY, Coverage, TrustStatus};
+use trustql_testkit::federation::{at_trust, central, client, one};
 
 /// The demo's `--rounding` policy (`write_policy` in the demo) and its coordinator's totals
 /// rules.
@@ -58,13 +55,6 @@ fn options(unprotected: bool) -> DemoOptions {
         node_deadline_ms: 20_000,
         ..DemoOptions::default()
     }
-}
-
-async fn client(fed: &Federation) -> Client {
-    let ca = std::fs::read(&fed.info.ca).expect("ca");
-    Client::connect(&fed.info.url, Some(&ca), &fed.info.token, Some(PROJECT))
-        .await
-        .expect("connect")
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -115,14 +105,10 @@ async fn collect(ctx: &SessionContext, sql: &str) -> Result<RecordBatch, String>
 async fn trust_contexts(fed: &Federation) -> Vec<(String, SessionContext)> {
     let mut trusts = Vec::new();
     for trust in &fed.info.trusts {
-        let ctx = panel::union(&fed.info.data_dir, std::slice::from_ref(trust)).await;
+        let ctx = at_trust(fed, trust).await;
         trusts.push((trust.clone(), ctx));
     }
     trusts
-}
-
-fn one(result: &QueryResult) -> RecordBatch {
-    concat_batches(&result.schema, &result.batches).expect("concat")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -959,7 +945,7 @@ async fn unprotected_random_queries_equal_one_process_over_the_union() {
     eprintln!("fuzz (unprotected): TRUSTQL_FUZZ_SEED={seed}");
     let fed = launch(&options(true)).await.expect("launch");
     let mut client = client(&fed).await;
-    let union = panel::union(&fed.info.data_dir, &fed.info.trusts).await;
+    let union = central(&fed).await;
     let trusts = trust_contexts(&fed).await;
     let mut generator = Generator {
         rng: Rng(seed ^ 0x756e_7072),
@@ -1271,7 +1257,7 @@ async fn protected_random_queries_release_only_what_the_policy_allows() {
     eprintln!("fuzz (protected): TRUSTQL_FUZZ_SEED={seed}");
     let fed = launch(&options(false)).await.expect("launch");
     let mut client = client(&fed).await;
-    let union = panel::union(&fed.info.data_dir, &fed.info.trusts).await;
+    let union = central(&fed).await;
     let trusts = trust_contexts(&fed).await;
     let mut generator = Generator {
         rng: Rng(seed ^ 0x7364_6321),

@@ -8,10 +8,6 @@
 //! The load runs for at most `TRUSTQL_LOAD_SECONDS` (default 20) of issuing queries; nothing
 //! here asserts how fast anything is, only that every call ends within a bound and how.
 
-#[path = "../../merge/tests/panel/mod.rs"]
-#[allow(dead_code)]
-mod panel;
-
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -46,6 +42,7 @@ use trustql_coordinator::{
 use trustql_demo::{COLLEAGUE, DemoOptions, Federation, PROJECT, RESEARCHER, launch};
 use trustql_protocol::Coverage;
 use trustql_schemas::TrustSchema;
+use trustql_testkit::oracle;
 
 /// Researchers querying at once.
 const RESEARCHERS: usize = 100;
@@ -223,15 +220,7 @@ fn is_busy(s: &Status) -> bool {
 
 /// The right answers, from one DataFusion session over the trusts' Parquet.
 async fn central(fed: &Federation, trusts: &[String], sql: &str) -> RecordBatch {
-    let ctx = panel::union(&fed.info.data_dir, trusts).await;
-    let batches = ctx
-        .sql(sql)
-        .await
-        .expect("sql")
-        .collect()
-        .await
-        .expect("collect");
-    concat_batches(&batches[0].schema(), &batches).expect("concat")
+    oracle::run(&oracle::union(&fed.info.data_dir, trusts).await, sql).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,7 +297,7 @@ async fn a_hundred_researchers_at_once_get_right_answers_or_a_clear_busy() {
         let (got, failed) = task.await.expect("a researcher's task panicked");
         failures.extend(failed);
         for (q, answer) in got {
-            panel::assert_same(LOAD_QUERIES[q], &answer.batch, &want[q], false);
+            oracle::assert_same(LOAD_QUERIES[q], &answer.batch, &want[q], false);
             assert!(answer.coverage.complete, "{}", answer.coverage);
             answers += 1;
         }
@@ -337,7 +326,7 @@ async fn a_hundred_researchers_at_once_get_right_answers_or_a_clear_busy() {
     let answer = ask(&mut next, LOAD_QUERIES[0])
         .await
         .expect("the next query is answered");
-    panel::assert_same(LOAD_QUERIES[0], &answer.batch, &want[0], false);
+    oracle::assert_same(LOAD_QUERIES[0], &answer.batch, &want[0], false);
     assert!(answer.coverage.complete, "{}", answer.coverage);
 }
 
@@ -409,7 +398,7 @@ async fn a_researcher_flooding_the_coordinator_does_not_starve_another() {
         let answer = ask(&mut other, sql)
             .await
             .expect("the other researcher is answered while the flooder is busy");
-        panel::assert_same(sql, &answer.batch, &want, false);
+        oracle::assert_same(sql, &answer.batch, &want, false);
         assert!(answer.coverage.complete, "{}", answer.coverage);
     }
     let busy_during = flooder_busy.load(Ordering::Relaxed) - busy_before;
@@ -746,14 +735,14 @@ async fn a_node_killed_slowed_or_answering_garbage_mid_query_leaves_a_partial_an
 
     // Through the relay, untouched: the full answer.
     let answer = complete_again(&mut client, sql).await;
-    panel::assert_same(sql, &answer.batch, &all, false);
+    oracle::assert_same(sql, &answer.batch, &all, false);
 
     let partial = |what: &str, answer: &Answer| {
         let coverage = &answer.coverage;
         assert!(!coverage.complete, "{what}: {coverage}");
         assert_eq!(coverage.trusts.len(), 3, "{what}: {coverage}");
         // The result covers the two trusts that answered, and nothing of the third.
-        panel::assert_same(&format!("{what}: {sql}"), &answer.batch, &two, false);
+        oracle::assert_same(&format!("{what}: {sql}"), &answer.batch, &two, false);
     };
 
     for (what, how) in [
@@ -770,7 +759,7 @@ async fn a_node_killed_slowed_or_answering_garbage_mid_query_leaves_a_partial_an
         partial(what, &answer);
         tamper.store(Tamper::None as u8, Ordering::SeqCst);
         let answer = complete_again(&mut client, sql).await;
-        panel::assert_same(sql, &answer.batch, &all, false);
+        oracle::assert_same(sql, &answer.batch, &all, false);
     }
 
     // Slowed past the deadline.
@@ -786,7 +775,7 @@ async fn a_node_killed_slowed_or_answering_garbage_mid_query_leaves_a_partial_an
     partial("a node slowed past the deadline", &answer);
     tamper.store(Tamper::None as u8, Ordering::SeqCst);
     let answer = complete_again(&mut client, sql).await;
-    panel::assert_same(sql, &answer.batch, &all, false);
+    oracle::assert_same(sql, &answer.batch, &all, false);
 
     // Killed while it holds the query: every connection drops and no new one is taken.
     tamper.store(Tamper::Stall as u8, Ordering::SeqCst);
@@ -815,5 +804,5 @@ async fn a_node_killed_slowed_or_answering_garbage_mid_query_leaves_a_partial_an
     tamper.store(Tamper::None as u8, Ordering::SeqCst);
     proxy.revive();
     let answer = complete_again(&mut client, sql).await;
-    panel::assert_same(sql, &answer.batch, &all, false);
+    oracle::assert_same(sql, &answer.batch, &all, false);
 }

@@ -12,11 +12,9 @@ use trustql_policies::{approve, load_approved};
 use trustql_protocol::SiteRequest;
 use trustql_schemas::{TrustSchema, trust_codes};
 use trustql_synth::{SynthConfig, generate};
+use trustql_testkit::oracle::{self, PANEL, assert_same};
 
 const TODAY: i32 = 20_415;
-
-mod panel;
-use panel::{PANEL, assert_same};
 
 struct Federation {
     _dir: tempfile::TempDir,
@@ -66,7 +64,7 @@ async fn federation() -> Federation {
             .expect("engine"),
         );
     }
-    let union = panel::union(&fed, &trust_codes(3)).await;
+    let union = oracle::union(&fed, &trust_codes(3)).await;
     Federation {
         _dir: dir,
         engines,
@@ -194,18 +192,12 @@ async fn totals_rules_filter_small_totals_and_round_merged_counts() {
     let merger = Merger::new(&TrustSchema::cancer().expect("schema"), rules).expect("merger");
     let sql = "SELECT site_icd10_o2_3char, COUNT(*) AS n, AVG(age) FROM sim_av_tumour GROUP BY 1 ORDER BY 1";
     let got = federated_with(&fed, &merger, sql).await.expect("merged");
-    let want = fed
-        .union
-        .sql(
-            "SELECT site_icd10_o2_3char, CAST((COUNT(*) + 5) / 10 * 10 AS BIGINT) AS n, AVG(age) FROM sim_av_tumour \
-             GROUP BY 1 HAVING COUNT(DISTINCT patientid) >= 40 ORDER BY 1",
-        )
-        .await
-        .expect("sql")
-        .collect()
-        .await
-        .expect("collect");
-    let want = concat_batches(&want[0].schema(), &want).expect("concat");
+    let want = oracle::run(
+        &fed.union,
+        "SELECT site_icd10_o2_3char, CAST((COUNT(*) + 5) / 10 * 10 AS BIGINT) AS n, AVG(age) FROM sim_av_tumour \
+         GROUP BY 1 HAVING COUNT(DISTINCT patientid) >= 40 ORDER BY 1",
+    )
+    .await;
     assert!(
         want.num_rows() > 3 && want.num_rows() < 60,
         "a mix of large and small sites"
@@ -231,15 +223,7 @@ async fn keys_of_one_name_from_two_tables_keep_their_own_columns_through_a_rollu
     let got = federated(&fed, &sql)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let want = fed
-        .union
-        .sql(&sql)
-        .await
-        .expect("sql")
-        .collect()
-        .await
-        .expect("collect");
-    let want = concat_batches(&want[0].schema(), &want).expect("concat");
+    let want = oracle::run(&fed.union, &sql).await;
     assert!(
         want.num_rows() > 4,
         "more than the grand total and one gender"

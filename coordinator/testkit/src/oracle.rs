@@ -1,16 +1,17 @@
-//! The oracle panel and its comparison, shared by the merge test and the end-to-end
-//! coordinator test.
+//! The oracle panel and its comparison, shared by the merge's tests and the end-to-end
+//! tests of the demo federation: what one DataFusion process over the union of every trust's
+//! Parquet answers is what the federation must answer (when unprotected).
 
 use std::path::Path;
 
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::compute::cast;
+use arrow::compute::{cast, concat_batches};
 use arrow::datatypes::{DataType, Float64Type};
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use trustql_schemas::{TrustSchema, table_path};
 
 /// The central oracle: one DataFusion session over the union of every trust's Parquet.
-pub(crate) async fn union(data_dir: &Path, trusts: &[String]) -> SessionContext {
+pub async fn union(data_dir: &Path, trusts: &[String]) -> SessionContext {
     let ctx = SessionContext::new();
     for table in TrustSchema::cancer().expect("schema").tables() {
         let paths: Vec<String> = trusts
@@ -31,9 +32,21 @@ pub(crate) async fn union(data_dir: &Path, trusts: &[String]) -> SessionContext 
     ctx
 }
 
+/// Runs `sql` on `ctx` and returns its result as one batch (in the schema of its first batch).
+pub async fn run(ctx: &SessionContext, sql: &str) -> RecordBatch {
+    let batches = ctx
+        .sql(sql)
+        .await
+        .expect("sql")
+        .collect()
+        .await
+        .expect("collect");
+    concat_batches(&batches[0].schema(), &batches).expect("concat")
+}
+
 /// The panel: filters, one and several keys, joins on the patient key, distinct patients,
 /// SUM/AVG/VAR/STDDEV, CASE buckets, date parts, HAVING, ORDER BY … LIMIT, ROLLUP.
-pub(crate) const PANEL: &[&str] = &[
+pub const PANEL: &[&str] = &[
     "SELECT COUNT(*) FROM sim_av_patient",
     "SELECT gender, COUNT(*) FROM sim_av_patient GROUP BY gender",
     "SELECT vitalstatus, gender, COUNT(*) FROM sim_av_patient GROUP BY vitalstatus, gender",
@@ -123,7 +136,7 @@ impl Cell {
 }
 
 /// Asserts two results hold the same rows (in order when `ordered`), floats to 1e-9.
-pub(crate) fn assert_same(sql: &str, got: &RecordBatch, want: &RecordBatch, ordered: bool) {
+pub fn assert_same(sql: &str, got: &RecordBatch, want: &RecordBatch, ordered: bool) {
     assert_eq!(got.num_columns(), want.num_columns(), "{sql}: column count");
     assert_eq!(got.num_rows(), want.num_rows(), "{sql}: row count");
     let (mut got, mut want) = (cells(got), cells(want));

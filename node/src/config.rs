@@ -31,7 +31,24 @@ pub struct NodeConfig {
     /// Resource limits.
     #[serde(default)]
     pub limits: Limits,
+    /// The other members of this trust's pools, by their pinned public keys (issue 17).
+    #[serde(default)]
+    pub pool: PoolConfig,
 }
+
+/// `[pool]`: the public keys of the trusts this node pools with. This node's own key pair is
+/// [`POOL_KEY_FILE`] in `state_dir`, made at first start; `trustql pool key` prints its public
+/// half for the other members to pin.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Each peer's X25519 public key (64 hex digits or 44 base64 characters), by trust code.
+    #[serde(default)]
+    pub peers: std::collections::BTreeMap<String, String>,
+}
+
+/// File name of this node's pool secret inside `state_dir`.
+pub const POOL_KEY_FILE: &str = "pool.key";
 
 /// Certificates for mutual TLS.
 #[derive(Debug, Clone, Deserialize)]
@@ -107,6 +124,11 @@ impl NodeConfig {
     /// Where this node keeps its privacy-budget ledger.
     pub fn ledger_path(&self) -> PathBuf {
         self.state_dir.join(LEDGER_FILE)
+    }
+
+    /// Where this node keeps its pool secret.
+    pub fn pool_key_path(&self) -> PathBuf {
+        self.state_dir.join(POOL_KEY_FILE)
     }
 
     /// Where this node keeps the secret of its patients' record keys.

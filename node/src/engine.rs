@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{ArrayRef, AsArray, RecordBatch};
+use arrow::array::{ArrayRef, AsArray, RecordBatch, UInt64Array};
 use arrow::compute::{cast, concat_batches};
 use arrow::datatypes::{DataType, Field, Schema};
 use datafusion::common::DataFusionError;
@@ -28,12 +28,13 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use trustql_budget::Ledger;
 use trustql_policies::{
-    ApprovedPolicy, Contributions, Needs, PartialAnswer, Refusal, ReleaseReport, Rule, SdcNeeds,
-    Source, StateColumn, Terms, aggregate_of, argument_of, authorise, locked_session, needs,
-    release, vet_sql,
+    ApprovedPolicy, Contributions, Needs, PartialAnswer, PoolRound, Refusal, ReleaseReport, Rule,
+    SdcNeeds, StateColumn, Terms, aggregate_of, argument_of, authorise, contribute, locked_session,
+    needs, release, vet_sql,
 };
 use trustql_protocol::{
-    AnswerColumn, AnswerMeta, CellKeyMeta, ColumnKind, PATIENTS_COLUMN, SiteRequest, Withheld,
+    AnswerColumn, AnswerMeta, ColumnKind, MASKED_COLUMN, PATIENTS_COLUMN, PooledMeta, SiteRequest,
+    Withheld,
 };
 use trustql_schemas::{TrustSchema, check_site, table_path};
 
@@ -45,6 +46,7 @@ use crate::patients::{
     AGGREGATE_PATIENTS, CELL_KEY_STATE, PATIENT_COUNT, by_patient, counted_directly, in_runs,
     patient_count,
 };
+use crate::pool_keys::PoolKeys;
 use crate::record_keys::{RecordKeySecret, RecordKeys};
 use crate::unordered::UnorderedExec;
 
@@ -95,6 +97,8 @@ pub struct SiteEngine {
     ordered: OrderedFiles,
     /// Every patient's record key, for the cell-key method (computed once, at open).
     pub(crate) record_keys: Option<Arc<RecordKeys>>,
+    /// This trust's pool key pair and its peers' keys, for pooled projects.
+    pool_keys: Option<Arc<PoolKeys>>,
 }
 
 impl SiteEngine {
@@ -178,6 +182,7 @@ impl SiteEngine {
             dp_turn: tokio::sync::Mutex::new(()),
             queries: Default::default(),
             record_keys: None,
+            pool_keys: None,
         })
     }
 
@@ -194,6 +199,18 @@ impl SiteEngine {
     pub async fn with_record_keys(mut self, secret: &RecordKeySecret) -> Result<Self, NodeError> {
         let keys = RecordKeys::compute(&self.ctx, &self.schema, secret).await?;
         self.record_keys = Some(Arc::new(keys));
+        Ok(self)
+    }
+
+    /// Masks pooled projects' answers with `keys`. Every member of every pool the policy
+    /// declares must be pinned, so a missing key stops the node at start, not a query.
+    pub fn with_pool_keys(mut self, keys: PoolKeys) -> Result<Self, NodeError> {
+        for project in &self.policy.policy.projects {
+            if let Some(pool) = &project.pool {
+                keys.peers_in(&self.trust, &pool.members)?;
+            }
+        }
+        self.pool_keys = Some(Arc::new(keys));
         Ok(self)
     }
 
@@ -279,12 +296,28 @@ impl SiteEngine {
         let execution = executing.elapsed();
 
         let protecting = tokio::time::Instant::now();
+        if let Needs::Sdc(sdc) = needs
+            && sdc.pool.is_some()
+        {
+            let (batch, meta) = self.pooled(request, sdc, &partial, allowance)?;
+            return Ok(SiteAnswer {
+                batch,
+                meta,
+                withheld: Withheld::default(),
+                plan_fingerprint,
+                timings: Timings {
+                    vetting,
+                    execution,
+                    protection: protecting.elapsed(),
+                },
+            });
+        }
         #[cfg(feature = "fault-injection")]
         if crate::faults::releases_broken() {
             partial.columns.pop();
         }
         let released = release(policy, needs, &partial).map_err(NodeError::from)?;
-        let columns: Vec<AnswerColumn> = released.columns.iter().map(wire_column).collect();
+        let columns: Vec<AnswerColumn> = released.columns.iter().map(StateColumn::wire).collect();
         let (withheld, dp) = match (&released.report, &turn) {
             (ReleaseReport::Sdc(report), _) => (
                 Withheld {
@@ -314,9 +347,10 @@ impl SiteEngine {
             dp,
             allowance,
             cell_key: match needs {
-                Needs::Sdc(sdc) if sdc.cell_keys => Some(cell_key_meta(&policy.disclosure)),
+                Needs::Sdc(sdc) if sdc.cell_keys => Some(policy.disclosure.cell_key.meta()),
                 _ => None,
             },
+            pool: None,
         };
         let batch = with_meta(released.batch, &meta)?;
         let answer = SiteAnswer {
@@ -334,6 +368,70 @@ impl SiteEngine {
             Some(turn) => self.charge(turn, request, answer).await,
             None => Ok(answer),
         }
+    }
+
+    /// A pooled project's answer: the states over every public cell, masked for the pool, as
+    /// one column of words. Nothing is protected here: the pool's rules protect the total.
+    fn pooled(
+        &self,
+        request: &SiteRequest,
+        sdc: &SdcNeeds,
+        partial: &PartialAnswer,
+        allowance: Option<trustql_protocol::AllowanceLeft>,
+    ) -> Result<(RecordBatch, AnswerMeta), NodeError> {
+        let keys = self
+            .pool_keys
+            .as_ref()
+            .ok_or_else(|| NodeError::Pool("this node was started without its pool key".into()))?;
+        let pool = sdc
+            .pool
+            .as_ref()
+            .ok_or_else(|| internal("a pooled answer without its pool"))?;
+        let members = pool.parameters.members.clone();
+        let peers = keys.peers_in(&self.trust, &members)?;
+        let contribution = contribute(
+            sdc,
+            partial,
+            PoolRound {
+                own: &self.trust,
+                secret: keys.secret(),
+                peers: &peers,
+                request_id: &request.request_id,
+                sql: &request.sql,
+            },
+        )?;
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            MASKED_COLUMN,
+            DataType::UInt64,
+            false,
+        )]));
+        let count = contribution.words.len();
+        let words: ArrayRef = Arc::new(UInt64Array::from(contribution.words));
+        let batch = RecordBatch::try_new(schema, vec![words])
+            .map_err(fault("could not build the pooled answer"))?;
+        let meta = AnswerMeta {
+            trust: self.trust.clone(),
+            request_id: request.request_id.clone(),
+            policy_version: self.policy.policy.policy.version.clone(),
+            policy_hash: self.policy.hash.clone(),
+            // The words, so a stream cut short is told from an answer (their number follows
+            // from the public cells, not from the data).
+            released: count,
+            columns: vec![AnswerColumn {
+                name: MASKED_COLUMN.into(),
+                kind: ColumnKind::Masked,
+                aggregate: None,
+            }],
+            dp: None,
+            allowance,
+            cell_key: None,
+            pool: Some(PooledMeta {
+                members,
+                parameters: contribution.parameters,
+                layout: contribution.layout,
+            }),
+        };
+        Ok((with_meta(batch, &meta)?, meta))
     }
 
     /// For each aggregate in `sdc.contributions`, each patient's sum of its argument per group
@@ -709,34 +807,6 @@ fn layout(plan: &AggregateExec) -> Result<Vec<Slot>, NodeError> {
         return Err(internal("the partial plan has an unexpected shape"));
     }
     Ok(slots)
-}
-
-/// The cell-key tables' public parameters, for the answer's metadata.
-fn cell_key_meta(disclosure: &trustql_policies::Disclosure) -> CellKeyMeta {
-    let c = &disclosure.cell_key;
-    CellKeyMeta {
-        count_max_adjustment: c.counts.max_adjustment,
-        count_variance: c.counts.variance,
-        sum_max_steps: c.magnitudes.max_adjustment,
-        sum_step_variance: c.magnitudes.variance,
-        sum_step_scale: c.magnitudes.scale,
-    }
-}
-
-/// How the coordinator sees a column of the answer.
-fn wire_column(column: &StateColumn) -> AnswerColumn {
-    AnswerColumn {
-        name: column.name.clone(),
-        kind: match column.source {
-            Source::Key => ColumnKind::Key,
-            Source::GroupingId => ColumnKind::GroupingId,
-            // Per-aggregate counts and cell keys never leave (the release drops them).
-            Source::Patients | Source::AggregatePatients | Source::CellKey => ColumnKind::Patients,
-            Source::DistinctCount => ColumnKind::DistinctCount,
-            Source::State => ColumnKind::State,
-        },
-        aggregate: column.aggregate,
-    }
 }
 
 /// `count` of a state column named `avg(x)[count]`.

@@ -97,6 +97,10 @@ pub enum NodeError {
         "the record keys of this trust's patients could not be computed; the cause is in the node's log"
     )]
     RecordKeys,
+    /// The pool's masks could not be made (a member's key not pinned, the pool's settings
+    /// inconsistent): a set-up fault of this trust, which names a member, never any data.
+    #[error("pooled answer: {0}")]
+    Pool(String),
     /// A file could not be read or written.
     #[error("cannot access {path}: {reason}")]
     Io {
@@ -120,6 +124,7 @@ impl From<ReleaseError> for NodeError {
             ReleaseError::Internal(_) | ReleaseError::Noise(_) => {
                 NodeError::Internal(e.to_string())
             }
+            ReleaseError::Pool(reason) => NodeError::Pool(reason),
         }
     }
 }
@@ -166,6 +171,7 @@ impl NodeError {
                 status
             }
             NodeError::Execution | NodeError::Internal(_) => Status::internal(self.to_string()),
+            NodeError::Pool(_) => Status::failed_precondition(self.to_string()),
             // Not `unavailable`: that code means the transport failed, and the coordinator
             // reports it as an unreachable node.
             NodeError::Audit(_) => Status::aborted(

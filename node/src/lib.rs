@@ -17,14 +17,19 @@ pub mod faults;
 mod gate;
 mod patient_order;
 mod patients;
+mod pool_keys;
 mod record_keys;
+mod secret_file;
 mod server;
 mod service;
 mod unordered;
 
-pub use config::{CoordinatorIdentity, LEDGER_FILE, Limits, NodeConfig, TlsConfig};
+pub use config::{
+    CoordinatorIdentity, LEDGER_FILE, Limits, NodeConfig, POOL_KEY_FILE, PoolConfig, TlsConfig,
+};
 pub use engine::{SiteAnswer, SiteEngine, Timings, fingerprint};
 pub use error::NodeError;
+pub use pool_keys::{PoolKeys, pool_public_key};
 pub use record_keys::{RECORD_KEYS_FILE, RecordKeySecret};
 pub use server::{RunningNode, start};
 pub use service::{MAX_REQUEST_BYTES, NodeService};

@@ -8,8 +8,6 @@
 //! sent: whoever knew them could tell which perturbation a cell got, and undo it.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
-use std::io::{ErrorKind, Write};
 use std::path::Path;
 use std::time::Instant;
 
@@ -20,12 +18,10 @@ use datafusion::common::hash_utils::RandomState;
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 use ring::hmac;
-use ring::rand::{SecureRandom, SystemRandom};
-use trustql_audit::{sync_dir, temp_path};
 use trustql_schemas::TrustSchema;
 
-use crate::engine::hex;
 use crate::error::NodeError;
+use crate::secret_file;
 
 /// File name of the record-key secret inside the node's state directory.
 pub const RECORD_KEYS_FILE: &str = "record-keys.key";
@@ -49,20 +45,17 @@ impl RecordKeySecret {
     /// readable by its owner only. A file that is not such a secret is an error and is left
     /// as it is: replacing it would change every key.
     pub fn load_or_create(state_dir: &Path) -> Result<Self, NodeError> {
-        let path = state_dir.join(RECORD_KEYS_FILE);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Self::parse(&path, &text),
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                std::fs::create_dir_all(state_dir).map_err(io(state_dir))?;
-                Self::create(&path)
-            }
-            Err(e) => Err(io(&path)(e)),
-        }
+        let bytes = secret_file::load_or_create(
+            &state_dir.join(RECORD_KEYS_FILE),
+            "record-key secret",
+            "replacing it would change every patient's record key",
+        )?;
+        Ok(Self::from_bytes(&bytes))
     }
 
     /// A random secret held in memory only, for tests and benchmarks.
     pub fn ephemeral() -> Result<Self, NodeError> {
-        let bytes = random().map_err(|()| {
+        let bytes = secret_file::random().map_err(|()| {
             NodeError::Config("the system random source failed: no record-key secret".into())
         })?;
         Ok(Self::from_bytes(&bytes))
@@ -70,72 +63,6 @@ impl RecordKeySecret {
 
     fn from_bytes(bytes: &[u8; 32]) -> Self {
         RecordKeySecret(hmac::Key::new(hmac::HMAC_SHA256, bytes))
-    }
-
-    fn parse(path: &Path, text: &str) -> Result<Self, NodeError> {
-        let text = text.trim();
-        let bytes = (text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| {
-                let mut bytes = [0u8; 32];
-                for (i, byte) in bytes.iter_mut().enumerate() {
-                    *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
-                }
-                Some(bytes)
-            })
-            .flatten()
-            .ok_or_else(|| {
-                NodeError::Config(format!(
-                    "{} is not a record-key secret of 64 hex digits; it is left as it is \
-                     (replacing it would change every patient's record key)",
-                    path.display()
-                ))
-            })?;
-        Ok(Self::from_bytes(&bytes))
-    }
-
-    /// Writes a new secret to a private temporary file and links it into place, so a crash
-    /// never leaves a partial secret, and a secret already there is never replaced.
-    fn create(path: &Path) -> Result<Self, NodeError> {
-        let bytes = random().map_err(|()| NodeError::Io {
-            path: path.to_path_buf(),
-            reason: "the system random source failed".into(),
-        })?;
-        let temp = temp_path(path);
-        match std::fs::remove_file(&temp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(io(&temp)(e)),
-        }
-        let mut options = OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut file = options.open(&temp).map_err(io(&temp))?;
-        let mut text = hex(&bytes);
-        text.push('\n');
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(io(&temp))?;
-        drop(file);
-        let linked = std::fs::hard_link(&temp, path);
-        std::fs::remove_file(&temp).map_err(io(&temp))?;
-        match linked {
-            Ok(()) => {}
-            // Another start made it first: use that one.
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                let text = std::fs::read_to_string(path).map_err(io(path))?;
-                return Self::parse(path, &text);
-            }
-            Err(e) => return Err(io(path)(e)),
-        }
-        if let Some(dir) = path.parent() {
-            sync_dir(dir).map_err(io(dir))?;
-        }
-        tracing::info!(path = %path.display(), "created the record-key secret");
-        Ok(Self::from_bytes(&bytes))
     }
 
     /// The record key of one patient: the first 8 bytes, big-endian, of the HMAC of the
@@ -148,20 +75,6 @@ impl RecordKeySecret {
         let mut first = [0u8; 8];
         first.copy_from_slice(&tag.as_ref()[..8]);
         u64::from_be_bytes(first)
-    }
-}
-
-fn random() -> Result<[u8; 32], ()> {
-    let mut bytes = [0u8; 32];
-    SystemRandom::new().fill(&mut bytes).map_err(|_| ())?;
-    Ok(bytes)
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError {
-    let path = path.to_path_buf();
-    move |e| NodeError::Io {
-        path,
-        reason: e.to_string(),
     }
 }
 

@@ -18,6 +18,7 @@ use crate::config::NodeConfig;
 use crate::engine::SiteEngine;
 use crate::error::NodeError;
 use crate::gate::Gate;
+use crate::pool_keys::PoolKeys;
 use crate::record_keys::RecordKeySecret;
 use crate::service::{MAX_REQUEST_BYTES, NodeService};
 
@@ -81,7 +82,11 @@ pub async fn start(config: &NodeConfig, schema: TrustSchema) -> Result<RunningNo
     .with_ledger(Arc::new(Ledger::open(&config.ledger_path())?))
     // Every start: the same secret gives the same keys, so cells keep their adjustments.
     .with_record_keys(&RecordKeySecret::load_or_create(&config.state_dir)?)
-    .await?;
+    .await?
+    .with_pool_keys(PoolKeys::load_or_create(
+        &config.pool_key_path(),
+        &config.pool,
+    )?)?;
     let tls = tls_config(config)?;
     let gate = Gate::new(&config.trust, &config.coordinator)?;
     let audit = Arc::new(AuditLog::open(&config.audit_dir, &now_rfc3339())?);

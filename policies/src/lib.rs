@@ -45,15 +45,17 @@ pub use date::{now_rfc3339, parse_date, today};
 pub use error::PolicyError;
 pub use policy::{
     CellKeyRules, ClassRules, Classes, Disclosure, Dominance, DpRules, Finding, Header,
-    MAX_MIN_PATIENTS, MAX_NESTING, MIN_EPSILON_FLOOR, MagnitudeRules, Method, PATIENT_COUNT_CAP,
-    PTableRules, Policy, Project, ProjectDp, QueryRules, Rounding, SHIPPABLE_AGGREGATES,
+    MAX_MIN_PATIENTS, MAX_NESTING, MIN_EPSILON_FLOOR, MIN_POOL_MEMBERS, MagnitudeRules, Method,
+    PATIENT_COUNT_CAP, PTableRules, Policy, Project, ProjectDp, ProjectPool, QueryRules, Rounding,
+    SHIPPABLE_AGGREGATES,
 };
 pub use refusal::{Refusal, Rule};
 pub use release::{
     AnswerProtection, Budget, Contributions, DisclosureReport, DpNeeds, DpReport, Moment, Needs,
-    NoisyColumn, PartialAnswer, Protected, Release, ReleaseError, ReleaseReport, Role, SdcNeeds,
-    Source, StateColumn, Terms, TotalsRules, argument_of, needs, protect, release, round,
-    round_count,
+    NoisyColumn, PartialAnswer, PoolNeeds, PoolParameters, PoolRound, PooledColumn,
+    PooledContribution, PooledLayout, Protected, Release, ReleaseError, ReleaseReport, Role,
+    SdcNeeds, Source, StateColumn, Terms, TotalsRules, argument_of, contribute, needs, pool_hash,
+    protect, release, release_pooled, round, round_count,
 };
 pub use session::{ALLOWED_SCALAR_FUNCTIONS, locked_session, plan_sql, sql_options};
 pub use text::{TextLimits, check_text};

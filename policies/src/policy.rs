@@ -250,6 +250,17 @@ impl CellKeyRules {
     fn is_default(&self) -> bool {
         *self == CellKeyRules::default()
     }
+
+    /// The tables' public parameters, as an answer's metadata tells them.
+    pub fn meta(&self) -> trustql_protocol::CellKeyMeta {
+        trustql_protocol::CellKeyMeta {
+            count_max_adjustment: self.counts.max_adjustment,
+            count_variance: self.counts.variance,
+            sum_max_steps: self.magnitudes.max_adjustment,
+            sum_step_variance: self.magnitudes.variance,
+            sum_step_scale: self.magnitudes.scale,
+        }
+    }
 }
 
 /// One perturbation table: the largest adjustment D and the variance V.
@@ -423,7 +434,31 @@ pub struct Project {
     /// `[disclosure] query_allowance`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query_allowance: Option<QueryAllowance>,
+    /// Pool-then-protect: the trusts whose states are added under pairwise masks before
+    /// `[disclosure]` protects the pooled total once (issue 17). Every member's policy must list
+    /// the same members and the same `[disclosure]` protection, or the masks do not cancel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<ProjectPool>,
 }
+
+/// `pool = { members = [...] }` of a project.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectPool {
+    /// The member trusts' codes, this trust among them.
+    pub members: Vec<String>,
+    /// Fewest members the pool may have: with two, the coordinator and one member could
+    /// recover the other's numbers by subtraction.
+    #[serde(default = "default_min_members")]
+    pub min_members: usize,
+}
+
+fn default_min_members() -> usize {
+    MIN_POOL_MEMBERS
+}
+
+/// The fewest members any pool may have.
+pub const MIN_POOL_MEMBERS: usize = trustql_pool::MIN_MEMBERS;
 
 impl Project {
     /// Whether the approval is still in force on `today` (days since 1970-01-01).
@@ -557,6 +592,7 @@ impl Policy {
                 ));
             }
         }
+        self.lint_pools(&mut findings);
         self.lint_dp(schema, &mut findings);
         if d.min_patients < 5 {
             findings.push(Finding::Warning(format!(
@@ -587,6 +623,66 @@ impl Policy {
             ));
         }
         findings
+    }
+
+    fn lint_pools(&self, findings: &mut Vec<Finding>) {
+        for project in &self.projects {
+            let Some(pool) = &project.pool else {
+                continue;
+            };
+            let mut error = |m: String| {
+                findings.push(Finding::Error(format!(
+                    "project `{}` pool: {m}",
+                    project.id
+                )))
+            };
+            let mut seen = HashSet::new();
+            for member in &pool.members {
+                if !seen.insert(member.as_str()) {
+                    error(format!("member {member} is listed twice"));
+                }
+            }
+            if !seen.contains(self.policy.trust.as_str()) {
+                error(format!(
+                    "this trust ({}) must be one of the members",
+                    self.policy.trust
+                ));
+            }
+            if pool.min_members < MIN_POOL_MEMBERS {
+                error(format!(
+                    "min_members must be at least {MIN_POOL_MEMBERS}: with fewer, the \
+                     coordinator and one member could recover another member's numbers"
+                ));
+            }
+            if seen.len() < pool.min_members.max(MIN_POOL_MEMBERS) {
+                error(format!(
+                    "{} member(s) listed; the pool needs at least {}",
+                    seen.len(),
+                    pool.min_members.max(MIN_POOL_MEMBERS)
+                ));
+            }
+            if project.dp.is_some() {
+                error(
+                    "pooled differential privacy (noise shares) is not built yet: pool a \
+                     project under suppression and rounding or the cell-key method"
+                        .into(),
+                );
+            }
+            if self.disclosure.dominance.is_some() {
+                findings.push(Finding::Warning(format!(
+                    "project `{}` pool: pooled answers release counts only, so the dominance \
+                     rule has nothing to apply to",
+                    project.id
+                )));
+            }
+            if self.disclosure.min_patients < 5 {
+                findings.push(Finding::Warning(format!(
+                    "project `{}` pool: the minimum ({}) applies to the pooled total; a \
+                     patient treated at two members is counted at both",
+                    project.id, self.disclosure.min_patients
+                )));
+            }
+        }
     }
 
     fn lint_dp(&self, schema: &TrustSchema, findings: &mut Vec<Finding>) {
@@ -829,6 +925,18 @@ impl Policy {
                         Some(t) => format!(", {t} in all"),
                         None => ", no total limit".to_string(),
                     }
+                );
+            }
+            if let Some(pool) = &p.pool {
+                let _ = writeln!(
+                    out,
+                    "    pooled with {}: this trust sends its exact counts over every public cell \
+                     of a query, masked so that only the sum over all members means anything; \
+                     the coordinator adds them and applies the [disclosure] rules above once, \
+                     to the pooled total (every member must approve the same rules and \
+                     members); counts only, grouped by columns with public code sets; a patient \
+                     treated at two members is counted at both",
+                    pool.members.join(", ")
                 );
             }
             if let Some(dp) = p.dp {

@@ -59,6 +59,9 @@ pub enum Rule {
     DistinctCount,
     /// An SDC project has used its query allowance at this trust (per day or in total).
     QueryAllowance,
+    /// A pooled project's query that pooled mode cannot answer (a key without a public code
+    /// set, an aggregate that does not add up under masks).
+    Pool,
 }
 
 impl Rule {
@@ -90,6 +93,7 @@ impl Rule {
             Rule::TableBuilder => "table-builder",
             Rule::QueryAllowance => "query-allowance",
             Rule::DistinctCount => "count-distinct",
+            Rule::Pool => "pool",
         }
     }
 }

@@ -365,3 +365,45 @@ fn a_cell_key_policy_that_cannot_be_served_is_an_error() {
     );
     assert!(Policy::from_toml(&unknown).is_err());
 }
+
+#[test]
+fn pools_need_three_distinct_members_this_trust_among_them_and_no_dp_yet() {
+    let pooled =
+        |pool: &str| Policy::from_toml(&format!("{MINIMAL}pool = {pool}\n")).expect("parses");
+    assert!(errors(&pooled(r#"{ members = ["TQ01", "TQ02", "TQ03"] }"#)).is_empty());
+    let cases = [
+        (r#"{ members = ["TQ01", "TQ02"] }"#, "at least 3"),
+        (r#"{ members = ["TQ01", "TQ02", "TQ02"] }"#, "listed twice"),
+        (
+            r#"{ members = ["TQ02", "TQ03", "TQ04"] }"#,
+            "must be one of the members",
+        ),
+        (
+            r#"{ members = ["TQ01", "TQ02", "TQ03"], min_members = 2 }"#,
+            "min_members must be at least 3",
+        ),
+        (
+            r#"{ members = ["TQ01", "TQ02", "TQ03"], min_members = 4 }"#,
+            "needs at least 4",
+        ),
+    ];
+    for (pool, expected) in cases {
+        let errors = errors(&pooled(pool));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains(expected) && e.contains("pool")),
+            "{pool}: {errors:?}"
+        );
+    }
+    let dp = Policy::from_toml(&format!(
+        "{MINIMAL}pool = {{ members = [\"TQ01\", \"TQ02\", \"TQ03\"] }}\n\
+         dp = {{ epsilon_budget = 1.0, epsilon_per_query = 0.1 }}\n"
+    ))
+    .expect("parses");
+    assert!(
+        errors(&dp).iter().any(|e| e.contains("noise shares")),
+        "{:?}",
+        errors(&dp)
+    );
+}

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use trustql_client::Client;
-use trustql_demo::{DP_SHOWCASE, DemoDp, DemoOptions, SHOWCASE, launch};
+use trustql_demo::{DP_SHOWCASE, DemoDp, DemoOptions, POOL_SHOWCASE, SHOWCASE, launch};
 
 use crate::query::{Format, print_result};
 
@@ -35,6 +35,11 @@ pub(crate) struct DemoArgs {
     /// instead of the cell-key method (sums and means are then exact).
     #[arg(long, conflicts_with_all = ["unprotected", "dp"])]
     rounding: bool,
+    /// Pool the demo project across every trust: the trusts add their exact counts under
+    /// pairwise masks and the minimum and the rounding or cell-key perturbation apply once, to
+    /// the total (counts only, grouped by coded columns).
+    #[arg(long, conflicts_with_all = ["unprotected", "dp"])]
+    pool: bool,
     /// With --dp: the ε a query spends at each trust.
     #[arg(long, default_value_t = DemoDp::default().epsilon_per_query, requires = "dp")]
     epsilon_per_query: f64,
@@ -45,7 +50,7 @@ pub(crate) struct DemoArgs {
     #[arg(long)]
     serve: bool,
     /// Write the connection details (url, token, project, ca, data_dir, trusts, and with --dp
-    /// epsilon_per_query and epsilon_budget) as JSON here.
+    /// epsilon_per_query and epsilon_budget; pooled) as JSON here.
     #[arg(long)]
     info: Option<PathBuf>,
 }
@@ -59,6 +64,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<bool> {
         data: args.data.clone(),
         unprotected: args.unprotected,
         rounding: args.rounding,
+        pool: args.pool,
         dp: args.dp.then_some(DemoDp {
             epsilon_per_query: args.epsilon_per_query,
             epsilon_budget: args.epsilon_budget,
@@ -94,6 +100,17 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<bool> {
                  (see each answer's coverage for what is left)",
                 info.project, dp.epsilon_per_query, dp.epsilon_budget
             );
+        } else if options.pool {
+            println!(
+                "Pooled: the trusts add their exact counts under pairwise masks (the coordinator \
+                 sees only the total), and the pool withholds cells of fewer than 10 patients \
+                 and {} the total once",
+                if options.rounding {
+                    "rounds to 5"
+                } else {
+                    "perturbs by the cell-key method"
+                }
+            );
         } else if options.rounding {
             println!(
                 "Suppression and rounding: each trust withholds groups of fewer than 10 patients \
@@ -119,7 +136,13 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<bool> {
 
         let ca = std::fs::read(&info.ca).context("cannot read the demo CA")?;
         let mut client = Client::connect(&info.url, Some(&ca), &info.token, Some(&info.project)).await?;
-        let showcase = if args.dp { DP_SHOWCASE } else { SHOWCASE };
+        let showcase = if args.dp {
+            DP_SHOWCASE
+        } else if args.pool {
+            POOL_SHOWCASE
+        } else {
+            SHOWCASE
+        };
         for (title, sql) in showcase {
             println!("\n== {title}\n{sql}\n");
             match client.query(sql).await {

@@ -70,6 +70,22 @@ enum Command {
         #[command(subcommand)]
         action: BudgetAction,
     },
+    /// A node's key for pooled projects.
+    Pool {
+        #[command(subcommand)]
+        action: PoolAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolAction {
+    /// Print this node's pool public key (made in its state directory if there is none), for
+    /// the pool's other members to pin in their `[pool] peers`.
+    Key {
+        /// The node configuration file (its state directory).
+        #[arg(long, default_value = "node.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -175,6 +191,9 @@ fn main() -> ExitCode {
         Command::Budget {
             action: BudgetAction::Show { config, project },
         } => node::budget_show(&config, project.as_deref()),
+        Command::Pool {
+            action: PoolAction::Key { config },
+        } => node::pool_key(&config),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -78,6 +78,14 @@ pub(crate) fn verify_audit(dir: &Path, key: Option<&Path>) -> Result<bool> {
 /// Prints spend and what is left per project from the node's ledger (read-only, so it is
 /// safe while the node runs), and the query allowance used by projects outside DP; false if a
 /// named project has neither.
+/// `trustql pool key`: the node's pool public key, made at first use.
+pub(crate) fn pool_key(config_path: &Path) -> Result<bool> {
+    let config = NodeConfig::load(config_path)?;
+    let key = trustql_node::pool_public_key(&config.pool_key_path())?;
+    println!("{key}");
+    Ok(true)
+}
+
 pub(crate) fn budget_show(config_path: &Path, only: Option<&str>) -> Result<bool> {
     let config = NodeConfig::load(config_path)?;
     let text = std::fs::read_to_string(&config.policy)

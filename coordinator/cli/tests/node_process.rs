@@ -509,3 +509,29 @@ fn a_node_killed_during_a_query_is_reported_without_waiting_for_the_deadline() {
     });
     let _ = child.wait();
 }
+
+#[test]
+fn pool_key_prints_the_same_public_key_every_time_and_never_the_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = site(dir.path());
+    let config = site.config.to_str().expect("path");
+    let first = trustql(&["pool", "key", "--config", config]);
+    assert!(first.status.success(), "{}", text(&first));
+    let again = trustql(&["pool", "key", "--config", config]);
+    assert_eq!(first.stdout, again.stdout, "one key pair, made once");
+    let printed = String::from_utf8(first.stdout).expect("utf-8");
+    // 32 bytes in base64, as peers pin it.
+    assert_eq!(printed.trim().len(), 44, "{printed}");
+    let secret =
+        std::fs::read_to_string(dir.path().join("state").join(trustql_node::POOL_KEY_FILE))
+            .expect("the secret is kept in the state directory");
+    assert!(!printed.contains(secret.trim()), "the secret was printed");
+
+    // A peer key that is not a key stops the node with the reason.
+    let mut text_config = std::fs::read_to_string(&site.config).expect("config");
+    text_config.push_str("\n[pool]\npeers = { TQ02 = \"not a key\" }\n");
+    std::fs::write(&site.config, text_config).expect("write");
+    let output = trustql(&["node", "--config", config]);
+    assert!(!output.status.success());
+    assert!(text(&output).contains("peers.TQ02"), "{}", text(&output));
+}

@@ -13,7 +13,7 @@ use trustql_coordinator::{
     TotalsRules, random_hex, token_hash,
 };
 use trustql_devcerts::{DevCa, SigningKey};
-use trustql_node::{CoordinatorIdentity, Limits, NodeConfig, RunningNode, TlsConfig};
+use trustql_node::{CoordinatorIdentity, Limits, NodeConfig, PoolConfig, RunningNode, TlsConfig};
 use trustql_policies::{QueryAllowance, Rounding};
 use trustql_schemas::{TrustSchema, trust_codes};
 use trustql_synth::{SynthConfig, generate};
@@ -81,6 +81,9 @@ pub struct DemoOptions {
     /// Allow MIN/MAX of clinical columns (off by default; the unprotected mode always allows
     /// them, to compare with one process over the union).
     pub extremes: bool,
+    /// Pool the demo project across every trust (`trustql demo --pool`): the trusts add their
+    /// exact states under pairwise masks and the coordinator protects the total once.
+    pub pool: bool,
 }
 
 /// With `--dp`: most rows of a table one patient brings to an aggregate (others: 1).
@@ -132,6 +135,7 @@ impl Default for DemoOptions {
             researchers: Vec::new(),
             query_allowance: None,
             extremes: false,
+            pool: false,
         }
     }
 }
@@ -157,6 +161,9 @@ pub struct DemoInfo {
     /// With `--dp`: the ε the project may spend at each trust in all.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub epsilon_budget: Option<f64>,
+    /// With `--pool`: the demo project is pooled across every trust, so protection applies
+    /// once, to the total.
+    pub pooled: bool,
 }
 
 /// A running demo federation; dropping it stops everything and removes its files.
@@ -232,12 +239,26 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
     let mut nodes = Vec::new();
     let mut audit_dirs = Vec::new();
     let mut node_configs = Vec::new();
+    // Every trust's pool key pair, made in its state directory, and its public half for the
+    // others to pin (as `trustql pool key` prints it).
+    let pool_keys: Vec<(String, String)> = trusts
+        .iter()
+        .map(|trust| {
+            trustql_node::pool_public_key(
+                &dir.join("state")
+                    .join(trust)
+                    .join(trustql_node::POOL_KEY_FILE),
+            )
+            .map(|key| (trust.clone(), key.to_hex()))
+            .map_err(step("making a pool key"))
+        })
+        .collect::<Result<_, _>>()?;
     for trust in &trusts {
         let cert = ca
             .issue_server(&format!("{trust} node"), &hosts)
             .and_then(|c| c.write(&pki, &format!("node-{trust}")))
             .map_err(step("making a node certificate"))?;
-        let policy = write_policy(&dir, trust, options)?;
+        let policy = write_policy(&dir, trust, &trusts, options)?;
         trustql_policies::approve(&policy, "Demo Controller", &schema)
             .map_err(step("approving a demo policy"))?;
         let config = NodeConfig {
@@ -259,6 +280,13 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
                 max_clock_ahead_secs: 5,
             },
             limits: Limits::default(),
+            pool: PoolConfig {
+                peers: pool_keys
+                    .iter()
+                    .filter(|(peer, _)| peer != trust)
+                    .cloned()
+                    .collect(),
+            },
         };
         audit_dirs.push(config.audit_dir.clone());
         let node = trustql_node::start(&config, schema.clone())
@@ -329,6 +357,7 @@ pub async fn launch(options: &DemoOptions) -> Result<Federation, DemoError> {
         trusts,
         epsilon_per_query: options.dp.map(|d| d.epsilon_per_query),
         epsilon_budget: options.dp.map(|d| d.epsilon_budget),
+        pooled: options.pool,
     };
     Ok(Federation {
         info,
@@ -359,7 +388,12 @@ fn trusts_in(data: &Path) -> Result<Vec<String>, DemoError> {
     Ok(trusts)
 }
 
-fn write_policy(dir: &Path, trust: &str, options: &DemoOptions) -> Result<PathBuf, DemoError> {
+fn write_policy(
+    dir: &Path,
+    trust: &str,
+    trusts: &[String],
+    options: &DemoOptions,
+) -> Result<PathBuf, DemoError> {
     let (unprotected, dp) = (options.unprotected, options.dp);
     let researchers: Vec<String> = [RESEARCHER, COLLEAGUE]
         .into_iter()
@@ -409,6 +443,12 @@ fn write_policy(dir: &Path, trust: &str, options: &DemoOptions) -> Result<PathBu
         },
         researchers.join(", ")
     );
+    let text = if options.pool {
+        let members: Vec<String> = trusts.iter().map(|t| format!("\"{t}\"")).collect();
+        format!("{text}pool = {{ members = [{}] }}\n", members.join(", "))
+    } else {
+        text
+    };
     let text = match dp {
         None => text,
         Some(dp) => {
@@ -436,6 +476,25 @@ fn write_policy(dir: &Path, trust: &str, options: &DemoOptions) -> Result<PathBu
     std::fs::write(&path, text).map_err(step("writing the demo policies"))?;
     Ok(path)
 }
+
+/// The showcase queries `trustql demo --pool` runs: (title, SQL).
+pub const POOL_SHOWCASE: &[(&str, &str)] = &[
+    (
+        "Tumours by site, pooled (a site with a few patients at every trust is released once \
+         the pool has enough)",
+        "SELECT site_icd10_o2_3char AS site, COUNT(*) AS tumours FROM sim_av_tumour \
+         GROUP BY site_icd10_o2_3char ORDER BY tumours LIMIT 15",
+    ),
+    (
+        "Tumours by stage, pooled",
+        "SELECT stage_best AS stage, COUNT(*) AS tumours FROM sim_av_tumour \
+         GROUP BY stage_best ORDER BY stage",
+    ),
+    (
+        "Means do not pool yet: refused with the reason",
+        "SELECT stage_best, AVG(age) FROM sim_av_tumour GROUP BY stage_best",
+    ),
+];
 
 /// The showcase queries `trustql demo --dp` runs: (title, SQL).
 pub const DP_SHOWCASE: &[(&str, &str)] = &[

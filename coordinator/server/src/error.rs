@@ -38,6 +38,15 @@ pub enum CoordinatorError {
         /// The report.
         coverage: Box<Coverage>,
     },
+    /// The members of a pool did not agree (their policies list other members or other
+    /// protection), or their masks did not cancel: nothing is released.
+    #[error("{message}\n{coverage}")]
+    Pool {
+        /// What went wrong, naming no data.
+        message: String,
+        /// The report.
+        coverage: Box<Coverage>,
+    },
     /// The merge failed.
     #[error("{0}")]
     Merge(MergeError),
@@ -105,6 +114,7 @@ impl CoordinatorError {
                 Status::invalid_argument(text)
             }
             CoordinatorError::NoQuorum { .. } => Status::unavailable(self.to_string()),
+            CoordinatorError::Pool { .. } => Status::failed_precondition(self.to_string()),
             CoordinatorError::UnknownResult => Status::not_found(self.to_string()),
             CoordinatorError::Busy { .. } | CoordinatorError::Crowded { .. } => {
                 Status::resource_exhausted(self.to_string())

@@ -180,6 +180,9 @@ impl Coordinator {
         let totals = self
             .totals
             .for_answers(outcomes.iter().filter_map(|o| match o {
+                Outcome::Answered(site) if site.meta.pool.is_some() => {
+                    site.meta.pool.as_ref().map(crate::pool::protection)
+                }
                 Outcome::Answered(site) if site.meta.dp.is_some() => Some(AnswerProtection::Dp),
                 Outcome::Answered(site) if site.meta.cell_key.is_some() => {
                     Some(AnswerProtection::CellKey)
@@ -204,8 +207,15 @@ impl Coordinator {
         let mut noise = NoiseSum::default();
         let mut noisy_states = Vec::new();
         let mut cell_keys = Vec::new();
+        // Pooled members' masked words: added, and protected once, below.
+        let mut pooled_sites = Vec::new();
         for (link, outcome) in self.links.iter().zip(outcomes) {
             let line = match outcome {
+                Outcome::Answered(site) if site.meta.pool.is_some() => {
+                    let line = (answered(&site), Taken::Before);
+                    pooled_sites.push(site);
+                    line
+                }
                 Outcome::Answered(site) => match prepared.conform(&site) {
                     Ok(batch) => {
                         cell_keys.extend(site.meta.cell_key);
@@ -238,11 +248,48 @@ impl Coordinator {
             trust: t.trust.clone(),
             status: t.status,
         }));
+        // A pooled query needs every member: the words of fewer add up to noise.
+        let pool = match pooled_sites.first().and_then(|s| s.meta.pool.as_ref()) {
+            None => None,
+            Some(meta) if pooled_sites.len() < meta.members.len() => {
+                Some(Err((pooled_sites.len(), meta.members.len())))
+            }
+            Some(_) => {
+                let sites: Vec<&SiteStates> = pooled_sites.iter().map(AsRef::as_ref).collect();
+                Some(Ok(crate::pool::combine(&sites)))
+            }
+        };
+        let mut pool_notes = Vec::new();
+        let mut pool_fault = None;
+        let mut pool_missing = None;
+        match pool {
+            None => {}
+            Some(Err(missing)) => pool_missing = Some(missing),
+            Some(Ok(Err(fault))) => {
+                tracing::warn!(id = %request.request_id, error = %fault, "a pooled answer was not released");
+                pool_fault = Some(fault);
+            }
+            Some(Ok(Ok(pooled))) => match prepared.conform(&pooled.site) {
+                Ok(batch) => {
+                    states.push(batch);
+                    pool_notes = pooled.notes;
+                }
+                Err(e) => {
+                    tracing::error!(id = %request.request_id, error = %e, "the pooled answer does not fit the query");
+                    return Err(CoordinatorError::Internal(
+                        "the pooled answer does not fit the query".into(),
+                    ));
+                }
+            },
+        }
+        // The pooled total stands in `states` for all its members.
+        let pooled_entry = usize::from(!pool_notes.is_empty());
+        let pooled_members = pooled_sites.len();
         let noisy = !noisy_states.is_empty();
         let counted = lines.iter().any(|(t, _)| t.allowance.is_some());
         let incomplete = conceal_incomplete(&mut lines);
         let trusts: Vec<TrustCoverage> = lines.into_iter().map(|(t, _)| t).collect();
-        let answered_count = states.len();
+        let answered_count = states.len() - pooled_entry + pooled_members;
         let total = trusts.len();
         let mut notes = Vec::new();
         if prepared.counts_distinct() {
@@ -250,9 +297,13 @@ impl Coordinator {
         }
         notes.extend(totals.notes());
         let noise = noise.outputs(prepared.aggregate_outputs());
-        if states.len() > noisy_states.len() {
+        // Trusts that protected their own answer (the pooled total is one answer, its members
+        // none).
+        let own_protection = states.len() - pooled_entry;
+        if own_protection > noisy_states.len() {
             notes.push(WITHHELD_NOTE.into());
         }
+        notes.append(&mut pool_notes);
         if noisy && incomplete > 0 {
             notes.push(
                 "every trust marked \"asked\" charged the query's ε to the project before it \
@@ -307,6 +358,20 @@ impl Coordinator {
             notes,
             noise,
         };
+        if let Some((answered, members)) = pool_missing {
+            return Err(CoordinatorError::NoQuorum {
+                answered,
+                total: members,
+                needed: members,
+                coverage: Box::new(coverage),
+            });
+        }
+        if let Some(fault) = pool_fault {
+            return Err(CoordinatorError::Pool {
+                message: fault.to_string(),
+                coverage: Box::new(coverage),
+            });
+        }
         let needed = match self.quorum {
             Quorum::All => total,
             Quorum::AtLeast(n) => n,

@@ -18,6 +18,7 @@ mod federation;
 mod flight_sql;
 mod limits;
 mod noise;
+mod pool;
 mod server;
 
 pub use auth::{EPSILON_HEADER, PREVIEW_HEADER, PROJECT_HEADER, token_hash};

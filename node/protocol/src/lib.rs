@@ -29,6 +29,9 @@ pub const ANSWER_META_KEY: &str = "trustql.answer";
 /// Name of the per-group distinct-patient count column in a site answer.
 pub const PATIENTS_COLUMN: &str = "__trustql_patients";
 
+/// Name of the single column of a pooled answer: the member's masked words.
+pub const MASKED_COLUMN: &str = "__trustql_masked";
+
 /// One researcher query, as the coordinator sends it to every node.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,6 +78,9 @@ pub enum ColumnKind {
     State,
     /// A COUNT(DISTINCT …) finished at the node: a count, to be summed across trusts.
     DistinctCount,
+    /// A pooled member's masked words ([`MASKED_COLUMN`]): meaningless until every member's
+    /// are added.
+    Masked,
 }
 
 /// One column of a site answer.
@@ -155,7 +161,8 @@ pub struct AnswerMeta {
     pub policy_version: String,
     /// SHA-256 of the policy applied.
     pub policy_hash: String,
-    /// Groups released (the rows of the stream; nothing about groups not released travels).
+    /// Groups released (the rows of the stream; nothing about groups not released travels);
+    /// for a pooled answer, its masked words.
     pub released: usize,
     /// The columns of the stream.
     pub columns: Vec<AnswerColumn>,
@@ -168,6 +175,22 @@ pub struct AnswerMeta {
     /// For an answer perturbed by the cell-key method: the public tables it used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cell_key: Option<CellKeyMeta>,
+    /// For a pooled project: what every member must agree on before the words are added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PooledMeta>,
+}
+
+/// What a pooled answer says about its pool. The texts are compared, byte for byte, across
+/// members: their hashes are bound into the masks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PooledMeta {
+    /// The pool's members, sorted, as this trust's policy lists them.
+    pub members: Vec<String>,
+    /// The pooled protection parameters (JSON, as `policies` writes them).
+    pub parameters: String,
+    /// The cell layout (JSON).
+    pub layout: String,
 }
 
 /// The cell-key method's public parameters, as `[disclosure.cell_key]` of the trust's policy

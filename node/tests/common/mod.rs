@@ -206,6 +206,7 @@ pub(crate) fn node_config(
             max_clock_ahead_secs: 5,
         },
         limits,
+        pool: Default::default(),
     }
 }
 

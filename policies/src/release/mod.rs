@@ -14,6 +14,7 @@
 mod budget;
 mod cellkey;
 mod dp;
+mod pooled;
 mod sdc;
 mod state;
 mod totals;
@@ -29,6 +30,10 @@ use crate::refusal::{Refusal, Rule};
 use crate::vet::Vetted;
 
 pub use budget::Budget;
+pub use pooled::{
+    PoolNeeds, PoolParameters, PoolRound, PooledColumn, PooledContribution, PooledLayout,
+    contribute, pool_hash, release_pooled,
+};
 pub use sdc::{DisclosureReport, Protected, protect, round, round_count};
 pub use state::{Contributions, Moment, PartialAnswer, Role, Source, StateColumn};
 pub use totals::{AnswerProtection, TotalsRules};
@@ -46,6 +51,10 @@ pub enum ReleaseError {
     /// OpenDP could not add the noise (nothing leaves).
     #[error("differential privacy: {0}")]
     Noise(String),
+    /// The pool's masks could not be made (a member without a pinned key, too few members):
+    /// a configuration fault, and nothing leaves.
+    #[error("pool: {0}")]
+    Pool(String),
 }
 
 impl From<Refusal> for ReleaseError {
@@ -95,6 +104,9 @@ pub struct SdcNeeds {
     /// Whether released numbers are perturbed by the cell-key method: the node then adds
     /// every patient count's cell key ([`Source::CellKey`]), and counts exactly.
     pub cell_keys: bool,
+    /// For a pooled project: the answer is not protected here but masked and pooled
+    /// ([`contribute`]), and the pool's rules protect the total ([`release_pooled`]).
+    pub pool: Option<Box<PoolNeeds>>,
 }
 
 /// What a differentially private release needs.
@@ -240,7 +252,7 @@ pub fn needs(
         };
         reads[a] = Some(first);
     }
-    Ok(Needs::Sdc(SdcNeeds {
+    let sdc = SdcNeeds {
         patient_key,
         // Thresholds need no more patients than twice the largest any rule may set; a
         // perturbed count is released, so it is counted exactly.
@@ -254,7 +266,81 @@ pub fn needs(
         counted,
         reads,
         cell_keys,
-    }))
+        pool: None,
+    };
+    match &project.pool {
+        Some(pool) => pooled_needs(policy, project, pool, schema, aggregate, vetted, sdc),
+        None => Ok(Needs::Sdc(sdc)),
+    }
+}
+
+/// What a query of a pooled project needs: every key a column with a public code set, few
+/// enough cells, and only counts, which add up under masks.
+fn pooled_needs(
+    policy: &Policy,
+    project: &Project,
+    pool: &crate::policy::ProjectPool,
+    schema: &TrustSchema,
+    aggregate: &Aggregate,
+    vetted: &Vetted,
+    mut sdc: SdcNeeds,
+) -> Result<Needs, Refusal> {
+    let refuse = |why: String| Err(Refusal::new(Rule::Pool, why));
+    if aggregate
+        .group_expr
+        .iter()
+        .any(|e| matches!(e, Expr::GroupingSet(_)))
+    {
+        return refuse(
+            "project is pooled across trusts, and pooled answers do not take ROLLUP, CUBE or \
+             GROUPING SETS yet; ask for each grouping separately"
+                .into(),
+        );
+    }
+    if let Some(f) = aggregate
+        .aggr_expr
+        .iter()
+        .filter_map(function_of)
+        .find(|f| f != "count")
+    {
+        return refuse(format!(
+            "project is pooled across trusts, and pooled answers release counts only so far \
+             (COUNT(*), COUNT(column), COUNT(DISTINCT patient key)); {} is not pooled yet",
+            f.to_uppercase()
+        ));
+    }
+    let mut domain = Vec::with_capacity(vetted.key_code_sets.len());
+    for (i, set) in vetted.key_code_sets.iter().enumerate() {
+        let Some(set) = set.as_deref().and_then(|s| schema.code_set(s)) else {
+            return refuse(format!(
+                "project is pooled across trusts, and every GROUP BY key must be a column with \
+                 a public code set, so every trust lays out the same cells without saying \
+                 which groups it has; key {} has none (group by a coded column such as \
+                 site_icd10_o2_3char, stage_best or gender)",
+                i + 1
+            ));
+        };
+        domain.push(set.codes.iter().map(|c| c.code.clone()).collect::<Vec<_>>());
+    }
+    let max_cells = policy.query.max_groups;
+    let cells = domain
+        .iter()
+        .try_fold(1usize, |n, codes| n.checked_mul(codes.len() + 1));
+    if cells.is_none_or(|c| c > max_cells) {
+        return Err(Refusal::new(
+            Rule::TooManyGroups,
+            format!(
+                "a pooled answer has one cell per combination of its keys' codes, more than \
+                 the {max_cells} this pool allows; group by fewer keys"
+            ),
+        ));
+    }
+    sdc.patient_cap = u64::MAX;
+    sdc.pool = Some(Box::new(PoolNeeds {
+        parameters: PoolParameters::new(&project.id, pool, &policy.disclosure, max_cells),
+        domain,
+    }));
+    Ok(Needs::Sdc(sdc))
 }
 
 /// The first argument of an aggregate expression.
@@ -338,6 +424,9 @@ pub fn release(
 ) -> Result<Release, ReleaseError> {
     let max_groups = policy.query.max_groups;
     match needs {
+        Needs::Sdc(sdc) if sdc.pool.is_some() => Err(ReleaseError::Internal(
+            "a pooled project's answer is masked for its pool, never released by one trust",
+        )),
         Needs::Sdc(sdc) => {
             let protected = sdc::protect_with(answer, &policy.disclosure, &sdc.reads, max_groups)?;
             Ok(Release {

@@ -2,11 +2,14 @@
 //! release rules.
 
 use arrow::array::RecordBatch;
+use serde::{Deserialize, Serialize};
+use trustql_protocol::{AnswerColumn, ColumnKind};
 
 use crate::contribution::MOMENT_AGGREGATES;
 
 /// Where a column of the partial answer comes from, as the node planned it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Source {
     /// A GROUP BY key (null where a grouping set rolls it up).
     Key,
@@ -28,7 +31,8 @@ pub enum Source {
 }
 
 /// One column of a partial answer: where it comes from and which aggregate state it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StateColumn {
     /// The column's name in the answer.
     pub name: String,
@@ -146,6 +150,24 @@ impl StateColumn {
             aggregate: None,
             function: String::new(),
             state: String::new(),
+        }
+    }
+
+    /// How the column is described on the wire.
+    pub fn wire(&self) -> AnswerColumn {
+        AnswerColumn {
+            name: self.name.clone(),
+            kind: match self.source {
+                Source::Key => ColumnKind::Key,
+                Source::GroupingId => ColumnKind::GroupingId,
+                // Per-aggregate counts and cell keys never leave (the release drops them).
+                Source::Patients | Source::AggregatePatients | Source::CellKey => {
+                    ColumnKind::Patients
+                }
+                Source::DistinctCount => ColumnKind::DistinctCount,
+                Source::State => ColumnKind::State,
+            },
+            aggregate: self.aggregate,
         }
     }
 

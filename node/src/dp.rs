@@ -114,6 +114,7 @@ impl SiteEngine {
                 delta: needs.delta,
                 answer: Vec::new(),
                 day: None,
+                members: Vec::new(),
             };
             write(&ledger, spend).await?;
         }
@@ -149,6 +150,7 @@ impl SiteEngine {
             delta: 0.0,
             answer: encode(&answer.batch)?,
             day: None,
+            members: Vec::new(),
         };
         write(&turn.ledger, released).await?;
         Ok(answer)

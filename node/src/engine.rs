@@ -29,8 +29,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use trustql_budget::Ledger;
 use trustql_policies::{
     ApprovedPolicy, Contributions, Needs, PartialAnswer, PoolRound, Refusal, ReleaseReport, Rule,
-    SdcNeeds, StateColumn, Terms, aggregate_of, argument_of, authorise, contribute, locked_session,
-    needs, release, vet_sql,
+    SdcNeeds, StateColumn, Terms, aggregate_of, argument_of, authorise, bind_pool, contribute,
+    locked_session, needs, release, vet_sql,
 };
 use trustql_protocol::{
     AnswerColumn, AnswerMeta, ColumnKind, MASKED_COLUMN, PATIENTS_COLUMN, PooledMeta, SiteRequest,
@@ -99,6 +99,10 @@ pub struct SiteEngine {
     pub(crate) record_keys: Option<Arc<RecordKeys>>,
     /// This trust's pool key pair and its peers' keys, for pooled projects.
     pool_keys: Option<Arc<PoolKeys>>,
+    /// One pooled question bound at a time, so two requests cannot bind it to two sets.
+    pool_turn: tokio::sync::Mutex<()>,
+    /// Without a ledger: the member set each (project, question) was contributed to.
+    pool_rounds: std::sync::Mutex<std::collections::HashMap<(String, String), Vec<String>>>,
 }
 
 impl SiteEngine {
@@ -183,6 +187,8 @@ impl SiteEngine {
             queries: Default::default(),
             record_keys: None,
             pool_keys: None,
+            pool_turn: tokio::sync::Mutex::new(()),
+            pool_rounds: Default::default(),
         })
     }
 
@@ -299,7 +305,9 @@ impl SiteEngine {
         if let Needs::Sdc(sdc) = needs
             && sdc.pool.is_some()
         {
-            let (batch, meta) = self.pooled(request, sdc, &partial, allowance)?;
+            let (batch, meta) = self
+                .pooled(request, sdc, &partial, allowance, &plan_fingerprint)
+                .await?;
             return Ok(SiteAnswer {
                 batch,
                 meta,
@@ -372,12 +380,13 @@ impl SiteEngine {
 
     /// A pooled project's answer: the states over every public cell, masked for the pool, as
     /// one column of words. Nothing is protected here: the pool's rules protect the total.
-    fn pooled(
+    async fn pooled(
         &self,
         request: &SiteRequest,
         sdc: &SdcNeeds,
         partial: &PartialAnswer,
         allowance: Option<trustql_protocol::AllowanceLeft>,
+        plan_fingerprint: &str,
     ) -> Result<(RecordBatch, AnswerMeta), NodeError> {
         let keys = self
             .pool_keys
@@ -389,6 +398,44 @@ impl SiteEngine {
             .ok_or_else(|| internal("a pooled answer without its pool"))?;
         let members = pool.parameters.members.clone();
         let peers = keys.peers_in(&self.trust, &members)?;
+        // The question is bound to this member set, durably, before anything is sent.
+        let _turn = self.pool_turn.lock().await;
+        let question = (request.project.clone(), plan_fingerprint.to_string());
+        let recorded = match &self.ledger {
+            Some(ledger) => ledger.pool_members(&question.0, &question.1),
+            None => self
+                .pool_rounds
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&question)
+                .cloned(),
+        };
+        if bind_pool(recorded.as_deref(), &members)? {
+            match &self.ledger {
+                Some(ledger) => {
+                    let line = trustql_budget::Charge::pool(
+                        &question.0,
+                        &request.researcher,
+                        &request.request_id,
+                        &question.1,
+                        members.clone(),
+                        trustql_policies::now_rfc3339(),
+                    );
+                    let ledger = Arc::clone(ledger);
+                    tokio::task::spawn_blocking(move || ledger.charge(line))
+                        .await
+                        .map_err(|_| {
+                            NodeError::Budget("the ledger write did not finish".into())
+                        })??;
+                }
+                None => {
+                    self.pool_rounds
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(question, members.clone());
+                }
+            }
+        }
         let contribution = contribute(
             sdc,
             partial,

@@ -123,6 +123,12 @@ impl NodeService {
                 .and_then(|a| a.meta.dp.as_ref())
                 .map(|dp| dp.epsilon_charged),
             trusts: Vec::new(),
+            pool: outcome
+                .as_ref()
+                .ok()
+                .and_then(|a| a.meta.pool.as_ref())
+                .map(|p| p.members.clone())
+                .unwrap_or_default(),
         }
     }
 }

@@ -71,12 +71,13 @@ async fn member(
     let config = PoolConfig {
         peers: TRUSTS
             .iter()
+            .chain(std::iter::once(&"TQ04"))
             .enumerate()
             .filter(|(i, _)| *i != index)
             .map(|(i, t)| (t.to_string(), peers(i)))
             .collect(),
     };
-    SiteEngine::open(
+    let engine = SiteEngine::open(
         trust,
         common::schema(),
         policy,
@@ -89,7 +90,11 @@ async fn member(
     .await
     .expect("record keys")
     .with_pool_keys(PoolKeys::new(secret(index), &config).expect("keys"))
-    .expect("every member pinned")
+    .expect("every member pinned");
+    // Every member keeps its ledger in the test's directory, by trust.
+    let ledger = trustql_budget::Ledger::open(&dir.join(format!("state-{trust}/budget.ledger")))
+        .expect("ledger");
+    engine.with_ledger(std::sync::Arc::new(ledger))
 }
 
 async fn pool(dir: &std::path::Path, fed: &std::path::Path, disclosure: &str) -> Vec<SiteEngine> {
@@ -316,4 +321,43 @@ async fn a_member_without_every_peer_pinned_does_not_start() {
         Err(NodeError::Pool(reason)) => assert!(reason.contains("TQ03"), "{reason}"),
         other => panic!("{:?}", other.map(|_| ())),
     }
+}
+
+#[tokio::test]
+async fn a_question_is_contributed_to_one_member_set_only_even_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fed = synth(dir.path());
+    let sql = "SELECT stage_best, COUNT(*) FROM sim_av_tumour GROUP BY 1";
+    let first = member(dir.path(), &fed, "TQ01", UNPROTECTED, &TRUSTS, public_hex).await;
+    first
+        .answer(&request(sql), today())
+        .await
+        .expect("answered");
+    // Asked again, for the same set: answered.
+    let mut again = request(sql);
+    again.request_id = "r2".into();
+    first
+        .answer(&again, today())
+        .await
+        .expect("the same set again");
+    drop(first);
+    // The controller changes the pool; the node restarts on the same ledger.
+    let other = ["TQ01", "TQ02", "TQ04"];
+    let changed = member(dir.path(), &fed, "TQ01", UNPROTECTED, &other, public_hex).await;
+    let mut third = request(sql);
+    third.request_id = "r3".into();
+    match changed.answer(&third, today()).await {
+        Err(NodeError::Refused(r)) => {
+            assert_eq!(r.rule, Rule::Pool);
+            assert!(r.reason.contains("TQ01, TQ02, TQ03"), "{r}");
+        }
+        other => panic!("{:?}", other.map(|a| a.meta)),
+    }
+    // Another question is free to go to the new set.
+    let mut fresh = request("SELECT gender, COUNT(*) FROM sim_av_patient GROUP BY 1");
+    fresh.request_id = "r4".into();
+    changed
+        .answer(&fresh, today())
+        .await
+        .expect("a new question");
 }

@@ -54,8 +54,8 @@ pub use release::{
     AnswerProtection, Budget, Contributions, DisclosureReport, DpNeeds, DpReport, Moment, Needs,
     NoisyColumn, PartialAnswer, PoolNeeds, PoolParameters, PoolRound, PooledColumn,
     PooledContribution, PooledLayout, Protected, Release, ReleaseError, ReleaseReport, Role,
-    SdcNeeds, Source, StateColumn, Terms, TotalsRules, argument_of, contribute, needs, pool_hash,
-    protect, release, release_pooled, round, round_count,
+    SdcNeeds, Source, StateColumn, Terms, TotalsRules, argument_of, bind_pool, contribute, needs,
+    pool_hash, protect, release, release_pooled, round, round_count,
 };
 pub use session::{ALLOWED_SCALAR_FUNCTIONS, locked_session, plan_sql, sql_options};
 pub use text::{TextLimits, check_text};

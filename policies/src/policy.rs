@@ -931,11 +931,13 @@ impl Policy {
                 let _ = writeln!(
                     out,
                     "    pooled with {}: this trust sends its exact counts over every public cell \
-                     of a query, masked so that only the sum over all members means anything; \
-                     the coordinator adds them and applies the [disclosure] rules above once, \
-                     to the pooled total (every member must approve the same rules and \
-                     members); counts only, grouped by columns with public code sets; a patient \
-                     treated at two members is counted at both",
+                     of a query, masked so that only the sum over all members means anything \
+                     (no one sees this trust's numbers); the coordinator adds them, so it sees \
+                     the EXACT POOLED TOTALS, before it applies the [disclosure] rules above \
+                     once, to them: approve a pool only with a coordinator you trust with \
+                     those (every member must approve the same rules and members); counts \
+                     only, grouped by columns with public code sets; a patient treated at two \
+                     members is counted at both, so set min_patients with that in mind",
                     pool.members.join(", ")
                 );
             }

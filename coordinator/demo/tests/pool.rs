@@ -144,6 +144,42 @@ async fn cell_key_perturbs_the_pooled_total_once() {
 }
 
 #[tokio::test]
+async fn every_panel_query_pooled_mode_takes_equals_one_process_over_the_union() {
+    let fed = launch(&DemoOptions {
+        trusts: 3,
+        patients: 6_000,
+        seed: 17,
+        node_deadline_ms: 20_000,
+        unprotected: true,
+        pool: true,
+        ..DemoOptions::default()
+    })
+    .await
+    .expect("launch");
+    let mut client = client(&fed).await;
+    let central = central(&fed).await;
+    let mut pooled = 0;
+    for sql in oracle::PANEL {
+        match client.query(sql).await {
+            Ok(result) => {
+                let got = one(&result);
+                let want = oracle::run(&central, sql).await;
+                oracle::assert_same(sql, &got, &want, sql.contains("ORDER BY"));
+                let coverage = result.coverage.expect("coverage");
+                assert!(
+                    coverage.notes.iter().any(|n| n.starts_with("pooled over")),
+                    "{sql}: {coverage}"
+                );
+                pooled += 1;
+            }
+            // What does not pool is refused, saying so.
+            Err(e) => assert!(e.to_string().contains("(pool)"), "{sql}: {e}"),
+        }
+    }
+    assert!(pooled >= 5, "only {pooled} panel queries pooled");
+}
+
+#[tokio::test]
 async fn pooled_projects_refuse_what_does_not_pool() {
     let fed = federation(true).await;
     let mut client = client(&fed).await;

@@ -600,6 +600,8 @@ fn audit_entry(
         policy_hash: String::new(),
         epsilon: None,
         trusts,
+        // Each member's own record names its pool.
+        pool: Vec::new(),
     }
 }
 

@@ -53,6 +53,10 @@ pub struct AuditEntry {
     /// so records written before it existed hash as they did).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusts: Vec<TrustOutcome>,
+    /// For a pooled project's answer: the pool's members it was masked for (absent otherwise,
+    /// so earlier records hash as they did).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pool: Vec<String>,
 }
 
 /// What became of a request at one trust, as the coordinator records it.
@@ -81,6 +85,7 @@ impl AuditEntry {
             policy_hash: policy_hash.to_string(),
             epsilon: None,
             trusts: Vec::new(),
+            pool: Vec::new(),
         }
     }
 }

@@ -26,6 +26,7 @@ fn entry(n: usize) -> AuditEntry {
         policy_hash: "cd".repeat(32),
         epsilon: None,
         trusts: Vec::new(),
+        pool: Vec::new(),
     }
 }
 

@@ -61,6 +61,9 @@ pub enum Kind {
     /// A query of a project outside DP ran on `day`: counted against its query allowance,
     /// spending no ε and keeping no answer.
     Query,
+    /// A pooled project's question was contributed to the pool `members`: the node answers it
+    /// for that member set only, ever (a second set would let the coordinator subtract).
+    Pool,
 }
 
 /// One line of the ledger: a release, a spend, or a released answer.
@@ -89,6 +92,9 @@ pub struct Charge {
     /// For a `Query`: the day it was answered (days since 1970-01-01, UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub day: Option<i32>,
+    /// For a `Pool`: the members the question was contributed to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
 }
 
 impl Charge {
@@ -112,6 +118,31 @@ impl Charge {
             delta: 0.0,
             answer: Vec::new(),
             day: Some(day),
+            members: Vec::new(),
+        }
+    }
+
+    /// The `Pool` line: `project`'s question `query_key` contributed to `members`.
+    pub fn pool(
+        project: &str,
+        researcher: &str,
+        request_id: &str,
+        query_key: &str,
+        members: Vec<String>,
+        at: String,
+    ) -> Charge {
+        Charge {
+            kind: Kind::Pool,
+            at,
+            project: project.to_string(),
+            researcher: researcher.to_string(),
+            request_id: request_id.to_string(),
+            query_key: query_key.to_string(),
+            epsilon: 0.0,
+            delta: 0.0,
+            answer: Vec::new(),
+            day: None,
+            members,
         }
     }
 }
@@ -203,6 +234,8 @@ struct State {
     spent: HashMap<String, Spend>,
     answers: HashMap<(String, String), Vec<u8>>,
     queries: Queries,
+    /// (project, question) → the member set it was first contributed to.
+    pools: HashMap<(String, String), Vec<String>>,
 }
 
 /// The ledger of one node.
@@ -331,6 +364,14 @@ impl Ledger {
         self.lock_state().queries.clone()
     }
 
+    /// The member set `project`'s question `query_key` was contributed to, if it was.
+    pub fn pool_members(&self, project: &str, query_key: &str) -> Option<Vec<String>> {
+        self.lock_state()
+            .pools
+            .get(&(project.to_string(), query_key.to_string()))
+            .cloned()
+    }
+
     /// The answer already released to `project` for this query key, if any.
     pub fn cached(&self, project: &str, query_key: &str) -> Option<Vec<u8>> {
         self.lock_state()
@@ -373,6 +414,13 @@ impl Ledger {
 
 impl State {
     fn apply(&mut self, charge: Charge) {
+        if charge.kind == Kind::Pool {
+            // The first set stays: a later line can never widen what was promised.
+            self.pools
+                .entry((charge.project, charge.query_key))
+                .or_insert(charge.members);
+            return;
+        }
         if charge.kind == Kind::Query {
             // A line without its day is not a count the node wrote; it counts on day 0.
             let day = charge.day.unwrap_or_default();
@@ -433,7 +481,25 @@ mod tests {
             delta: 0.0,
             answer: vec![0, 1, 254, 255],
             day: None,
+            members: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_pooled_question_keeps_its_first_member_set_across_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("budget.ledger");
+        let ledger = Ledger::open(&path).expect("open");
+        let set = |m: &[&str]| m.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let line = |members| Charge::pool("p", "r", "q", "k", members, "t".into());
+        ledger.charge(line(set(&["A", "B", "C"]))).expect("charge");
+        // A later line for another set never replaces the first.
+        ledger.charge(line(set(&["A", "B", "D"]))).expect("charge");
+        drop(ledger);
+        let ledger = Ledger::open(&path).expect("reopen");
+        assert_eq!(ledger.pool_members("p", "k"), Some(set(&["A", "B", "C"])));
+        assert_eq!(ledger.pool_members("p", "other"), None);
+        assert_eq!(ledger.spent("p").releases, 0, "a pool line spends nothing");
     }
 
     #[test]

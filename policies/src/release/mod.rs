@@ -32,7 +32,7 @@ use crate::vet::Vetted;
 pub use budget::Budget;
 pub use pooled::{
     PoolNeeds, PoolParameters, PoolRound, PooledColumn, PooledContribution, PooledLayout,
-    contribute, pool_hash, release_pooled,
+    bind_pool, contribute, pool_hash, release_pooled,
 };
 pub use sdc::{DisclosureReport, Protected, protect, round, round_count};
 pub use state::{Contributions, Moment, PartialAnswer, Role, Source, StateColumn};

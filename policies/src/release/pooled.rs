@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use trustql_pool::{Layout, MaskContext, PoolPublicKey, PoolSecret, decode_count, encode_count};
 
 use crate::policy::{CellKeyRules, Disclosure, Method, ProjectPool, Rounding};
+use crate::refusal::{Refusal, Rule};
 use crate::release::sdc::{self, internal};
 use crate::release::{
     AnswerProtection, PartialAnswer, Release, ReleaseError, ReleaseReport, Role, SdcNeeds,
@@ -195,6 +196,26 @@ impl PooledLayout {
         self.cells()?
             .checked_mul(self.states())
             .ok_or(internal("too many pooled cells"))
+    }
+}
+
+/// Whether a trust may contribute a question to the pool `members`, given the member set it
+/// first contributed that question to (`recorded`): only to that one, ever. A second set would
+/// let the coordinator subtract one pooled total from another and get a member's numbers.
+/// `Ok(true)` when the set is new and must be recorded before anything is sent.
+pub fn bind_pool(recorded: Option<&[String]>, members: &[String]) -> Result<bool, Refusal> {
+    match recorded {
+        None => Ok(true),
+        Some(set) if set == members => Ok(false),
+        Some(set) => Err(Refusal::new(
+            Rule::Pool,
+            format!(
+                "this trust already contributed this question to the pool {}; it answers a \
+                 question for one member set only (another would let two pooled totals be \
+                 subtracted), whatever the policy now lists",
+                set.join(", ")
+            ),
+        )),
     }
 }
 

@@ -57,7 +57,10 @@ pub use release::{
     SdcNeeds, Source, StateColumn, Terms, TotalsRules, argument_of, bind_pool, contribute, needs,
     pool_hash, protect, release, release_pooled, round, round_count,
 };
-pub use session::{ALLOWED_SCALAR_FUNCTIONS, locked_session, plan_sql, sql_options};
+pub use session::{
+    ALLOWED_SCALAR_FUNCTIONS, LOCKED_OUT_OPTIMIZER_RULES, locked_session, optimizer_rules_without,
+    plan_sql, sql_options,
+};
 pub use text::{TextLimits, check_text};
 pub use total::{TOTAL_FUNCTIONS, TotalArithmetic, TotalExpressions, make_total};
 pub use vet::{Vetted, aggregate_of, authorise, vet_plan, vet_sql, vet_text};

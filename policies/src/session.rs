@@ -66,6 +66,29 @@ pub fn sql_options() -> SQLOptions {
         .with_allow_statements(false)
 }
 
+/// Optimiser rules every TrustQL plan goes without, at the nodes and at the coordinator alike.
+/// Sharing one accumulator between identical aggregates would reshape the states a node ships
+/// and the coordinator merges (keep one state per written aggregate); the distinct rewrite nests
+/// an aggregation; and a grouped aggregate over an input the optimiser proves empty
+/// (`WHERE x = 'a' AND x = 'b'`) stays an aggregate, answered with no groups as any empty input
+/// is, rather than collapsing into a plan with no aggregation to merge.
+pub const LOCKED_OUT_OPTIMIZER_RULES: &[&str] = &[
+    "single_distinct_aggregation_to_group_by",
+    "common_sub_expression_eliminate",
+    "propagate_empty_relation",
+];
+
+/// DataFusion's optimiser rules less [`LOCKED_OUT_OPTIMIZER_RULES`] and `also`.
+pub fn optimizer_rules_without(
+    also: &[&str],
+) -> Vec<Arc<dyn datafusion::optimizer::OptimizerRule + Send + Sync>> {
+    Optimizer::new()
+        .rules
+        .into_iter()
+        .filter(|r| !LOCKED_OUT_OPTIMIZER_RULES.contains(&r.name()) && !also.contains(&r.name()))
+        .collect()
+}
+
 /// A session with only the allow-listed functions.
 pub fn locked_session(config: SessionConfig, runtime: Arc<RuntimeEnv>) -> SessionContext {
     let scalar = datafusion::functions::all_default_functions()
@@ -92,22 +115,7 @@ pub fn locked_session(config: SessionConfig, runtime: Arc<RuntimeEnv>) -> Sessio
     // Rules that would break two-phase aggregation across the network: fusing Partial and
     // Final, answering COUNT(*) from statistics, rewriting COUNT(DISTINCT) into a nested
     // aggregation whose first phase has one row per distinct value, and merging aggregates.
-    let optimizer_rules = Optimizer::new()
-        .rules
-        .into_iter()
-        // Sharing one accumulator between identical aggregates would reshape the states a
-        // node ships and the coordinator merges; keep one state per written aggregate. A
-        // grouped aggregate over an input the optimiser proves empty (`WHERE x = 'a' AND
-        // x = 'b'`) stays an aggregate, answered with no groups as any empty input is.
-        .filter(|r| {
-            !matches!(
-                r.name(),
-                "single_distinct_aggregation_to_group_by"
-                    | "common_sub_expression_eliminate"
-                    | "propagate_empty_relation"
-            )
-        })
-        .collect();
+    let optimizer_rules = optimizer_rules_without(&[]);
     let physical_rules = PhysicalOptimizer::new()
         .rules
         .into_iter()

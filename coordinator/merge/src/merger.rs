@@ -17,11 +17,12 @@ use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
     Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, cast as cast_expr, lit, when,
 };
-use datafusion::optimizer::Optimizer;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::prelude::{SessionConfig, SessionContext};
-use trustql_policies::{Refusal, Rule, TotalsRules, aggregate_of, locked_session, plan_sql};
+use trustql_policies::{
+    Refusal, Rule, TotalsRules, aggregate_of, locked_session, optimizer_rules_without, plan_sql,
+};
 use trustql_protocol::{AnswerMeta, ColumnKind, PATIENTS_COLUMN};
 use trustql_schemas::TrustSchema;
 
@@ -65,18 +66,7 @@ impl Merger {
             SessionConfig::new().with_target_partitions(1),
             Arc::new(RuntimeEnv::default()),
         );
-        let rules = Optimizer::new()
-            .rules
-            .into_iter()
-            .filter(|r| {
-                !matches!(
-                    r.name(),
-                    "push_down_filter"
-                        | "single_distinct_aggregation_to_group_by"
-                        | "common_sub_expression_eliminate"
-                )
-            })
-            .collect();
+        let rules = optimizer_rules_without(&["push_down_filter"]);
         let state = SessionStateBuilder::new_from_existing(locked.state())
             .with_optimizer_rules(rules)
             .build();

@@ -245,3 +245,25 @@ async fn keys_of_one_name_from_two_tables_keep_their_own_columns_through_a_rollu
         .collect();
     assert_eq!(outputs, [("a0", "stddev_pop"), ("a1", "sum")]);
 }
+
+#[tokio::test]
+async fn a_filter_no_row_can_pass_gives_no_groups_not_a_refusal() {
+    // The optimiser proves these inputs empty; the coordinator must still plan the two-phase
+    // aggregation the nodes do (a randomised-SQL failure: the merge's own rule list had kept
+    // `propagate_empty_relation`), and answer as one process over the union does.
+    let fed = federation().await;
+    for sql in [
+        "SELECT ethnicity, COUNT(*) FROM sim_av_patient WHERE deathlocationcode IN ('1', '6') \
+         AND deathlocationcode IN ('2') GROUP BY ethnicity",
+        "SELECT ethnicity, COUNT(*) FROM sim_av_patient WHERE gender = '1' AND gender = '2' \
+         GROUP BY ethnicity HAVING COUNT(DISTINCT patientid) >= 50",
+    ] {
+        let got = federated(&fed, sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(got.num_rows(), 0, "{sql}");
+        let union = fed.union.sql(sql).await.expect("sql").collect().await;
+        let rows: usize = union.expect("collect").iter().map(|b| b.num_rows()).sum();
+        assert_eq!(rows, 0, "{sql}");
+    }
+}

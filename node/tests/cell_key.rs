@@ -17,15 +17,7 @@ const TODAY: i32 = 20_415; // 2025-11-23
 
 const CELL_KEY: &str = "method = \"cell_key\"\nmin_patients = 10\nrounding = \"none\"";
 
-fn request(sql: &str) -> SiteRequest {
-    SiteRequest {
-        request_id: "r1".into(),
-        researcher: "alice".into(),
-        project: "p1".into(),
-        sql: sql.into(),
-        ..Default::default()
-    }
-}
+use common::request;
 
 async fn engine(dir: &std::path::Path, disclosure: &str) -> SiteEngine {
     let fed = common::synth(dir, 3_000);

@@ -15,17 +15,9 @@ use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::prelude::SessionContext;
 use trustql_node::{Limits, NodeError, SiteEngine};
 use trustql_policies::Rule;
-use trustql_protocol::{ColumnKind, PATIENTS_COLUMN, SiteRequest};
+use trustql_protocol::{ColumnKind, PATIENTS_COLUMN};
 
-fn request(sql: &str) -> SiteRequest {
-    SiteRequest {
-        request_id: "r1".into(),
-        researcher: "alice".into(),
-        project: "p1".into(),
-        sql: sql.into(),
-        ..Default::default()
-    }
-}
+use common::request;
 
 const TODAY: i32 = 20_415; // 2025-11-23
 

@@ -14,7 +14,7 @@ use datafusion::prelude::SessionContext;
 use trustql_node::{NodeError, PoolConfig, PoolKeys, SiteAnswer, SiteEngine};
 use trustql_policies::{Rule, approve, load_approved, release_pooled, today};
 use trustql_pool::{Layout, PoolError};
-use trustql_protocol::{ColumnKind, MASKED_COLUMN, SiteRequest};
+use trustql_protocol::{ColumnKind, MASKED_COLUMN};
 use trustql_synth::{SynthConfig, generate};
 
 const TRUSTS: [&str; 3] = ["TQ01", "TQ02", "TQ03"];
@@ -105,15 +105,7 @@ async fn pool(dir: &std::path::Path, fed: &std::path::Path, disclosure: &str) ->
     engines
 }
 
-fn request(sql: &str) -> SiteRequest {
-    SiteRequest {
-        request_id: "r1".into(),
-        researcher: "alice".into(),
-        project: "p1".into(),
-        sql: sql.into(),
-        ..Default::default()
-    }
-}
+use common::request;
 
 async fn answers(engines: &[SiteEngine], sql: &str) -> Vec<SiteAnswer> {
     let mut out = Vec::new();

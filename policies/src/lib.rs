@@ -23,6 +23,7 @@ pub mod cellkey;
 mod contribution;
 mod date;
 mod error;
+mod grid;
 mod noise;
 mod policy;
 mod refusal;

@@ -11,9 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch, StringArray, UInt32Array,
-};
+use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch, UInt32Array};
 use arrow::compute::{cast, concat, take};
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use arrow::row::{RowConverter, SortField};
@@ -187,25 +185,11 @@ fn complete(
         return Ok(None);
     }
     // The full grid, one array per key, in each key's type.
-    let mut grid: Vec<ArrayRef> = Vec::with_capacity(keys.len());
-    let mut repeat = size;
-    for (codes, &k) in domain.iter().zip(keys) {
-        let values: Vec<Option<&str>> = codes
-            .iter()
-            .map(|c| Some(c.as_str()))
-            .chain(std::iter::once(None))
-            .collect();
-        repeat /= values.len();
-        let cycle = size / (repeat * values.len());
-        let column: StringArray = (0..cycle)
-            .flat_map(|_| {
-                values
-                    .iter()
-                    .flat_map(move |v| std::iter::repeat_n(*v, repeat))
-            })
-            .collect();
-        grid.push(cast(&column, batch.column(k).data_type()).map_err(arrow_error)?);
-    }
+    let types: Vec<_> = keys
+        .iter()
+        .map(|&k| batch.column(k).data_type().clone())
+        .collect();
+    let grid = crate::grid::public_grid(domain, &types).map_err(arrow_error)?;
     let fields = keys
         .iter()
         .map(|&k| SortField::new(batch.column(k).data_type().clone()))
@@ -398,6 +382,7 @@ fn arrow_error(e: arrow::error::ArrowError) -> PolicyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow::array::StringArray;
     use arrow::datatypes::{Field, Schema};
 
     fn variance(values: &[f64]) -> f64 {

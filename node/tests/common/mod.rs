@@ -28,6 +28,17 @@ pub(crate) fn synth(dir: &Path, patients: u64) -> PathBuf {
     out
 }
 
+/// Researcher alice's request `r1` of project p1.
+pub(crate) fn request(sql: &str) -> trustql_protocol::SiteRequest {
+    trustql_protocol::SiteRequest {
+        request_id: "r1".into(),
+        researcher: "alice".into(),
+        project: "p1".into(),
+        sql: sql.into(),
+        ..Default::default()
+    }
+}
+
 /// A plain DataFusion session (no TrustQL rules) over one site's Parquet, for exact answers.
 pub(crate) async fn plain_session(site: &Path) -> datafusion::prelude::SessionContext {
     let ctx = datafusion::prelude::SessionContext::new();

@@ -323,10 +323,7 @@ fn pooled_needs(
         domain.push(set.codes.iter().map(|c| c.code.clone()).collect::<Vec<_>>());
     }
     let max_cells = policy.query.max_groups;
-    let cells = domain
-        .iter()
-        .try_fold(1usize, |n, codes| n.checked_mul(codes.len() + 1));
-    if cells.is_none_or(|c| c > max_cells) {
+    if crate::grid::cells(&domain).is_none_or(|c| c > max_cells) {
         return Err(Refusal::new(
             Rule::TooManyGroups,
             format!(

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, StringArray, UInt64Array};
+use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, UInt64Array};
 use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, UInt64Type};
 use arrow::row::{RowConverter, SortField};
@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use trustql_pool::{Layout, MaskContext, PoolPublicKey, PoolSecret, decode_count, encode_count};
 
+use crate::grid::{self, public_grid};
 use crate::policy::{CellKeyRules, Disclosure, Method, ProjectPool, Rounding};
 use crate::refusal::{Refusal, Rule};
 use crate::release::sdc::{self, internal};
@@ -186,10 +187,8 @@ impl PooledLayout {
 
     /// The cells: every combination of every key's codes and null.
     fn cells(&self) -> Result<usize, ReleaseError> {
-        self.keys().try_fold(1usize, |n, k| {
-            n.checked_mul(k.codes.as_ref().map_or(1, |c| c.len() + 1))
-                .ok_or(internal("too many pooled cells"))
-        })
+        let domain: Vec<Vec<String>> = self.keys().filter_map(|k| k.codes.clone()).collect();
+        grid::cells(&domain).ok_or(internal("too many pooled cells"))
     }
 
     fn words(&self) -> Result<usize, ReleaseError> {
@@ -365,7 +364,8 @@ fn cell_index(
         .iter()
         .map(|&k| batch.column(k).data_type().clone())
         .collect();
-    let grid = grid(domain, &types)?;
+    let grid =
+        public_grid(domain, &types).map_err(|_| internal("a key's codes do not fit its type"))?;
     let converter = RowConverter::new(types.into_iter().map(SortField::new).collect())
         .map_err(|_| internal("could not compare pooled keys"))?;
     let all = converter
@@ -388,40 +388,6 @@ fn cell_index(
                 .ok_or(internal("a group outside its keys' public codes"))
         })
         .collect()
-}
-
-/// The full grid of the keys' codes (and null), the last key varying fastest, one array per
-/// key in its own type.
-pub(crate) fn grid(
-    domain: &[Vec<String>],
-    types: &[DataType],
-) -> Result<Vec<ArrayRef>, ReleaseError> {
-    let size = domain
-        .iter()
-        .try_fold(1usize, |n, codes| n.checked_mul(codes.len() + 1))
-        .ok_or(internal("too many pooled cells"))?;
-    let mut repeat = size;
-    let mut grid = Vec::with_capacity(domain.len());
-    for (codes, data_type) in domain.iter().zip(types) {
-        let values: Vec<Option<&str>> = codes
-            .iter()
-            .map(|c| Some(c.as_str()))
-            .chain(std::iter::once(None))
-            .collect();
-        repeat /= values.len();
-        let cycle = size / (repeat * values.len());
-        let column: StringArray = (0..cycle)
-            .flat_map(|_| {
-                values
-                    .iter()
-                    .flat_map(move |v| std::iter::repeat_n(*v, repeat))
-            })
-            .collect();
-        grid.push(
-            cast(&column, data_type).map_err(|_| internal("a key's codes do not fit its type"))?,
-        );
-    }
-    Ok(grid)
 }
 
 /// A state column as words of Z_2^64: counts in two's complement, cell keys as they are.
@@ -472,7 +438,9 @@ pub fn release_pooled(
         .map(|(_, t)| t.clone())
         .collect();
     let domain: Vec<Vec<String>> = layout.keys().filter_map(|k| k.codes.clone()).collect();
-    let mut grid = grid(&domain, &key_types)?.into_iter();
+    let mut grid = public_grid(&domain, &key_types)
+        .map_err(|_| internal("a key's codes do not fit its type"))?
+        .into_iter();
     let mut arrays: Vec<ArrayRef> = Vec::with_capacity(layout.columns.len());
     let mut state = 0;
     for (column, data_type) in layout.columns.iter().zip(&types) {

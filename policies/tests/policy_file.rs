@@ -49,6 +49,7 @@ fn examples_lint_clean() {
         "strict.toml",
         "dp.toml",
         "cell-key.toml",
+        "pooled.toml",
     ] {
         let text = std::fs::read_to_string(example(name)).expect("example");
         let policy = Policy::from_toml(&text).expect(name);

@@ -32,7 +32,7 @@ use trustql_benches::{
     open_node_without_keys, panel_request,
 };
 use trustql_node::{NodeError, RecordKeySecret, SiteAnswer, SiteEngine};
-use trustql_policies::today;
+use trustql_policies::{PATIENT_COUNT_CAP, today};
 use trustql_protocol::{AnswerColumn, ColumnKind};
 use trustql_schemas::{TrustSchema, table_path};
 
@@ -53,8 +53,12 @@ struct Args {
 /// What a released number is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// COUNT's count, COUNT(DISTINCT)'s, or the patient count.
+    /// COUNT's count or COUNT(DISTINCT)'s.
     Count,
+    /// The group's distinct-patient count: compared, as a count, only where the rounding
+    /// node counts it exactly (at most [`PATIENT_COUNT_CAP`]; past it, thresholds and
+    /// rounding need no more, and its released value is the cap).
+    Patients,
     /// AVG: its sum state over its count state.
     Mean,
     /// VAR or STDDEV (sample or population) from its count and m2 states.
@@ -187,7 +191,7 @@ fn measures(columns: &[AnswerColumn]) -> Result<Vec<Measure>> {
     }
     let patients = patients.context("the answer has no patient count")?;
     out.push(Measure {
-        kind: Kind::Count,
+        kind: Kind::Patients,
         released: vec![patients],
         exact: keys + by_aggregate.len(),
     });
@@ -237,7 +241,7 @@ fn released(batch: &RecordBatch, columns: &[AnswerColumn]) -> Result<Values> {
     let mut per_measure = Vec::new();
     for m in &measures {
         let values = match m.kind {
-            Kind::Count => numbers(batch, m.released[0])?,
+            Kind::Count | Kind::Patients => numbers(batch, m.released[0])?,
             Kind::Mean => {
                 let (sums, counts) = (
                     numbers(batch, m.released[0])?,
@@ -315,7 +319,8 @@ fn errors(released: &Values, exact: &RecordBatch, keys: usize) -> Result<Errors>
             }
             let error = ((value - truth) / truth).abs();
             match m.kind {
-                Kind::Count => {
+                Kind::Patients if truth > PATIENT_COUNT_CAP as f64 => {}
+                Kind::Count | Kind::Patients => {
                     out.counts += 1;
                     out.count_error += error;
                 }
@@ -731,7 +736,7 @@ mod tests {
                     exact: 2
                 },
                 Measure {
-                    kind: Kind::Count,
+                    kind: Kind::Patients,
                     released: vec![4],
                     exact: 3
                 },

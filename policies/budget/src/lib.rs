@@ -108,17 +108,8 @@ impl Charge {
         at: String,
     ) -> Charge {
         Charge {
-            kind: Kind::Query,
-            at,
-            project: project.to_string(),
-            researcher: researcher.to_string(),
-            request_id: request_id.to_string(),
-            query_key: query_key.to_string(),
-            epsilon: 0.0,
-            delta: 0.0,
-            answer: Vec::new(),
             day: Some(day),
-            members: Vec::new(),
+            ..Charge::free(Kind::Query, project, researcher, request_id, query_key, at)
         }
     }
 
@@ -132,7 +123,22 @@ impl Charge {
         at: String,
     ) -> Charge {
         Charge {
-            kind: Kind::Pool,
+            members,
+            ..Charge::free(Kind::Pool, project, researcher, request_id, query_key, at)
+        }
+    }
+
+    /// A line of `kind` that spends nothing and keeps no answer.
+    fn free(
+        kind: Kind,
+        project: &str,
+        researcher: &str,
+        request_id: &str,
+        query_key: &str,
+        at: String,
+    ) -> Charge {
+        Charge {
+            kind,
             at,
             project: project.to_string(),
             researcher: researcher.to_string(),
@@ -142,7 +148,7 @@ impl Charge {
             delta: 0.0,
             answer: Vec::new(),
             day: None,
-            members,
+            members: Vec::new(),
         }
     }
 }

@@ -229,6 +229,30 @@ async fn members_send_only_masked_words_that_add_up_to_the_union() {
 }
 
 #[tokio::test]
+async fn distinct_patients_pool_as_a_count_per_trust() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fed = synth(dir.path());
+    let engines = pool(dir.path(), &fed, UNPROTECTED).await;
+    let sql = "SELECT stage_best, COUNT(DISTINCT patientid) FROM sim_av_tumour GROUP BY 1";
+    let answers = answers(&engines, sql).await;
+    let refs: Vec<&SiteAnswer> = answers.iter().collect();
+    let sum = unmask(&refs).expect("the masks cancel");
+    let meta = answers[0].meta.pool.as_ref().expect("pooled");
+    let released = release_pooled(&meta.parameters, &meta.layout, &sum).expect("released");
+    let distinct: Vec<usize> = released
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.source == trustql_policies::Source::DistinctCount)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(distinct.len(), 1);
+    // Patient ids are local to a trust (no patient is shared here), so the pooled distinct
+    // count is the union's.
+    assert_eq!(by_key(&released.batch, &distinct), union(&fed, sql).await);
+}
+
+#[tokio::test]
 async fn fewer_members_a_wrong_key_or_different_rules_release_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fed = synth(dir.path());

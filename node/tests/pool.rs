@@ -12,7 +12,9 @@ use arrow::compute::cast;
 use arrow::datatypes::{DataType, Int64Type, UInt64Type};
 use datafusion::prelude::SessionContext;
 use trustql_node::{NodeError, PoolConfig, PoolKeys, SiteAnswer, SiteEngine};
-use trustql_policies::{Rule, Source, approve, load_approved, release_pooled, today};
+use trustql_policies::{
+    PoolParameters, Rule, Source, approve, load_approved, release_pooled, today,
+};
 use trustql_pool::{Layout, PoolError};
 use trustql_protocol::{ColumnKind, MASKED_COLUMN};
 use trustql_synth::{SynthConfig, generate};
@@ -140,7 +142,8 @@ fn pooled(answers: &[SiteAnswer], source: Source) -> BTreeMap<String, Vec<i64>> 
     let refs: Vec<&SiteAnswer> = answers.iter().collect();
     let sum = unmask(&refs).expect("the masks cancel");
     let meta = answers[0].meta.pool.as_ref().expect("pooled");
-    let released = release_pooled(&meta.parameters, &meta.layout, &sum).expect("released");
+    let parameters = PoolParameters::from_json(&meta.parameters).expect("parameters");
+    let released = release_pooled(&parameters, &meta.layout, &sum).expect("released");
     let keep: Vec<usize> = released
         .columns
         .iter()

@@ -58,6 +58,14 @@ const WITHHELD_NOTE: &str = "each trust withholds its own groups with too few pa
      released that group; how many groups a trust withheld is not reported, as that number would \
      itself be an exact count";
 
+/// Why a pooled query stops, once its coverage report is written.
+enum PoolStop {
+    /// Fewer members answered than the pool has.
+    Missing { answered: usize, members: usize },
+    /// The members disagreed, or their masks did not cancel.
+    Fault(crate::pool::PoolFault),
+}
+
 /// What the researcher is told about answers perturbed by the cell-key method, with the
 /// largest movement any of their trusts' tables allows.
 fn cell_key_note(tables: &[CellKeyMeta]) -> Option<String> {
@@ -248,42 +256,38 @@ impl Coordinator {
             trust: t.trust.clone(),
             status: t.status,
         }));
-        // A pooled query needs every member: the words of fewer add up to noise.
-        let pool = match pooled_sites.first().and_then(|s| s.meta.pool.as_ref()) {
-            None => None,
-            Some(meta) if pooled_sites.len() < meta.members.len() => {
-                Some(Err((pooled_sites.len(), meta.members.len())))
-            }
-            Some(_) => {
-                let sites: Vec<&SiteStates> = pooled_sites.iter().map(AsRef::as_ref).collect();
-                Some(Ok(crate::pool::combine(&sites)))
-            }
-        };
+        // A pooled query needs every member (the words of fewer add up to noise); its total
+        // stands in `states` for all of them.
         let mut pool_notes = Vec::new();
-        let mut pool_fault = None;
-        let mut pool_missing = None;
-        match pool {
-            None => {}
-            Some(Err(missing)) => pool_missing = Some(missing),
-            Some(Ok(Err(fault))) => {
-                tracing::warn!(id = %request.request_id, error = %fault, "a pooled answer was not released");
-                pool_fault = Some(fault);
+        let mut pool_stop = None;
+        let mut pooled_entry = 0;
+        if let Some(meta) = pooled_sites.first().and_then(|s| s.meta.pool.as_ref()) {
+            if pooled_sites.len() < meta.members.len() {
+                pool_stop = Some(PoolStop::Missing {
+                    answered: pooled_sites.len(),
+                    members: meta.members.len(),
+                });
+            } else {
+                let sites: Vec<&SiteStates> = pooled_sites.iter().map(AsRef::as_ref).collect();
+                match crate::pool::combine(&sites) {
+                    Err(fault) => {
+                        tracing::warn!(id = %request.request_id, error = %fault, "a pooled answer was not released");
+                        pool_stop = Some(PoolStop::Fault(fault));
+                    }
+                    Ok(pooled) => {
+                        let batch = prepared.conform(&pooled.site).map_err(|e| {
+                            tracing::error!(id = %request.request_id, error = %e, "the pooled answer does not fit the query");
+                            CoordinatorError::Internal(
+                                "the pooled answer does not fit the query".into(),
+                            )
+                        })?;
+                        states.push(batch);
+                        pool_notes = pooled.notes;
+                        pooled_entry = 1;
+                    }
+                }
             }
-            Some(Ok(Ok(pooled))) => match prepared.conform(&pooled.site) {
-                Ok(batch) => {
-                    states.push(batch);
-                    pool_notes = pooled.notes;
-                }
-                Err(e) => {
-                    tracing::error!(id = %request.request_id, error = %e, "the pooled answer does not fit the query");
-                    return Err(CoordinatorError::Internal(
-                        "the pooled answer does not fit the query".into(),
-                    ));
-                }
-            },
         }
-        // The pooled total stands in `states` for all its members.
-        let pooled_entry = usize::from(!pool_notes.is_empty());
         let pooled_members = pooled_sites.len();
         let noisy = !noisy_states.is_empty();
         let counted = lines.iter().any(|(t, _)| t.allowance.is_some());
@@ -358,19 +362,22 @@ impl Coordinator {
             notes,
             noise,
         };
-        if let Some((answered, members)) = pool_missing {
-            return Err(CoordinatorError::NoQuorum {
-                answered,
-                total: members,
-                needed: members,
-                coverage: Box::new(coverage),
-            });
-        }
-        if let Some(fault) = pool_fault {
-            return Err(CoordinatorError::Pool {
-                message: fault.to_string(),
-                coverage: Box::new(coverage),
-            });
+        match pool_stop {
+            Some(PoolStop::Missing { answered, members }) => {
+                return Err(CoordinatorError::NoQuorum {
+                    answered,
+                    total: members,
+                    needed: members,
+                    coverage: Box::new(coverage),
+                });
+            }
+            Some(PoolStop::Fault(fault)) => {
+                return Err(CoordinatorError::Pool {
+                    message: fault.to_string(),
+                    coverage: Box::new(coverage),
+                });
+            }
+            None => {}
         }
         let needed = match self.quorum {
             Quorum::All => total,

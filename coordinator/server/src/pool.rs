@@ -76,7 +76,7 @@ pub(crate) fn combine(answers: &[&SiteStates]) -> Result<PooledAnswer, PoolFault
     let sum = layout.unmask(&vectors).map_err(PoolFault::Masks)?;
     let parameters = PoolParameters::from_json(&first.parameters)
         .map_err(|e| PoolFault::Release(e.to_string()))?;
-    let released = release_pooled(&first.parameters, &first.layout, &sum)
+    let released = release_pooled(&parameters, &first.layout, &sum)
         .map_err(|e| PoolFault::Release(e.to_string()))?;
     let meta = AnswerMeta {
         trust: POOLED_TRUST.into(),

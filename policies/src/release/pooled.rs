@@ -414,11 +414,10 @@ fn to_words(array: &ArrayRef) -> Result<Vec<u64>, ReleaseError> {
 /// dropped) under the pool's `parameters`, laid out as `layout` says: the pooled counterpart
 /// of [`crate::release`], applied once by the coordinator.
 pub fn release_pooled(
-    parameters: &str,
+    parameters: &PoolParameters,
     layout: &str,
     sum: &[u64],
 ) -> Result<Release, ReleaseError> {
-    let parameters = PoolParameters::from_json(parameters)?;
     let layout: PooledLayout =
         serde_json::from_str(layout).map_err(|_| internal("malformed pool layout"))?;
     let (cells, states) = (layout.cells()?, layout.states());

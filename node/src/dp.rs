@@ -158,7 +158,8 @@ impl SiteEngine {
 }
 
 /// Appends a line to the ledger off the async threads (it fsyncs).
-async fn write(ledger: &Arc<Ledger>, charge: Charge) -> Result<(), NodeError> {
+/// Writes `charge` to the ledger off the async threads (it fsyncs).
+pub(crate) async fn write(ledger: &Arc<Ledger>, charge: Charge) -> Result<(), NodeError> {
     let ledger = Arc::clone(ledger);
     tokio::task::spawn_blocking(move || ledger.charge(charge))
         .await

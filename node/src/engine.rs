@@ -289,6 +289,13 @@ impl SiteEngine {
             Needs::Sdc(_) => self.count_query(request, today, &plan_fingerprint).await?,
             Needs::Dp(_) => None,
         };
+        // A pooled question is bound to its member set before it runs.
+        if let Needs::Sdc(sdc) = needs
+            && let Some(pool) = &sdc.pool
+        {
+            self.bind_question(request, &pool.parameters.members, &plan_fingerprint)
+                .await?;
+        }
 
         let executing = tokio::time::Instant::now();
         let (run, cap) = to_run(aggregate, needs);
@@ -305,9 +312,7 @@ impl SiteEngine {
         if let Needs::Sdc(sdc) = needs
             && sdc.pool.is_some()
         {
-            let (batch, meta) = self
-                .pooled(request, sdc, &partial, allowance, &plan_fingerprint)
-                .await?;
+            let (batch, meta) = self.pooled(request, sdc, &partial, allowance)?;
             return Ok(SiteAnswer {
                 batch,
                 meta,
@@ -378,27 +383,14 @@ impl SiteEngine {
         }
     }
 
-    /// A pooled project's answer: the states over every public cell, masked for the pool, as
-    /// one column of words. Nothing is protected here: the pool's rules protect the total.
-    async fn pooled(
+    /// Binds `request`'s question (its project and plan) to the pool `members`, durably, or
+    /// refuses it if it was contributed to another set (`policies` decides).
+    async fn bind_question(
         &self,
         request: &SiteRequest,
-        sdc: &SdcNeeds,
-        partial: &PartialAnswer,
-        allowance: Option<trustql_protocol::AllowanceLeft>,
+        members: &[String],
         plan_fingerprint: &str,
-    ) -> Result<(RecordBatch, AnswerMeta), NodeError> {
-        let keys = self
-            .pool_keys
-            .as_ref()
-            .ok_or_else(|| NodeError::Pool("this node was started without its pool key".into()))?;
-        let pool = sdc
-            .pool
-            .as_ref()
-            .ok_or_else(|| internal("a pooled answer without its pool"))?;
-        let members = pool.parameters.members.clone();
-        let peers = keys.peers_in(&self.trust, &members)?;
-        // The question is bound to this member set, durably, before anything is sent.
+    ) -> Result<(), NodeError> {
         let _turn = self.pool_turn.lock().await;
         let question = (request.project.clone(), plan_fingerprint.to_string());
         let recorded = match &self.ledger {
@@ -410,7 +402,7 @@ impl SiteEngine {
                 .get(&question)
                 .cloned(),
         };
-        if bind_pool(recorded.as_deref(), &members)? {
+        if bind_pool(recorded.as_deref(), members)? {
             match &self.ledger {
                 Some(ledger) => {
                     let line = trustql_budget::Charge::pool(
@@ -418,24 +410,41 @@ impl SiteEngine {
                         &request.researcher,
                         &request.request_id,
                         &question.1,
-                        members.clone(),
+                        members.to_vec(),
                         trustql_policies::now_rfc3339(),
                     );
-                    let ledger = Arc::clone(ledger);
-                    tokio::task::spawn_blocking(move || ledger.charge(line))
-                        .await
-                        .map_err(|_| {
-                            NodeError::Budget("the ledger write did not finish".into())
-                        })??;
+                    crate::dp::write(ledger, line).await?;
                 }
                 None => {
                     self.pool_rounds
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(question, members.clone());
+                        .insert(question, members.to_vec());
                 }
             }
         }
+        Ok(())
+    }
+
+    /// A pooled project's answer: the states over every public cell, masked for the pool, as
+    /// one column of words. Nothing is protected here: the pool's rules protect the total.
+    fn pooled(
+        &self,
+        request: &SiteRequest,
+        sdc: &SdcNeeds,
+        partial: &PartialAnswer,
+        allowance: Option<trustql_protocol::AllowanceLeft>,
+    ) -> Result<(RecordBatch, AnswerMeta), NodeError> {
+        let keys = self
+            .pool_keys
+            .as_ref()
+            .ok_or_else(|| NodeError::Pool("this node was started without its pool key".into()))?;
+        let pool = sdc
+            .pool
+            .as_ref()
+            .ok_or_else(|| internal("a pooled answer without its pool"))?;
+        let members = pool.parameters.members.clone();
+        let peers = keys.peers_in(&self.trust, &members)?;
         let contribution = contribute(
             sdc,
             partial,

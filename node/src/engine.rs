@@ -30,7 +30,7 @@ use trustql_budget::Ledger;
 use trustql_policies::{
     ApprovedPolicy, Contributions, Needs, PartialAnswer, PoolRound, Refusal, ReleaseReport, Rule,
     SdcNeeds, StateColumn, Terms, aggregate_of, argument_of, authorise, bind_pool, contribute,
-    locked_session, needs, release, vet_sql,
+    locked_session, needs, read_filter, release, vet_sql,
 };
 use trustql_protocol::{
     AnswerColumn, AnswerMeta, ColumnKind, MASKED_COLUMN, PATIENTS_COLUMN, PooledMeta, SiteRequest,
@@ -597,15 +597,15 @@ impl SiteEngine {
                 if sdc.reads.get(a) != Some(&Some(a)) {
                     continue;
                 }
-                let argument = aggregate
+                let read = aggregate
                     .aggr_expr
                     .get(a)
-                    .and_then(argument_of)
+                    .and_then(read_filter)
                     .ok_or_else(|| internal("a counted aggregate has no argument"))?;
                 aggr_expr.push(
                     patient_count(cap, keys.clone())
                         .call(vec![Expr::Column(patient_key.clone())])
-                        .filter(argument.is_not_null())
+                        .filter(read)
                         .build()
                         .map_err(fault("could not count an aggregate's patients"))?
                         .alias(format!("{AGGREGATE_PATIENTS}{a}")),

@@ -48,15 +48,15 @@ pub use policy::{
     CellKeyRules, ClassRules, Classes, Disclosure, Dominance, DpRules, Finding, Header,
     MAX_MIN_PATIENTS, MAX_NESTING, MIN_EPSILON_FLOOR, MIN_POOL_MEMBERS, MagnitudeRules, Method,
     PATIENT_COUNT_CAP, PTableRules, Policy, Project, ProjectDp, ProjectPool, QueryRules, Rounding,
-    SHIPPABLE_AGGREGATES,
+    SHIPPABLE_AGGREGATES, SurvivalRules,
 };
 pub use refusal::{Refusal, Rule};
 pub use release::{
-    AnswerProtection, Budget, Contributions, DisclosureReport, DpNeeds, DpReport, Moment, Needs,
-    NoisyColumn, PartialAnswer, PoolNeeds, PoolParameters, PoolRound, PooledColumn,
+    AnswerProtection, Budget, Contributions, Curve, DisclosureReport, DpNeeds, DpReport, Moment,
+    Needs, NoisyColumn, PartialAnswer, PoolNeeds, PoolParameters, PoolRound, PooledColumn,
     PooledContribution, PooledLayout, Protected, Release, ReleaseError, ReleaseReport, Role,
     SdcNeeds, Source, StateColumn, Terms, TotalsRules, argument_of, bind_pool, contribute, needs,
-    pool_hash, protect, release, release_pooled, round, round_count,
+    pool_hash, protect, read_filter, release, release_pooled, round, round_count,
 };
 pub use session::{
     ALLOWED_SCALAR_FUNCTIONS, LOCKED_OUT_OPTIMIZER_RULES, locked_session, optimizer_rules_without,

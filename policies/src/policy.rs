@@ -13,7 +13,7 @@ use crate::error::PolicyError;
 use crate::text::TextLimits;
 
 /// Aggregates whose partial state is a few numbers per group, so may cross the wire.
-pub const SHIPPABLE_AGGREGATES: [&str; 9] = [
+pub const SHIPPABLE_AGGREGATES: [&str; 11] = [
     "count",
     "sum",
     "avg",
@@ -23,6 +23,9 @@ pub const SHIPPABLE_AGGREGATES: [&str; 9] = [
     "stddev_pop",
     "var",
     "var_pop",
+    // Their states are interval counts over a public grid (trustql-survival).
+    "km_curve",
+    "survival_at",
 ];
 
 /// A trust's disclosure policy.
@@ -178,6 +181,38 @@ pub struct Disclosure {
     /// unless the project sets its own; without it, [`QueryAllowance::default`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub query_allowance: Option<QueryAllowance>,
+    /// `[disclosure.survival]`: how survival curves are protected.
+    #[serde(skip_serializing_if = "SurvivalRules::is_default")]
+    pub survival: SurvivalRules,
+}
+
+/// `[disclosure.survival]`: Kaplan–Meier curves are never suppressed interval by interval (a
+/// withheld interval would corrupt every later at-risk count): each stratum's *cumulative*
+/// events and censorings are rounded to the midpoint of their band, and intervals are at
+/// least so wide that single event times cannot be read off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SurvivalRules {
+    /// The narrowest interval, in days, a curve may use.
+    pub min_interval_days: u32,
+    /// The band cumulative counts are rounded within (1 for none; the unprotected mode never
+    /// rounds).
+    pub rounding_base: u64,
+}
+
+impl Default for SurvivalRules {
+    fn default() -> Self {
+        SurvivalRules {
+            min_interval_days: 30,
+            rounding_base: 5,
+        }
+    }
+}
+
+impl SurvivalRules {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl Disclosure {
@@ -296,6 +331,7 @@ impl Default for Disclosure {
             dominance: None,
             withhold_whole_margin_cells: true,
             query_allowance: None,
+            survival: SurvivalRules::default(),
         }
     }
 }
@@ -504,6 +540,14 @@ impl Policy {
         if d.min_patients > MAX_MIN_PATIENTS {
             error(format!(
                 "[disclosure] min_patients may be at most {MAX_MIN_PATIENTS}"
+            ));
+        }
+        if d.survival.min_interval_days == 0 {
+            error("[disclosure.survival] min_interval_days must be at least 1".into());
+        }
+        if d.survival.rounding_base == 0 || d.survival.rounding_base > MAX_MIN_PATIENTS {
+            error(format!(
+                "[disclosure.survival] rounding_base must be between 1 and {MAX_MIN_PATIENTS}"
             ));
         }
         if d.rounding == Rounding::Base && d.rounding_base < 2 {

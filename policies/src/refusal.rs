@@ -62,6 +62,9 @@ pub enum Rule {
     /// A pooled project's query that pooled mode cannot answer (a key without a public code
     /// set, an aggregate that does not add up under masks).
     Pool,
+    /// A survival aggregate whose grid the policy does not allow (intervals narrower than its
+    /// minimum, arguments that are not constants), or a mode that cannot release one yet.
+    Survival,
 }
 
 impl Rule {
@@ -94,6 +97,7 @@ impl Rule {
             Rule::QueryAllowance => "query-allowance",
             Rule::DistinctCount => "count-distinct",
             Rule::Pool => "pool",
+            Rule::Survival => "survival",
         }
     }
 }

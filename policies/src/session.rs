@@ -110,6 +110,7 @@ pub fn locked_session(config: SessionConfig, runtime: Arc<RuntimeEnv>) -> Sessio
                     .iter()
                     .any(|a| SHIPPABLE_AGGREGATES.contains(&a.as_str()))
         })
+        .chain(trustql_survival::functions().into_iter().map(Arc::new))
         .collect::<Vec<_>>();
     let config = config.with_information_schema(false);
     // Rules that would break two-phase aggregation across the network: fusing Partial and
@@ -230,7 +231,9 @@ impl Functions<'_> {
         } else {
             ident.value.clone()
         };
-        self.state.scalar_functions().contains_key(&name)
+        // UNNEST is the planner's own; the vetting allows it only above the aggregation.
+        name == "unnest"
+            || self.state.scalar_functions().contains_key(&name)
             || self.state.aggregate_functions().contains_key(&name)
             || self.state.window_functions().contains_key(&name)
     }

@@ -565,6 +565,9 @@ impl Builder<'_> {
                  group; put the condition in WHERE, or group by it"
             )));
         }
+        if trustql_survival::is_survival(&name) {
+            return self.survival(&upper, &params.args, schema, input);
+        }
         let argument = match params.args.as_slice() {
             [] => None,
             [arg] => Some(arg),
@@ -609,6 +612,40 @@ impl Builder<'_> {
             return Err(refuse(format!(
                 "{upper}({source}): only columns with public bounds (in the schema or the \
                  policy's [dp] bounds) may be summed or averaged"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A survival aggregate: two date columns, an event that is a column or a condition on
+    /// one, and constant grid parameters (which `needs` checks against the policy).
+    fn survival(
+        &self,
+        upper: &str,
+        args: &[Expr],
+        schema: &DFSchema,
+        input: &Shapes,
+    ) -> Result<(), Refusal> {
+        let [start, end, event, params @ ..] = args else {
+            return Err(refuse(format!(
+                "{upper} takes a start date, an end date and an event"
+            )));
+        };
+        for date in [start, end] {
+            if self.plain(date, schema, input).is_none() {
+                return Err(refuse(format!(
+                    "{upper}: `{}` is not a date column; the start and end are columns                      (diagnosisdatebest, vitalstatusdate)",
+                    shown(date)
+                )));
+            }
+        }
+        if self.plain(event, schema, input).is_none() {
+            self.condition(event, schema, input)?;
+        }
+        if let Some(p) = params.iter().find(|p| !is_constant(p)) {
+            return Err(refuse(format!(
+                "{upper}: `{}` must be a constant number of days",
+                shown(p)
             )));
         }
         Ok(())

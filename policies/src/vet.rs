@@ -235,6 +235,22 @@ pub fn aggregate_of(plan: &LogicalPlan) -> Option<&datafusion::logical_expr::Agg
     }
 }
 
+/// The unnests on the way from the root down to the aggregation.
+fn released_unnests(plan: &LogicalPlan) -> Vec<*const LogicalPlan> {
+    let mut found = Vec::new();
+    let mut node = plan;
+    while !matches!(node, LogicalPlan::Aggregate(_)) {
+        if matches!(node, LogicalPlan::Unnest(_)) {
+            found.push(std::ptr::from_ref(node));
+        }
+        match node.inputs().as_slice() {
+            [one] => node = one,
+            _ => break,
+        }
+    }
+    found
+}
+
 /// Descends from the root through the nodes that run after aggregation (at the coordinator)
 /// to the one aggregate.
 fn find_aggregate(plan: &LogicalPlan) -> Result<&LogicalPlan, Refusal> {
@@ -247,6 +263,8 @@ fn find_aggregate(plan: &LogicalPlan) -> Result<&LogicalPlan, Refusal> {
             LogicalPlan::Sort(s) => node = &s.input,
             LogicalPlan::Limit(l) => node = &l.input,
             LogicalPlan::SubqueryAlias(a) => node = &a.input,
+            // Unnesting a released curve into rows (`unnest(km_curve(…))`).
+            LogicalPlan::Unnest(u) => node = &u.input,
             LogicalPlan::Distinct(_) | LogicalPlan::Window(_) => {
                 return Err(Refusal::new(
                     Rule::Nested,
@@ -269,8 +287,11 @@ impl Vetter<'_> {
     fn check_node_kinds(&self, plan: &LogicalPlan) -> Result<(), Refusal> {
         let mut refusal = None;
         let mut aggregates = 0;
+        // Above the aggregation an unnest reads only released values (a curve's intervals).
+        let released = released_unnests(plan);
         plan.apply_with_subqueries(|node| {
             let found = match node {
+                LogicalPlan::Unnest(_) if released.contains(&std::ptr::from_ref(node)) => None,
                 LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) => Some(explain_refusal()),
                 LogicalPlan::Statement(_)
                 | LogicalPlan::Ddl(_)

@@ -1,7 +1,8 @@
-//! A real Python researcher (pyarrow + adbc-driver-flightsql) against `trustql demo --serve`.
+//! A real Python researcher (pyarrow + adbc-driver-flightsql) against `trustql demo --serve`,
+//! and the federated Kaplan–Meier curve checked against `lifelines`.
 //!
 //! The interpreter is `$TRUSTQL_PYTHON` (`.ci/run` prepares one); without it the test makes
-//! its own virtual environment and installs the two packages there.
+//! its own virtual environment and installs the packages there.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,14 +33,47 @@ fn python() -> PathBuf {
             "pyarrow",
             "adbc-driver-flightsql",
             "adbc-driver-manager",
+            "lifelines",
         ])
         .status()
         .expect("run pip");
     assert!(
         installed.success(),
-        "could not install pyarrow and adbc-driver-flightsql"
+        "could not install pyarrow, adbc-driver-flightsql and lifelines"
     );
     python
+}
+
+/// Runs `script` (in `tests/python`) on the demo `demo` serves; its output.
+fn run_script(python: &Path, script: &str, info: &Path) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let output = Command::new(python)
+        .arg(&script)
+        .arg(info)
+        .output()
+        .expect("run python");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn federated_kaplan_meier_equals_lifelines_on_the_trusts_rows() {
+    let python = python();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let demo = serve_demo(
+        dir.path(),
+        &["--trusts", "3", "--patients", "6000", "--unprotected"],
+    );
+    let out = run_script(&python, "survival_lifelines.py", &demo.info_path);
+    drop(demo);
+    assert!(out.contains("survival ok"), "{out}");
 }
 
 #[test]
@@ -51,19 +85,7 @@ fn a_python_adbc_client_browses_and_queries_over_tls_with_a_token() {
         dir.path(),
         &["--trusts", "2", "--patients", "3000", "--rounding"],
     );
-    let info = demo.info_path.clone();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/flight_sql_client.py");
-    let output = Command::new(&python)
-        .arg(&script)
-        .arg(&info)
-        .output()
-        .expect("run python");
+    let out = run_script(&python, "flight_sql_client.py", &demo.info_path);
     drop(demo);
-    assert!(
-        output.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(String::from_utf8_lossy(&output.stdout).contains("python client ok"));
+    assert!(out.contains("python client ok"), "{out}");
 }

@@ -75,7 +75,8 @@ pub(super) fn perturbed(
         let aggregate = answer.columns[index].aggregate;
         let released = match role {
             Role::AggregatePatients | Role::CellKey => continue,
-            Role::Key | Role::GroupingId | Role::Other => Arc::clone(column),
+            // Curves are rounded cumulatively afterwards ([`super::survival`]).
+            Role::Key | Role::GroupingId | Role::Other | Role::Curve(_) => Arc::clone(column),
             Role::Patients => counts(batch, index, &group, tables)?,
             Role::Count | Role::Moment(Moment::Count) => {
                 counts(batch, index, keys_of(aggregate), tables)?

@@ -72,6 +72,7 @@ pub(crate) fn release_dp(
                     .ok_or(internal("a sum has no clamping bounds"))?
                     .max_abs()
             }
+            Role::Curve(_) => return Err(internal("a survival curve under differential privacy")),
             Role::Other if column.is_moment_aggregate() => {
                 return Err(internal("an unknown variance state"));
             }

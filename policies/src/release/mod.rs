@@ -17,6 +17,7 @@ mod dp;
 mod pooled;
 mod sdc;
 mod state;
+mod survival;
 mod totals;
 
 use arrow::array::RecordBatch;
@@ -35,7 +36,7 @@ pub use pooled::{
     bind_pool, contribute, pool_hash, release_pooled,
 };
 pub use sdc::{DisclosureReport, Protected, protect, round, round_count};
-pub use state::{Contributions, Moment, PartialAnswer, Role, Source, StateColumn};
+pub use state::{Contributions, Curve, Moment, PartialAnswer, Role, Source, StateColumn};
 pub use totals::{AnswerProtection, TotalsRules};
 
 /// Why a release did not happen: a rule refused it, or something went wrong inside.
@@ -149,6 +150,7 @@ pub fn needs(
     vetted: &Vetted,
     terms: Terms,
 ) -> Result<Needs, Refusal> {
+    survival::check_calls(policy, aggregate, project.dp.is_some())?;
     let Some(patient_key) = vetted.patient_key.clone() else {
         return Err(Refusal::new(
             Rule::Unsupported,
@@ -242,7 +244,7 @@ pub fn needs(
     let mut reads = vec![None; aggregate.aggr_expr.len()];
     let mut firsts: Vec<(Option<Expr>, usize)> = Vec::new();
     for &a in &counted {
-        let argument = argument_of(&aggregate.aggr_expr[a]);
+        let argument = read_filter(&aggregate.aggr_expr[a]);
         let first = match firsts.iter().find(|(arg, _)| *arg == argument) {
             Some(&(_, first)) => first,
             None => {
@@ -344,6 +346,28 @@ fn pooled_needs(
 pub fn argument_of(expr: &Expr) -> Option<Expr> {
     match expr.clone().unalias_nested().data {
         Expr::AggregateFunction(f) => f.params.args.first().cloned(),
+        _ => None,
+    }
+}
+
+/// Which rows an aggregate reads, as a condition: those with a value for its argument, or for
+/// a survival aggregate those with a start, an end and an event (the rest are not counted).
+pub fn read_filter(expr: &Expr) -> Option<Expr> {
+    match expr.clone().unalias_nested().data {
+        Expr::AggregateFunction(f) => {
+            let name = f.func.name().to_lowercase();
+            let read = if trustql_survival::is_survival(&name) {
+                3
+            } else {
+                1
+            };
+            f.params
+                .args
+                .into_iter()
+                .take(read)
+                .map(Expr::is_not_null)
+                .reduce(Expr::and)
+        }
         _ => None,
     }
 }

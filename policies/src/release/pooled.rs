@@ -106,6 +106,7 @@ impl PoolParameters {
             dominance: None,
             withhold_whole_margin_cells: self.withhold_whole_margin_cells,
             query_allowance: None,
+            survival: crate::policy::SurvivalRules::default(),
         }
     }
 

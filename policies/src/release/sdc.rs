@@ -201,12 +201,19 @@ pub(crate) fn protect_with(
     } else {
         rounded_release(batch, &roles, rules, &verdicts)?
     };
-    let columns = answer
+    let columns: Vec<StateColumn> = answer
         .columns
         .iter()
         .filter(|c| !c.stays())
         .cloned()
         .collect();
+    // Whichever method protects the other numbers, curves are rounded cumulatively.
+    let base = if rules.is_unprotected() {
+        1
+    } else {
+        rules.survival.rounding_base
+    };
+    let batch = super::survival::round_curves(&batch, &columns, base)?;
     Ok(Protected {
         batch,
         columns,

@@ -68,8 +68,21 @@ pub enum Role {
     Sum,
     /// One of the (n, mean, m2) moments of VAR or STDDEV.
     Moment(Moment),
+    /// One state of a survival aggregate (`km_curve`, `survival_at`): interval counts.
+    Curve(Curve),
     /// Any other state (MIN, MAX).
     Other,
+}
+
+/// The states of a survival aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Curve {
+    /// Rows counted.
+    N,
+    /// Events per interval.
+    Events,
+    /// Censorings per interval.
+    Censored,
 }
 
 /// The states of DataFusion's variance accumulator.
@@ -199,6 +212,14 @@ impl StateColumn {
                 "m2" => Role::Moment(Moment::M2),
                 _ => Role::Other,
             },
+            Source::State if trustql_survival::is_survival(&self.function) => {
+                match self.state.as_str() {
+                    trustql_survival::STATE_N => Role::Curve(Curve::N),
+                    trustql_survival::STATE_EVENTS => Role::Curve(Curve::Events),
+                    trustql_survival::STATE_CENSORED => Role::Curve(Curve::Censored),
+                    _ => Role::Other,
+                }
+            }
             Source::State => match (self.function.as_str(), self.state.as_str()) {
                 ("count" | "avg", "count") => Role::Count,
                 ("sum" | "avg", "sum") => Role::Sum,

@@ -64,4 +64,5 @@ pub use session::{
 };
 pub use text::{TextLimits, check_text};
 pub use total::{TOTAL_FUNCTIONS, TotalArithmetic, TotalExpressions, make_total};
+pub use trustql_survival::is_survival;
 pub use vet::{Vetted, aggregate_of, authorise, vet_plan, vet_sql, vet_text};

@@ -20,6 +20,18 @@ fn the_demo_runs_its_showcase_with_coverage() {
         "the demo says small cells are withheld, and not how many: {out}"
     );
     assert!(out.contains("Refused: refused (aggregate-only)"), "{out}");
+    // The survival table: every stage released, and how its curves were protected.
+    assert!(
+        out.contains("| stage | patients | one_year | five_years |"),
+        "{out}"
+    );
+    for stage in ["| 1     |", "| 2     |", "| 3     |", "| 4     |"] {
+        assert!(out.contains(stage), "stage row {stage} missing: {out}");
+    }
+    assert!(
+        out.contains("survival curves: each trust withholds"),
+        "{out}"
+    );
     assert!(
         !out.contains("UNPROTECTED") && !out.contains("WARNING"),
         "{out}"

@@ -551,6 +551,18 @@ pub const SHOWCASE: &[(&str, &str)] = &[
          WHERE t.site_icd10_o2_3char = 'C50' GROUP BY p.ethnicity ORDER BY p.ethnicity",
     ),
     (
+        "1- and 5-year survival by stage at diagnosis (all sites; Kaplan-Meier over 30-day intervals)",
+        "SELECT t.stage_best AS stage, \
+         get_field(survival_at(t.diagnosisdatebest, p.vitalstatusdate, p.vitalstatus = 'D', 365), 'at_risk') AS patients, \
+         round(get_field(survival_at(t.diagnosisdatebest, p.vitalstatusdate, p.vitalstatus = 'D', 365), 'survival'), 3) AS one_year, \
+         round(get_field(survival_at(t.diagnosisdatebest, p.vitalstatusdate, p.vitalstatus = 'D', 1825), 'survival'), 3) AS five_years, \
+         round(get_field(survival_at(t.diagnosisdatebest, p.vitalstatusdate, p.vitalstatus = 'D', 1825), 'lower_95'), 3) AS five_years_lower_95, \
+         round(get_field(survival_at(t.diagnosisdatebest, p.vitalstatusdate, p.vitalstatus = 'D', 1825), 'upper_95'), 3) AS five_years_upper_95 \
+         FROM sim_av_tumour t JOIN sim_av_patient p ON t.patientid = p.patientid \
+         WHERE t.stage_best IN ('1', '2', '3', '4') \
+         GROUP BY t.stage_best ORDER BY stage",
+    ),
+    (
         "A query that asks for identifiers (refused)",
         "SELECT patientid, age FROM sim_av_tumour",
     ),

@@ -54,6 +54,7 @@ pub struct Prepared {
     partial: Arc<dyn ExecutionPlan>,
     partial_schema: SchemaRef,
     distinct: HashSet<String>,
+    survival: bool,
 }
 
 impl Merger {
@@ -99,6 +100,16 @@ impl Merger {
             .into());
         }
         let (key_outputs, outputs) = result_columns(&plan);
+        let survival = aggregate_of(&plan).is_some_and(|agg| {
+            agg.aggr_expr
+                .iter()
+                .any(|e| match e.clone().unalias_nested().data {
+                    Expr::AggregateFunction(f) => {
+                        trustql_policies::is_survival(&f.func.name().to_lowercase())
+                    }
+                    _ => false,
+                })
+        });
         let mut distinct = HashSet::new();
         let rules = self.rules;
         let plan = plan
@@ -122,6 +133,7 @@ impl Merger {
             plan: physical,
             partial,
             distinct,
+            survival,
         })
     }
 
@@ -176,6 +188,11 @@ impl Prepared {
     /// Whether the query counts distinct values (summed over trusts, see the notes).
     pub fn counts_distinct(&self) -> bool {
         !self.distinct.is_empty()
+    }
+
+    /// Whether the query asks for a survival curve (`km_curve`, `survival_at`).
+    pub fn has_survival(&self) -> bool {
+        self.survival
     }
 
     /// Puts one node's answer into the column order and types of this query's states.

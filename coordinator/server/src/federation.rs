@@ -89,6 +89,11 @@ fn cell_key_note(tables: &[CellKeyMeta]) -> Option<String> {
 const DISTINCT_NOTE: &str = "COUNT(DISTINCT …) is summed over trusts: a patient treated at two \
      trusts has a local id at each and is counted at both (cross-trust linkage is not done yet).";
 
+const SURVIVAL_NOTE: &str = "survival curves: each trust withholds a stratum with too few \
+     patients whole and rounds its cumulative events and censorings to the middle of their band \
+     (of 5 unless its policy says otherwise), never one interval; at-risk counts follow from the \
+     rounded totals, so survival, its interval and at-risk carry every answering trust's rounding.";
+
 impl Coordinator {
     /// Builds the coordinator from its configuration (node channels connect lazily).
     pub fn new(config: &CoordinatorConfig, schema: TrustSchema) -> Result<Self, CoordinatorError> {
@@ -306,6 +311,9 @@ impl Coordinator {
         let own_protection = states.len() - pooled_entry;
         if own_protection > noisy_states.len() {
             notes.push(WITHHELD_NOTE.into());
+            if prepared.has_survival() {
+                notes.push(SURVIVAL_NOTE.into());
+            }
         }
         notes.append(&mut pool_notes);
         if noisy && incomplete > 0 {

@@ -34,6 +34,8 @@ fn python() -> PathBuf {
             "adbc-driver-flightsql",
             "adbc-driver-manager",
             "lifelines",
+            "pandas",
+            "matplotlib",
         ])
         .status()
         .expect("run pip");
@@ -74,6 +76,38 @@ fn federated_kaplan_meier_equals_lifelines_on_the_trusts_rows() {
     let out = run_script(&python, "survival_lifelines.py", &demo.info_path);
     drop(demo);
     assert!(out.contains("survival ok"), "{out}");
+}
+
+#[test]
+fn the_kaplan_meier_plot_example_draws_a_federated_curve() {
+    let python = python();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let demo = serve_demo(dir.path(), &["--trusts", "2", "--patients", "4000"]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../client/examples/km_plot.py");
+    let png = dir.path().join("km.png");
+    let output = Command::new(&python)
+        .arg(&script)
+        .arg(&demo.info_path)
+        .arg(&png)
+        .output()
+        .expect("run python");
+    drop(demo);
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("4 stages"),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let bytes = std::fs::read(&png).expect("the plot");
+    assert!(
+        bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000,
+        "not a plot"
+    );
 }
 
 #[test]

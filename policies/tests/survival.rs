@@ -1,0 +1,181 @@
+//! Survival aggregates in the release contract (issue 18): which calls a policy takes, which
+//! rows they read, and how a trust protects a curve before it leaves.
+
+mod common;
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, AsArray, Int64Array, ListArray, RecordBatch, UInt64Array};
+use arrow::datatypes::UInt64Type;
+use common::{schema, session};
+use trustql_policies::{
+    Curve, Disclosure, Needs, PartialAnswer, Policy, Refusal, Role, Rule, StateColumn, Terms,
+    aggregate_of, needs, protect, read_filter, vet_sql,
+};
+
+const POLICY: &str = r#"
+[policy]
+version = "survival-1"
+trust = "TQ01"
+
+[[project]]
+id = "sdc"
+researchers = ["alice"]
+tables = ["sim_av_tumour", "sim_av_patient"]
+expires = "2099-12-31"
+
+[[project]]
+id = "dp"
+researchers = ["alice"]
+tables = ["sim_av_tumour", "sim_av_patient"]
+expires = "2099-12-31"
+dp = { epsilon_budget = 1.5, epsilon_per_query = 1.0 }
+"#;
+
+const FROM: &str =
+    "FROM sim_av_tumour t JOIN sim_av_patient p ON t.patientid = p.patientid GROUP BY t.stage_best";
+
+fn call(args: &str) -> String {
+    format!(
+        "SELECT t.stage_best, km_curve(t.diagnosisdatebest, p.vitalstatusdate, \
+         p.vitalstatus = 'D'{args}) {FROM}"
+    )
+}
+
+async fn needs_for(project: &str, sql: &str) -> Result<Needs, Refusal> {
+    let policy = Policy::from_toml(POLICY).expect("policy");
+    let project = policy.project(project).expect("project");
+    let (plan, optimized, vetted) = vet_sql(&session(), &schema(), &policy, project, sql).await?;
+    let aggregate = aggregate_of(&plan).expect("aggregate");
+    let needs = needs(
+        &policy,
+        project,
+        &schema(),
+        aggregate,
+        &optimized,
+        &vetted,
+        Terms::default(),
+    )?;
+    // The rows a curve reads are those with a start, an end and an event.
+    let read = read_filter(&aggregate.aggr_expr[0]).expect("a read filter");
+    assert_eq!(read.to_string().matches("IS NOT NULL").count(), 3, "{read}");
+    Ok(needs)
+}
+
+#[tokio::test]
+async fn a_curve_on_the_default_grid_is_taken_and_counts_its_own_patients() {
+    let Needs::Sdc(sdc) = needs_for("sdc", &call("")).await.expect("taken") else {
+        panic!("an SDC project");
+    };
+    // The stratum's minimum counts only the patients the curve reads.
+    assert_eq!(sdc.counted, vec![0]);
+    needs_for("sdc", &call(", 30, 3650"))
+        .await
+        .expect("ten years");
+    needs_for(
+        "sdc",
+        "SELECT t.stage_best, survival_at(t.diagnosisdatebest, p.vitalstatusdate, \
+         p.vitalstatus = 'D', 365) FROM sim_av_tumour t JOIN sim_av_patient p \
+         ON t.patientid = p.patientid GROUP BY t.stage_best",
+    )
+    .await
+    .expect("one-year survival");
+}
+
+#[tokio::test]
+async fn grids_the_policy_does_not_allow_are_refused() {
+    for (args, why) in [
+        (", 7", "30 days"),
+        (", 29, 1825", "30 days"),
+        (", 0", "positive"),
+        (", 1, 100000", "at most"),
+        (", t.age", "constant"),
+    ] {
+        let refusal = needs_for("sdc", &call(args)).await.expect_err("refused");
+        assert!(
+            matches!(refusal.rule, Rule::Survival | Rule::TableBuilder),
+            "{args}: {refusal}"
+        );
+        assert!(refusal.to_string().contains(why), "{args}: {refusal}");
+    }
+    // A start that is not a plain column could shift durations by a known amount.
+    let shifted = "SELECT km_curve(date_trunc('month', t.diagnosisdatebest), p.vitalstatusdate, \
+                   p.vitalstatus = 'D') FROM sim_av_tumour t JOIN sim_av_patient p \
+                   ON t.patientid = p.patientid";
+    let refusal = needs_for("sdc", shifted).await.expect_err("refused");
+    assert_eq!(refusal.rule, Rule::TableBuilder, "{refusal}");
+}
+
+#[tokio::test]
+async fn a_differentially_private_project_is_refused_until_noisy_curves_exist() {
+    let refusal = needs_for("dp", &call("")).await.expect_err("refused");
+    assert_eq!(refusal.rule, Rule::Survival, "{refusal}");
+    assert!(
+        refusal.to_string().contains("differential-privacy"),
+        "{refusal}"
+    );
+}
+
+/// Row 0 of list column `c`.
+fn values(batch: &RecordBatch, c: usize) -> Vec<u64> {
+    let list = batch.column(c).as_list::<i32>().value(0);
+    list.as_primitive::<UInt64Type>().values().to_vec()
+}
+
+fn lists(rows: &[&[u64]]) -> ArrayRef {
+    Arc::new(ListArray::from_iter_primitive::<UInt64Type, _, _>(
+        rows.iter().map(|r| Some(r.iter().map(|v| Some(*v)))),
+    ))
+}
+
+#[test]
+fn a_trust_rounds_cumulative_counts_and_withholds_small_strata_whole() {
+    let columns = vec![
+        StateColumn::key("stage"),
+        StateColumn::state("km[n]", 0, "km_curve", "n"),
+        StateColumn::state("km[events]", 0, "km_curve", "events"),
+        StateColumn::state("km[censored]", 0, "km_curve", "censored"),
+        StateColumn::aggregate_patients("__read0", 0),
+        StateColumn::patients("__patients"),
+    ];
+    assert_eq!(columns[2].role(), Role::Curve(Curve::Events));
+    let batch = RecordBatch::try_from_iter(vec![
+        ("stage", Arc::new(Int64Array::from(vec![1, 2])) as ArrayRef),
+        ("km[n]", Arc::new(UInt64Array::from(vec![40, 40]))),
+        ("km[events]", lists(&[&[1, 0, 4, 2], &[9, 9, 9, 9]])),
+        ("km[censored]", lists(&[&[0, 6, 0, 1], &[0, 0, 0, 0]])),
+        // Stratum 2 has 40 rows but only 9 patients with a start, an end and an event.
+        ("__read0", Arc::new(Int64Array::from(vec![30, 9]))),
+        ("__patients", Arc::new(Int64Array::from(vec![30, 40]))),
+    ])
+    .expect("batch");
+    let answer = PartialAnswer {
+        batch,
+        columns,
+        contributions: None,
+    };
+    let out = protect(&answer, &Disclosure::default(), 100).expect("protect");
+    assert_eq!(
+        out.batch.num_rows(),
+        1,
+        "the small stratum is withheld whole"
+    );
+    assert_eq!(out.report.small, 1);
+    // Cumulative events 1, 1, 5, 7 → 3, 3, 3, 8; censorings 0, 6, 6, 7 → 0, 8, 8, 8; the
+    // per-patient counts stay at the trust.
+    assert_eq!(values(&out.batch, 2), vec![3, 0, 0, 5]);
+    assert_eq!(values(&out.batch, 3), vec![0, 8, 0, 0]);
+    assert_eq!(
+        out.batch.column(1).as_primitive::<UInt64Type>().value(0),
+        38
+    );
+    assert_eq!(out.batch.num_columns(), 5);
+    // Without protection nothing is rounded.
+    let unprotected = Disclosure {
+        min_patients: 1,
+        ..Disclosure::default()
+    };
+    let out = protect(&answer, &unprotected, 100).expect("protect");
+    assert_eq!(out.batch.num_rows(), 2);
+    assert_eq!(values(&out.batch, 2), vec![1, 0, 4, 2]);
+}

@@ -875,6 +875,22 @@ impl Policy {
                 );
             }
         }
+        let curves = self
+            .query
+            .aggregates
+            .iter()
+            .any(|a| trustql_survival::is_survival(a));
+        if curves && !d.is_unprotected() {
+            let s = d.survival;
+            let _ = writeln!(
+                out,
+                "  - survival curves (km_curve, survival_at): a stratum below the minimum is \
+                 withheld whole; the rest release each interval's events and censorings with \
+                 the cumulative counts rounded to the middle of their band of {} (never one \
+                 interval suppressed); intervals are at least {} days wide",
+                s.rounding_base, s.min_interval_days
+            );
+        }
         match d.dominance {
             Some(dom) => {
                 let _ = writeln!(

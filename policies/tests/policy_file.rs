@@ -143,6 +143,36 @@ fn lint_finds_each_kind_of_mistake() {
 }
 
 #[test]
+fn survival_rules_are_described_and_checked() {
+    let standard = std::fs::read_to_string(example("standard.toml")).expect("example");
+    let policy = Policy::from_toml(&standard).expect("standard");
+    let words = policy.describe();
+    assert!(
+        words.contains("survival curves")
+            && words.contains("band of 5")
+            && words.contains("at least 30 days wide"),
+        "{words}"
+    );
+    // A policy that does not allow curves does not talk about them.
+    let strict = std::fs::read_to_string(example("strict.toml")).expect("example");
+    let words = Policy::from_toml(&strict).expect("strict").describe();
+    assert!(!words.contains("survival curves"), "{words}");
+    let bad = standard.replace(
+        "[disclosure]",
+        "[disclosure.survival]\nmin_interval_days = 0\nrounding_base = 0\n\n[disclosure]",
+    );
+    let policy = Policy::from_toml(&bad).expect("parses");
+    let found = errors(&policy);
+    assert!(
+        found.iter().any(|e| e.contains("min_interval_days"))
+            && found
+                .iter()
+                .any(|e| e.contains("[disclosure.survival] rounding_base")),
+        "{found:?}"
+    );
+}
+
+#[test]
 fn description_is_in_plain_words() {
     let text = std::fs::read_to_string(example("strict.toml")).expect("example");
     let words = Policy::from_toml(&text).expect("strict").describe();

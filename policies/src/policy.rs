@@ -198,6 +198,10 @@ pub struct SurvivalRules {
     /// The band cumulative counts are rounded within (1 for none; the unprotected mode never
     /// rounds).
     pub rounding_base: u64,
+    /// A cumulative count below this is released as 0, so an event only one or two patients
+    /// have (a rare code) shows nowhere; larger values cost accuracy on small strata (each
+    /// trust's first few events appear late).
+    pub least_cumulative: u64,
 }
 
 impl Default for SurvivalRules {
@@ -205,6 +209,7 @@ impl Default for SurvivalRules {
         SurvivalRules {
             min_interval_days: 30,
             rounding_base: 5,
+            least_cumulative: 3,
         }
     }
 }
@@ -544,6 +549,11 @@ impl Policy {
         }
         if d.survival.min_interval_days == 0 {
             error("[disclosure.survival] min_interval_days must be at least 1".into());
+        }
+        if d.survival.least_cumulative > MAX_MIN_PATIENTS {
+            error(format!(
+                "[disclosure.survival] least_cumulative may be at most {MAX_MIN_PATIENTS}"
+            ));
         }
         if d.survival.rounding_base == 0 || d.survival.rounding_base > MAX_MIN_PATIENTS {
             error(format!(
@@ -886,9 +896,10 @@ impl Policy {
                 out,
                 "  - survival curves (km_curve, survival_at): a stratum below the minimum is \
                  withheld whole; the rest release each interval's events and censorings with \
-                 the cumulative counts rounded to the middle of their band of {} (never one \
-                 interval suppressed); intervals are at least {} days wide",
-                s.rounding_base, s.min_interval_days
+                 the cumulative counts rounded to the middle of their band of {} and any below \
+                 {} released as 0 (never one interval suppressed); intervals are at least {} \
+                 days wide",
+                s.rounding_base, s.least_cumulative, s.min_interval_days
             );
         }
         match d.dominance {

@@ -639,8 +639,23 @@ impl Builder<'_> {
                 )));
             }
         }
+        // The event is a column, or codes of one coded column (vitalstatus IN ('D', 'D4')):
+        // a condition on a date or a number could make one patient the only event.
         if self.plain(event, schema, input).is_none() {
-            self.condition(event, schema, input)?;
+            let mut atoms = Vec::new();
+            self.predicate(event, schema, input, &mut atoms)?;
+            let first = atoms.first().map(|a| a.source.clone());
+            let coded = first.as_deref().is_some_and(|source| {
+                atoms.iter().all(|a| a.source == source)
+                    && self.column(source).is_some_and(|c| c.code_set.is_some())
+            });
+            if !coded {
+                return Err(refuse(format!(
+                    "{upper}: the event `{}` must be a boolean column or compare one coded \
+                     column with constants (for example p.vitalstatus = 'D')",
+                    shown(event)
+                )));
+            }
         }
         if let Some(p) = params.iter().find(|p| !is_constant(p)) {
             return Err(refuse(format!(

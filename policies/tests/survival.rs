@@ -107,6 +107,31 @@ async fn grids_the_policy_does_not_allow_are_refused() {
 }
 
 #[tokio::test]
+async fn an_event_that_could_single_out_a_patient_is_refused() {
+    for event in [
+        "p.vitalstatusdate = DATE '2019-03-04'",
+        "p.vitalstatus = 'D' OR t.age > 50",
+        "t.age = 47",
+    ] {
+        let sql = format!(
+            "SELECT t.stage_best, km_curve(t.diagnosisdatebest, p.vitalstatusdate, {event}) {FROM}"
+        );
+        let refusal = needs_for("sdc", &sql).await.expect_err("refused");
+        assert_eq!(refusal.rule, Rule::TableBuilder, "{event}: {refusal}");
+        assert!(refusal.to_string().contains("coded column"), "{refusal}");
+    }
+    needs_for(
+        "sdc",
+        &format!(
+            "SELECT t.stage_best, km_curve(t.diagnosisdatebest, p.vitalstatusdate, \
+             p.vitalstatus IN ('D', 'D4') OR p.vitalstatus = 'D5') {FROM}"
+        ),
+    )
+    .await
+    .expect("codes of one coded column");
+}
+
+#[tokio::test]
 async fn a_differentially_private_project_is_refused_until_noisy_curves_exist() {
     let refusal = needs_for("dp", &call("")).await.expect_err("refused");
     assert_eq!(refusal.rule, Rule::Survival, "{refusal}");
@@ -142,8 +167,8 @@ fn a_trust_rounds_cumulative_counts_and_withholds_small_strata_whole() {
     let batch = RecordBatch::try_from_iter(vec![
         ("stage", Arc::new(Int64Array::from(vec![1, 2])) as ArrayRef),
         ("km[n]", Arc::new(UInt64Array::from(vec![40, 40]))),
-        ("km[events]", lists(&[&[1, 0, 4, 2], &[9, 9, 9, 9]])),
-        ("km[censored]", lists(&[&[0, 6, 0, 1], &[0, 0, 0, 0]])),
+        ("km[events]", lists(&[&[1, 0, 4, 7], &[9, 9, 9, 9]])),
+        ("km[censored]", lists(&[&[0, 6, 0, 5], &[0, 0, 0, 0]])),
         // Stratum 2 has 40 rows but only 9 patients with a start, an end and an event.
         ("__read0", Arc::new(Int64Array::from(vec![30, 9]))),
         ("__patients", Arc::new(Int64Array::from(vec![30, 40]))),
@@ -161,10 +186,11 @@ fn a_trust_rounds_cumulative_counts_and_withholds_small_strata_whole() {
         "the small stratum is withheld whole"
     );
     assert_eq!(out.report.small, 1);
-    // Cumulative events 1, 1, 5, 7 → 3, 3, 3, 8; censorings 0, 6, 6, 7 → 0, 8, 8, 8; the
-    // per-patient counts stay at the trust.
-    assert_eq!(values(&out.batch, 2), vec![3, 0, 0, 5]);
-    assert_eq!(values(&out.batch, 3), vec![0, 8, 0, 0]);
+    // Cumulative events 1, 1, 5, 12 → 0, 0, 3, 13 and censorings 0, 6, 6, 11 → 0, 8, 8, 13:
+    // below 3 a cumulative count is 0, above it the middle of its band of 5; the per-patient
+    // counts stay at the trust.
+    assert_eq!(values(&out.batch, 2), vec![0, 0, 3, 10]);
+    assert_eq!(values(&out.batch, 3), vec![0, 8, 0, 5]);
     assert_eq!(
         out.batch.column(1).as_primitive::<UInt64Type>().value(0),
         38
@@ -177,5 +203,38 @@ fn a_trust_rounds_cumulative_counts_and_withholds_small_strata_whole() {
     };
     let out = protect(&answer, &unprotected, 100).expect("protect");
     assert_eq!(out.batch.num_rows(), 2);
-    assert_eq!(values(&out.batch, 2), vec![1, 0, 4, 2]);
+    assert_eq!(values(&out.batch, 2), vec![1, 0, 4, 7]);
+}
+
+#[test]
+fn a_few_events_or_censorings_show_nowhere() {
+    let columns = vec![
+        StateColumn::state("km[n]", 0, "km_curve", "n"),
+        StateColumn::state("km[events]", 0, "km_curve", "events"),
+        StateColumn::state("km[censored]", 0, "km_curve", "censored"),
+        StateColumn::patients("__patients"),
+    ];
+    // 500 patients, and an event condition that only one or two of them meet: without the rule its
+    // cumulative count would jump from 0 to 3 at that patient's interval; it stays 0.
+    for (events, censored) in [
+        (&[0u64, 1, 0][..], &[0u64, 0, 0][..]),
+        (&[0, 0, 0], &[0, 1, 1]),
+    ] {
+        let batch = RecordBatch::try_from_iter(vec![
+            ("km[n]", Arc::new(UInt64Array::from(vec![500])) as ArrayRef),
+            ("km[events]", lists(&[events])),
+            ("km[censored]", lists(&[censored])),
+            ("__patients", Arc::new(Int64Array::from(vec![500]))),
+        ])
+        .expect("batch");
+        let answer = PartialAnswer {
+            batch,
+            columns: columns.clone(),
+            contributions: None,
+        };
+        let out = protect(&answer, &Disclosure::default(), 100).expect("protect");
+        assert_eq!(out.batch.num_rows(), 1);
+        assert_eq!(values(&out.batch, 1), vec![0, 0, 0], "{events:?}");
+        assert_eq!(values(&out.batch, 2), vec![0, 0, 0], "{censored:?}");
+    }
 }

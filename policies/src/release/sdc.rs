@@ -208,12 +208,15 @@ pub(crate) fn protect_with(
         .cloned()
         .collect();
     // Whichever method protects the other numbers, curves are rounded cumulatively.
-    let base = if rules.is_unprotected() {
-        1
+    let (base, least) = if rules.is_unprotected() {
+        (1, 0)
     } else {
-        rules.survival.rounding_base
+        (
+            rules.survival.rounding_base,
+            rules.survival.least_cumulative,
+        )
     };
-    let batch = super::survival::round_curves(&batch, &columns, base)?;
+    let batch = super::survival::round_curves(&batch, &columns, base, least)?;
     Ok(Protected {
         batch,
         columns,

@@ -4,8 +4,9 @@
 //! Rounding the cumulative counts rather than each interval's keeps the released curve
 //! monotone and its at-risk counts consistent, and a patient added or removed moves a
 //! cumulative count by one, which changes its rounded value only where it crosses a band's
-//! edge: differencing two curves tells at most that the patient left at or before the first
-//! interval where they differ, never at which.
+//! edge: differencing two curves tells that the patient left at or before the first interval
+//! where they differ, not at which. A cumulative count below `least_cumulative` (3) is released as
+//! 0, so an event that only one or two patients have shows nowhere.
 
 use std::sync::Arc;
 
@@ -85,12 +86,16 @@ pub(super) fn round_mid(x: u64, base: u64) -> u64 {
 
 /// One stratum's released counts: totals rounded cumulatively, then turned back into the
 /// per-interval counts the state holds (non-negative, since rounding is monotone), and the
-/// rows counted never fewer than the events and censorings released.
+/// rows counted never fewer than the events and censorings released. A cumulative count below
+/// `least` is released as 0: an event condition that one or two patients meet (a rare code)
+/// would otherwise show when they died; the price is that a stratum's first events appear
+/// late, by at most `least − 1` rows per trust.
 pub(super) fn round_stratum(
     n: u64,
     events: &[u64],
     censored: &[u64],
     base: u64,
+    least: u64,
 ) -> (u64, Vec<u64>, Vec<u64>) {
     let per_interval = |counts: &[u64]| {
         let mut cumulative = 0u64;
@@ -99,7 +104,11 @@ pub(super) fn round_stratum(
             .iter()
             .map(|&c| {
                 cumulative += c;
-                let rounded = round_mid(cumulative, base);
+                let rounded = if cumulative < least {
+                    0
+                } else {
+                    round_mid(cumulative, base)
+                };
                 let step = rounded - released;
                 released = rounded;
                 step
@@ -117,6 +126,7 @@ pub(super) fn round_curves(
     batch: &RecordBatch,
     columns: &[StateColumn],
     base: u64,
+    least: u64,
 ) -> Result<RecordBatch, ReleaseError> {
     let find = |aggregate: usize, curve: Curve| {
         columns
@@ -128,7 +138,7 @@ pub(super) fn round_curves(
         .filter(|c| c.role() == Role::Curve(Curve::N))
         .filter_map(|c| c.aggregate)
         .collect();
-    if aggregates.is_empty() || base <= 1 {
+    if aggregates.is_empty() || (base <= 1 && least <= 1) {
         return Ok(batch.clone());
     }
     let mut arrays: Vec<ArrayRef> = batch.columns().to_vec();
@@ -166,7 +176,7 @@ pub(super) fn round_curves(
                 Ok(v.iter().map(|x| x.unwrap_or(0)).collect())
             };
             let (e, c) = (values(events)?, values(censored)?);
-            let (rn, re, rc) = round_stratum(n.value(row), &e, &c, base);
+            let (rn, re, rc) = round_stratum(n.value(row), &e, &c, base, least);
             rounded_n.push(rn);
             rounded_events.push(Some(re.into_iter().map(Some)));
             rounded_censored.push(Some(rc.into_iter().map(Some)));
@@ -196,14 +206,18 @@ mod tests {
 
     #[test]
     fn cumulative_counts_are_rounded_and_stay_consistent() {
-        let (n, e, c) = round_stratum(23, &[1, 0, 4, 2], &[0, 6, 0, 1], 5);
+        let (n, e, c) = round_stratum(23, &[1, 0, 4, 2], &[0, 6, 0, 1], 5, 0);
         // Cumulative events 1, 1, 5, 7 → 3, 3, 3, 8; censored 0, 6, 6, 7 → 0, 8, 8, 8.
         assert_eq!(e, vec![3, 0, 0, 5]);
         assert_eq!(c, vec![0, 8, 0, 0]);
         assert_eq!(n, 23);
         // Rounding never releases fewer rows than events and censorings: 6 → 8 and 4 → 3
         // leave 11, where 10 alone rounds to 8.
-        let (n, _, _) = round_stratum(10, &[6], &[4], 5);
+        let (n, _, _) = round_stratum(10, &[6], &[4], 5, 0);
         assert_eq!(n, 11);
+        // Below the least a cumulative count is 0: one rare event shows nowhere.
+        let (_, e, c) = round_stratum(500, &[0, 1, 1, 12], &[0, 0, 4, 0], 5, 3);
+        assert_eq!(e, vec![0, 0, 0, 13]);
+        assert_eq!(c, vec![0, 0, 3, 0]);
     }
 }

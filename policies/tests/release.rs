@@ -4,10 +4,9 @@
 
 mod common;
 
-use common::{schema, session};
 use trustql_policies::{
-    AnswerProtection, Budget, Moment, Needs, Policy, Refusal, Role, Rounding, Rule, StateColumn,
-    Terms, TotalsRules, aggregate_of, needs, vet_sql,
+    AnswerProtection, Budget, Moment, Needs, Refusal, Role, Rounding, Rule, StateColumn, Terms,
+    TotalsRules,
 };
 
 const POLICY: &str = r#"
@@ -38,21 +37,7 @@ dp = { epsilon_budget = 1.5, epsilon_per_query = 1.0 }
 
 /// What the release needs for `sql` in `project`, as the node would ask.
 async fn needs_for(project: &str, sql: &str, terms: Terms) -> Result<Needs, Refusal> {
-    let policy = Policy::from_toml(POLICY).expect("policy");
-    let project = policy.project(project).expect("project");
-    let (plan, optimized, vetted) = vet_sql(&session(), &schema(), &policy, project, sql)
-        .await
-        .expect("vetted");
-    let aggregate = aggregate_of(&plan).expect("aggregate");
-    needs(
-        &policy,
-        project,
-        &schema(),
-        aggregate,
-        &optimized,
-        &vetted,
-        terms,
-    )
+    common::needs_for(POLICY, project, sql, terms).await
 }
 
 async fn refused(project: &str, sql: &str, terms: Terms) -> Refusal {

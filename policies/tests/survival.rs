@@ -10,7 +10,7 @@ use arrow::datatypes::UInt64Type;
 use common::{schema, session};
 use trustql_policies::{
     Curve, Disclosure, Needs, PartialAnswer, Policy, Refusal, Role, Rule, StateColumn, Terms,
-    aggregate_of, needs, protect, read_filter, vet_sql,
+    aggregate_of, protect, read_filter, vet_sql,
 };
 
 const POLICY: &str = r#"
@@ -43,20 +43,14 @@ fn call(args: &str) -> String {
 }
 
 async fn needs_for(project: &str, sql: &str) -> Result<Needs, Refusal> {
+    let needs = common::needs_for(POLICY, project, sql, Terms::default()).await?;
+    // The rows a curve reads are those with a start, an end and an event.
     let policy = Policy::from_toml(POLICY).expect("policy");
     let project = policy.project(project).expect("project");
-    let (plan, optimized, vetted) = vet_sql(&session(), &schema(), &policy, project, sql).await?;
+    let (plan, _, _) = vet_sql(&session(), &schema(), &policy, project, sql)
+        .await
+        .expect("vetted");
     let aggregate = aggregate_of(&plan).expect("aggregate");
-    let needs = needs(
-        &policy,
-        project,
-        &schema(),
-        aggregate,
-        &optimized,
-        &vetted,
-        Terms::default(),
-    )?;
-    // The rows a curve reads are those with a start, an end and an event.
     let read = read_filter(&aggregate.aggr_expr[0]).expect("a read filter");
     assert_eq!(read.to_string().matches("IS NOT NULL").count(), 3, "{read}");
     Ok(needs)

@@ -46,14 +46,11 @@ fn python() -> PathBuf {
     python
 }
 
-/// Runs `script` (in `tests/python`) on the demo `demo` serves; its output.
-fn run_script(python: &Path, script: &str, info: &Path) -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/python")
-        .join(script);
+/// Runs `script` (relative to this crate) with `args`; its output, after checking it succeeded.
+fn run_script(python: &Path, script: &str, args: &[&Path]) -> String {
     let output = Command::new(python)
-        .arg(&script)
-        .arg(info)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
+        .args(args)
         .output()
         .expect("run python");
     assert!(
@@ -73,7 +70,11 @@ fn federated_kaplan_meier_equals_lifelines_on_the_trusts_rows() {
         dir.path(),
         &["--trusts", "3", "--patients", "6000", "--unprotected"],
     );
-    let out = run_script(&python, "survival_lifelines.py", &demo.info_path);
+    let out = run_script(
+        &python,
+        "tests/python/survival_lifelines.py",
+        &[&demo.info_path],
+    );
     drop(demo);
     assert!(out.contains("survival ok"), "{out}");
 }
@@ -83,26 +84,14 @@ fn the_kaplan_meier_plot_example_draws_a_federated_curve() {
     let python = python();
     let dir = tempfile::tempdir().expect("tempdir");
     let demo = serve_demo(dir.path(), &["--trusts", "2", "--patients", "4000"]);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../client/examples/km_plot.py");
     let png = dir.path().join("km.png");
-    let output = Command::new(&python)
-        .arg(&script)
-        .arg(&demo.info_path)
-        .arg(&png)
-        .output()
-        .expect("run python");
+    let out = run_script(
+        &python,
+        "../client/examples/km_plot.py",
+        &[&demo.info_path, &png],
+    );
     drop(demo);
-    assert!(
-        output.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&output.stdout).contains("4 stages"),
-        "{}",
-        String::from_utf8_lossy(&output.stdout)
-    );
+    assert!(out.contains("4 stages"), "{out}");
     let bytes = std::fs::read(&png).expect("the plot");
     assert!(
         bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000,
@@ -119,7 +108,11 @@ fn a_python_adbc_client_browses_and_queries_over_tls_with_a_token() {
         dir.path(),
         &["--trusts", "2", "--patients", "3000", "--rounding"],
     );
-    let out = run_script(&python, "flight_sql_client.py", &demo.info_path);
+    let out = run_script(
+        &python,
+        "tests/python/flight_sql_client.py",
+        &[&demo.info_path],
+    );
     drop(demo);
     assert!(out.contains("python client ok"), "{out}");
 }

@@ -673,3 +673,26 @@ async fn refusals_do_not_repeat_literals() {
     assert!(!r.reason.contains("10000123"), "{r}");
     assert!(r.reason.contains("sim_av_patient.patientid"), "{r}");
 }
+
+#[tokio::test]
+async fn unnest_reads_released_curves_only() {
+    // Above the aggregation: one row per interval of a released curve.
+    accepted(
+        "SELECT t.stage_best, unnest(km_curve(t.diagnosisdatebest, p.vitalstatusdate, \
+         p.vitalstatus = 'D')) FROM sim_av_tumour t JOIN sim_av_patient p \
+         ON t.patientid = p.patientid GROUP BY t.stage_best",
+    )
+    .await;
+    // Below it, an unnest would make rows of its own for the aggregate to count.
+    refused(
+        "SELECT COUNT(*) FROM (SELECT unnest(make_array(age, age)) AS a FROM sim_av_tumour) x",
+        Rule::Function,
+    )
+    .await;
+    refused(
+        "SELECT COUNT(*) FROM (SELECT unnest(string_to_array(gender, '')) AS a \
+         FROM sim_av_tumour) x",
+        Rule::Function,
+    )
+    .await;
+}

@@ -45,7 +45,8 @@ impl Grid {
         if interval <= 0 || horizon <= 0 {
             return Err(GridError::NotPositive);
         }
-        let intervals = (horizon + interval - 1) / interval;
+        // Rounded up without `horizon + interval - 1`, which overflows on a huge horizon.
+        let intervals = horizon / interval + i64::from(horizon % interval != 0);
         if intervals > MAX_INTERVALS {
             return Err(GridError::TooMany);
         }
@@ -134,5 +135,15 @@ mod tests {
         assert_eq!(Grid::at(10, 30).expect("test").intervals(), 1);
         assert_eq!(Grid::curve(0, 10), Err(GridError::NotPositive));
         assert_eq!(Grid::curve(1, 100_000), Err(GridError::TooMany));
+        assert_eq!(Grid::curve(30, i64::MAX), Err(GridError::TooMany));
+        assert_eq!(
+            Grid::curve(i64::MAX, i64::MAX).map(|g| g.intervals()),
+            Ok(1)
+        );
+        assert_eq!(Grid::at(i64::MAX, 1), Err(GridError::TooMany));
+        // Durations anywhere in i64 fall in a bin or past the end, never overflow.
+        let g = Grid::at(i64::MAX, i64::MAX / 2).expect("two parts");
+        assert_eq!(g.bin(i64::MAX), Some(1));
+        assert_eq!(Grid::curve(30, 60).expect("grid").bin(i64::MAX), None);
     }
 }

@@ -96,6 +96,7 @@ fn fixture(rt: &tokio::runtime::Runtime) -> Fixture {
         let locked = locked_session(
             SessionConfig::new().with_target_partitions(2),
             Arc::new(datafusion::execution::runtime_env::RuntimeEnv::default()),
+            &schema,
         );
         for table in schema.tables() {
             let path = table_path(&fed.join("TQ01"), &table.name);

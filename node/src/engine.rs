@@ -150,7 +150,7 @@ impl SiteEngine {
             .options_mut()
             .execution
             .skip_partial_aggregation_probe_ratio_threshold = 1.0;
-        let ctx = locked_session(config, runtime);
+        let ctx = locked_session(config, runtime, &schema);
         // Which files, of which size and age: a DP release is only repeated over the same data.
         let mut data_version = Sha256::new();
         for table in schema.tables() {

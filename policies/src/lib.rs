@@ -60,9 +60,10 @@ pub use release::{
 };
 pub use session::{
     ALLOWED_SCALAR_FUNCTIONS, LOCKED_OUT_OPTIMIZER_RULES, locked_session, optimizer_rules_without,
-    plan_sql, sql_options,
+    percentile_grids, plan_sql, sql_options,
 };
 pub use text::{TextLimits, check_text};
 pub use total::{TOTAL_FUNCTIONS, TotalArithmetic, TotalExpressions, make_total};
+pub use trustql_distribution::{Grids, is_percentile};
 pub use trustql_survival::is_survival;
 pub use vet::{Vetted, aggregate_of, authorise, vet_plan, vet_sql, vet_text};

@@ -13,7 +13,7 @@ use crate::error::PolicyError;
 use crate::text::TextLimits;
 
 /// Aggregates whose partial state is a few numbers per group, so may cross the wire.
-pub const SHIPPABLE_AGGREGATES: [&str; 11] = [
+pub const SHIPPABLE_AGGREGATES: [&str; 14] = [
     "count",
     "sum",
     "avg",
@@ -26,6 +26,10 @@ pub const SHIPPABLE_AGGREGATES: [&str; 11] = [
     // Their states are interval counts over a public grid (trustql-survival).
     "km_curve",
     "survival_at",
+    // Theirs are bin counts over a column's public grid (trustql-distribution).
+    "median",
+    "percentile_cont",
+    "approx_percentile_cont",
 ];
 
 /// A trust's disclosure policy.
@@ -900,6 +904,23 @@ impl Policy {
                  {} released as 0 (never one interval suppressed); intervals are at least {} \
                  days wide",
                 s.rounding_base, s.least_cumulative, s.min_interval_days
+            );
+        }
+        let percentiles = self
+            .query
+            .aggregates
+            .iter()
+            .any(|a| trustql_distribution::is_percentile(a));
+        if percentiles && !d.is_unprotected() {
+            let _ = writeln!(
+                out,
+                "  - percentiles (median, percentile_cont, approx_percentile_cont): read from a \
+                 histogram over the column's public bins (at least as wide as a CASE band may \
+                 be); bins with fewer than {} rows are pooled with their neighbours, so no \
+                 youngest or oldest patient stands alone, then the cumulative counts are \
+                 rounded to the middle of their band of {}; a group below the minimum is \
+                 withheld whole",
+                d.min_patients, d.survival.rounding_base
             );
         }
         match d.dominance {

@@ -65,6 +65,9 @@ pub enum Rule {
     /// A survival aggregate whose grid the policy does not allow (intervals narrower than its
     /// minimum, arguments that are not constants), or a mode that cannot release one yet.
     Survival,
+    /// A percentile the release cannot protect (DISTINCT, FILTER, a fraction that is not a
+    /// constant from 0 to 1), or a mode without noisy histograms yet.
+    Percentile,
 }
 
 impl Rule {
@@ -98,6 +101,7 @@ impl Rule {
             Rule::DistinctCount => "count-distinct",
             Rule::Pool => "pool",
             Rule::Survival => "survival",
+            Rule::Percentile => "percentile",
         }
     }
 }

@@ -19,6 +19,9 @@ use datafusion::sql::sqlparser::ast::{
     Expr as SQLExpr, ObjectName, Statement as SQLStatement, TableFactor, Visit, Visitor,
 };
 
+use trustql_distribution::{BinGrid, Grids};
+use trustql_schemas::{ColumnType, TrustSchema};
+
 use crate::policy::SHIPPABLE_AGGREGATES;
 use crate::refusal::{Refusal, Rule};
 
@@ -92,8 +95,40 @@ pub fn optimizer_rules_without(
         .collect()
 }
 
-/// A session with only the allow-listed functions.
-pub fn locked_session(config: SessionConfig, runtime: Arc<RuntimeEnv>) -> SessionContext {
+/// Each column's public grid of value bins, by name: the columns a percentile may read. A name
+/// that two tables give different grids has none, so a percentile never reads the wrong one.
+pub fn percentile_grids(schema: &TrustSchema) -> Grids {
+    let mut grids = Grids::new();
+    let mut ambiguous = Vec::new();
+    for table in schema.tables() {
+        for column in &table.columns {
+            let (Some([lower, upper]), Some(width)) = (column.bounds, column.bin_width) else {
+                continue;
+            };
+            let whole = column.ty == ColumnType::Int64;
+            let Ok(grid) = BinGrid::new(lower, upper, width, whole) else {
+                continue;
+            };
+            if grids
+                .insert(column.name.clone(), grid)
+                .is_some_and(|g| g != grid)
+            {
+                ambiguous.push(column.name.clone());
+            }
+        }
+    }
+    for name in ambiguous {
+        grids.remove(&name);
+    }
+    grids
+}
+
+/// A session with only the allow-listed functions; percentiles read `schema`'s grids.
+pub fn locked_session(
+    config: SessionConfig,
+    runtime: Arc<RuntimeEnv>,
+    schema: &TrustSchema,
+) -> SessionContext {
     let scalar = datafusion::functions::all_default_functions()
         .into_iter()
         .filter(|f| {
@@ -104,16 +139,23 @@ pub fn locked_session(config: SessionConfig, runtime: Arc<RuntimeEnv>) -> Sessio
         })
         .collect::<Vec<_>>();
     // Every shippable aggregate is registered; the policy narrows what a query may use.
+    // DataFusion's percentiles keep every value; ours count bins (trustql-distribution).
     let aggregates = datafusion::functions_aggregate::all_default_aggregate_functions()
         .into_iter()
         .filter(|f| {
             let name = f.name().to_lowercase();
-            SHIPPABLE_AGGREGATES.contains(&name.as_str())
+            !trustql_distribution::is_percentile(&name)
+                && SHIPPABLE_AGGREGATES.contains(&name.as_str())
                 || f.aliases()
                     .iter()
                     .any(|a| SHIPPABLE_AGGREGATES.contains(&a.as_str()))
         })
         .chain(trustql_survival::functions().into_iter().map(Arc::new))
+        .chain(
+            trustql_distribution::functions(Arc::new(percentile_grids(schema)))
+                .into_iter()
+                .map(Arc::new),
+        )
         .collect::<Vec<_>>();
     let config = config.with_information_schema(false);
     // Rules that would break two-phase aggregation across the network: fusing Partial and

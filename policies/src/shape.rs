@@ -568,6 +568,9 @@ impl Builder<'_> {
         if trustql_survival::is_survival(&name) {
             return self.survival(&upper, &params.args, schema, input);
         }
+        if trustql_distribution::is_percentile(&name) {
+            return self.percentile(&upper, &params.args, schema, input);
+        }
         let argument = match params.args.as_slice() {
             [] => None,
             [arg] => Some(arg),
@@ -634,7 +637,7 @@ impl Builder<'_> {
         for date in [start, end] {
             if self.plain(date, schema, input).is_none() {
                 return Err(refuse(format!(
-                    "{upper}: `{}` is not a date column; the start and end are columns                      (diagnosisdatebest, vitalstatusdate)",
+                    "{upper}: `{}` is not a date column; the start and end are columns (diagnosisdatebest, vitalstatusdate)",
                     shown(date)
                 )));
             }
@@ -660,6 +663,46 @@ impl Builder<'_> {
         if let Some(p) = params.iter().find(|p| !is_constant(p)) {
             return Err(refuse(format!(
                 "{upper}: `{}` must be a constant number of days",
+                shown(p)
+            )));
+        }
+        Ok(())
+    }
+
+    /// A percentile: a column with a public grid, named as the schema names it (the
+    /// aggregate finds its grid by that name), and a constant fraction.
+    fn percentile(
+        &self,
+        upper: &str,
+        args: &[Expr],
+        schema: &DFSchema,
+        input: &Shapes,
+    ) -> Result<(), Refusal> {
+        let Some((column, params)) = args.split_first() else {
+            return Err(refuse(format!("{upper} needs a column")));
+        };
+        let source = self.plain(column, schema, input);
+        let named = match (unalias(column), source.as_deref()) {
+            (Expr::Column(c), Some(source)) => source
+                .rsplit_once('.')
+                .is_some_and(|(_, name)| name == c.name),
+            _ => false,
+        };
+        let gridded = source
+            .as_deref()
+            .and_then(|s| self.column(s))
+            .is_some_and(|c| c.bin_width.is_some() && c.bounds.is_some());
+        if !named || !gridded {
+            return Err(refuse(format!(
+                "{upper} of `{}`: percentiles are read from a histogram over a column's public \
+                 bins, so they take a column that has bounds and a bin width in the schema \
+                 (such as age or weight_at_start_of_regimen), under its own name",
+                shown(column)
+            )));
+        }
+        if let Some(p) = params.iter().find(|p| !is_constant(p)) {
+            return Err(refuse(format!(
+                "{upper}: `{}` must be a constant",
                 shown(p)
             )));
         }

@@ -429,7 +429,11 @@ impl Vetter<'_> {
                         ),
                     ));
                 }
-                if !params.order_by.is_empty() {
+                // WITHIN GROUP (ORDER BY column) names a percentile's column, nothing more.
+                let within_group = trustql_distribution::is_percentile(&name)
+                    && matches!(params.order_by.as_slice(),
+                        [sort] if params.args.first() == Some(&sort.expr));
+                if !params.order_by.is_empty() && !within_group {
                     return Some(Refusal::new(
                         Rule::Aggregate,
                         "ORDER BY inside an aggregate is not supported",

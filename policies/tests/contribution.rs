@@ -57,7 +57,11 @@ fn table(name: &str, set: &[(&str, ArrayRef)]) -> RecordBatch {
 
 /// Patient 1 has ten stage-4 tumours at age 90; patients 2 and 3 one stage-1 tumour each.
 fn session() -> SessionContext {
-    let ctx = locked_session(SessionConfig::new(), Arc::new(RuntimeEnv::default()));
+    let ctx = locked_session(
+        SessionConfig::new(),
+        Arc::new(RuntimeEnv::default()),
+        &trustql_schemas::TrustSchema::cancer().expect("schema"),
+    );
     let patients = table(
         "sim_av_patient",
         &[("patientid", Arc::new(Int64Array::from(vec![1, 2, 3])))],

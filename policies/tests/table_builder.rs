@@ -202,9 +202,10 @@ async fn age_bands_are_at_least_the_schemas_width() {
 
 #[tokio::test]
 async fn sums_need_public_bounds() {
-    // The shared schema without Charlson's bounds: its sum is refused unless the policy
-    // gives bounds of its own.
-    let text = trustql_schemas::CANCER_SCHEMA_TOML.replace("bounds = [0.0, 30.0], ", "");
+    // The shared schema without Charlson's bounds (nor its bins, which need them): its sum
+    // is refused unless the policy gives bounds of its own.
+    let text =
+        trustql_schemas::CANCER_SCHEMA_TOML.replace("bounds = [0.0, 30.0], bin_width = 1.0, ", "");
     let unbounded = trustql_schemas::TrustSchema::from_toml(&text).expect("schema");
     let sql = "SELECT SUM(chrl_tot_27_03) FROM sim_av_tumour";
     for (policy, answered) in [
@@ -230,4 +231,29 @@ async fn sums_need_public_bounds() {
         }
     }
     answered("SELECT AVG(height_at_start_of_regimen) FROM sim_sact_regimen").await;
+}
+
+#[tokio::test]
+async fn percentiles_need_public_bins() {
+    // The shared schema without Charlson's bins: its median is refused, its sum still answered.
+    let text = trustql_schemas::CANCER_SCHEMA_TOML.replace(
+        "bounds = [0.0, 30.0], bin_width = 1.0, ",
+        "bounds = [0.0, 30.0], ",
+    );
+    let unbinned = trustql_schemas::TrustSchema::from_toml(&text).expect("schema");
+    let policy = Policy::from_toml(POLICY).expect("policy");
+    let project = policy.project("sdc").expect("project");
+    let median = "SELECT median(chrl_tot_27_03) FROM sim_av_tumour";
+    let r = vet_sql(&session(), &unbinned, &policy, project, median)
+        .await
+        .expect_err("a column without bins has no median");
+    assert_eq!(r.rule, Rule::TableBuilder, "{r}");
+    assert!(r.reason.contains("bin width"), "{r}");
+    let sum = "SELECT SUM(chrl_tot_27_03) FROM sim_av_tumour";
+    assert!(
+        vet_sql(&session(), &unbinned, &policy, project, sum)
+            .await
+            .is_ok()
+    );
+    answered(median).await;
 }

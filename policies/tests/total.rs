@@ -83,6 +83,7 @@ fn locked() -> SessionContext {
     with_table(locked_session(
         SessionConfig::new(),
         Arc::new(RuntimeEnv::default()),
+        &trustql_schemas::TrustSchema::cancer().expect("schema"),
     ))
 }
 

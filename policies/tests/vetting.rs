@@ -373,8 +373,31 @@ async fn attack_first_value() {
 }
 
 #[tokio::test]
-async fn attack_median() {
-    refused("SELECT median(age) FROM sim_av_tumour", Rule::Function).await;
+async fn percentiles_read_binned_columns_only() {
+    // DataFusion's percentiles keep every value; ours count a column's public bins.
+    for sql in [
+        "SELECT site_icd10_o2_3char, median(age) FROM sim_av_tumour GROUP BY 1",
+        "SELECT percentile_cont(t.age, 0.9) FROM sim_av_tumour t",
+        "SELECT percentile_cont(0.25) WITHIN GROUP (ORDER BY weight_at_start_of_regimen) \
+         FROM sim_sact_regimen",
+        "SELECT approx_percentile_cont(age, 0.5) FROM sim_av_tumour",
+    ] {
+        accepted(sql).await;
+    }
+    // A computed value, and another column renamed to a binned one (whose grid the aggregate
+    // would read), are not table-builder percentiles.
+    for sql in [
+        "SELECT median(age + 1) FROM sim_av_tumour",
+        "SELECT median(age) FROM (SELECT chrl_tot_27_03 AS age FROM sim_av_tumour)",
+    ] {
+        refused(sql, Rule::TableBuilder).await;
+    }
+    // Value-list aggregates stay locked out.
+    refused(
+        "SELECT approx_median(age) FROM sim_av_tumour",
+        Rule::Function,
+    )
+    .await;
 }
 
 #[tokio::test]

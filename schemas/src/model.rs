@@ -105,6 +105,11 @@ pub struct Column {
     /// wide): a narrower band singles out fewer patients than the table builder allows.
     #[serde(default)]
     pub band_width: Option<f64>,
+    /// Width of the public bins its percentiles are read from (every trust counts rows per
+    /// bin between the bounds; a median is within one bin of the exact value). Needs bounds;
+    /// at least `band_width`, so a histogram shows no finer band than a CASE may cut.
+    #[serde(default)]
+    pub bin_width: Option<f64>,
     /// What the column holds.
     pub description: String,
 }
@@ -377,6 +382,18 @@ impl TrustSchema {
                         "band_width of `{}.{}` must be positive, on a numeric column",
                         table.name, column.name
                     ));
+                }
+                if let Some(width) = column.bin_width {
+                    let bounded = column.bounds.is_some_and(|[lower, upper]| {
+                        width.is_finite() && width > 0.0 && (upper - lower) / width <= 10_000.0
+                    });
+                    if !bounded || column.band_width.is_some_and(|band| width < band) {
+                        return bad(format!(
+                            "bin_width of `{}.{}` must be positive, at least its band_width, on a \
+                             column with bounds that it cuts into at most 10000 bins",
+                            table.name, column.name
+                        ));
+                    }
                 }
             }
             if let Some(pk) = &table.primary_key

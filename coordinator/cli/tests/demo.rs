@@ -32,6 +32,12 @@ fn the_demo_runs_its_showcase_with_coverage() {
         out.contains("survival curves: each trust withholds"),
         "{out}"
     );
+    // Medians by site, and how close they are.
+    assert!(out.contains("| median_age"), "{out}");
+    assert!(
+        out.contains("percentiles of age are read from a histogram"),
+        "{out}"
+    );
     assert!(
         !out.contains("UNPROTECTED") && !out.contains("WARNING"),
         "{out}"

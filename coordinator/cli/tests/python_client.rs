@@ -10,7 +10,14 @@ use std::process::Command;
 mod common;
 use common::serve_demo;
 
+/// The interpreter, prepared once: the tests run side by side, and two of them making the
+/// same virtual environment at once break it.
 fn python() -> PathBuf {
+    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(prepare_python).clone()
+}
+
+fn prepare_python() -> PathBuf {
     if let Some(p) = std::env::var_os("TRUSTQL_PYTHON") {
         return PathBuf::from(p);
     }

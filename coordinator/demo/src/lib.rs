@@ -535,8 +535,10 @@ pub const SHOWCASE: &[(&str, &str)] = &[
          GROUP BY site_icd10_o2_3char, stage_best ORDER BY site, stage",
     ),
     (
-        "Mean age at diagnosis by site (ten largest)",
-        "SELECT site_icd10_o2_3char AS site, COUNT(*) AS tumours, AVG(age) AS mean_age, STDDEV(age) AS sd_age \
+        "Mean and median age at diagnosis by site (ten largest; medians from 5-year bins)",
+        "SELECT site_icd10_o2_3char AS site, COUNT(*) AS tumours, round(AVG(age), 1) AS mean_age, \
+         round(STDDEV(age), 1) AS sd_age, round(median(age), 1) AS median_age, \
+         round(percentile_cont(age, 0.9), 1) AS age_90th_percentile \
          FROM sim_av_tumour GROUP BY site_icd10_o2_3char ORDER BY tumours DESC LIMIT 10",
     ),
     (

@@ -43,6 +43,7 @@ pub struct SiteStates {
 pub struct Merger {
     ctx: SessionContext,
     rules: TotalsRules,
+    grids: trustql_policies::Grids,
 }
 
 /// A query planned at the coordinator, ready to merge answers into.
@@ -55,6 +56,7 @@ pub struct Prepared {
     partial_schema: SchemaRef,
     distinct: HashSet<String>,
     survival: bool,
+    percentiles: Vec<(String, f64)>,
 }
 
 impl Merger {
@@ -66,6 +68,7 @@ impl Merger {
         let locked = locked_session(
             SessionConfig::new().with_target_partitions(1),
             Arc::new(RuntimeEnv::default()),
+            schema,
         );
         let rules = optimizer_rules_without(&["push_down_filter"]);
         let state = SessionStateBuilder::new_from_existing(locked.state())
@@ -81,7 +84,11 @@ impl Merger {
             ctx.register_table(table.name.as_str(), Arc::new(empty))
                 .map_err(|e| MergeError::Setup(e.to_string()))?;
         }
-        Ok(Merger { ctx, rules: totals })
+        Ok(Merger {
+            ctx,
+            rules: totals,
+            grids: trustql_policies::percentile_grids(schema),
+        })
     }
 
     /// The planning session (for listing tables and schemas).
@@ -100,16 +107,34 @@ impl Merger {
             .into());
         }
         let (key_outputs, outputs) = result_columns(&plan);
-        let survival = aggregate_of(&plan).is_some_and(|agg| {
-            agg.aggr_expr
-                .iter()
-                .any(|e| match e.clone().unalias_nested().data {
-                    Expr::AggregateFunction(f) => {
-                        trustql_policies::is_survival(&f.func.name().to_lowercase())
-                    }
-                    _ => false,
-                })
-        });
+        let calls: Vec<(String, Option<String>)> = aggregate_of(&plan)
+            .map(|agg| {
+                agg.aggr_expr
+                    .iter()
+                    .filter_map(|e| match e.clone().unalias_nested().data {
+                        Expr::AggregateFunction(f) => Some((
+                            f.func.name().to_lowercase(),
+                            match f.params.args.first() {
+                                Some(Expr::Column(c)) => Some(c.name.clone()),
+                                _ => None,
+                            },
+                        )),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let survival = calls
+            .iter()
+            .any(|(name, _)| trustql_policies::is_survival(name));
+        // Each percentile's column and bin width, for the note on how close it is.
+        let mut percentiles: Vec<(String, f64)> = calls
+            .iter()
+            .filter(|(name, _)| trustql_policies::is_percentile(name))
+            .filter_map(|(_, column)| column.clone())
+            .filter_map(|c| self.grids.get(&c).map(|g| (c, g.width())))
+            .collect();
+        percentiles.dedup();
         let mut distinct = HashSet::new();
         let rules = self.rules;
         let plan = plan
@@ -134,6 +159,7 @@ impl Merger {
             partial,
             distinct,
             survival,
+            percentiles,
         })
     }
 
@@ -188,6 +214,11 @@ impl Prepared {
     /// Whether the query counts distinct values (summed over trusts, see the notes).
     pub fn counts_distinct(&self) -> bool {
         !self.distinct.is_empty()
+    }
+
+    /// The column and bin width of each percentile the query asks for (`median`, …).
+    pub fn percentiles(&self) -> &[(String, f64)] {
+        &self.percentiles
     }
 
     /// Whether the query asks for a survival curve (`km_curve`, `survival_at`).

@@ -94,6 +94,25 @@ const SURVIVAL_NOTE: &str = "survival curves: each trust withholds a stratum wit
      (of 5 unless its policy says otherwise), never one interval; at-risk counts follow from the \
      rounded totals, so survival, its interval and at-risk carry every answering trust's rounding.";
 
+/// How close a percentile of `column` is: read from a histogram over its public bins, and
+/// under a trust's own protection from pooled and rounded bins.
+fn percentile_note(column: &str, width: f64, protected: bool) -> String {
+    let mut note = format!(
+        "percentiles of {column} are read from a histogram over its public bins {width} wide, \
+         each bin's rows spread evenly across it: within {width} of the exact value over the \
+         same rows"
+    );
+    if protected {
+        note.push_str(
+            "; each trust pools bins with fewer rows than its minimum into their neighbours and \
+             rounds the cumulative counts to the middle of their band (of 5 unless its policy \
+             says otherwise), which moves the rank a percentile is read at by a few rows per \
+             trust and the 0th and 100th percentiles inward",
+        );
+    }
+    note
+}
+
 impl Coordinator {
     /// Builds the coordinator from its configuration (node channels connect lazily).
     pub fn new(config: &CoordinatorConfig, schema: TrustSchema) -> Result<Self, CoordinatorError> {
@@ -305,10 +324,17 @@ impl Coordinator {
             notes.push(DISTINCT_NOTE.to_string());
         }
         notes.extend(totals.notes());
-        let noise = noise.outputs(prepared.aggregate_outputs());
         // Trusts that protected their own answer (the pooled total is one answer, its members
         // none).
         let own_protection = states.len() - pooled_entry;
+        for (column, width) in prepared.percentiles() {
+            notes.push(percentile_note(
+                column,
+                *width,
+                own_protection > noisy_states.len(),
+            ));
+        }
+        let noise = noise.outputs(prepared.aggregate_outputs());
         if own_protection > noisy_states.len() {
             notes.push(WITHHELD_NOTE.into());
             if prepared.has_survival() {

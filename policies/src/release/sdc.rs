@@ -207,16 +207,18 @@ pub(crate) fn protect_with(
         .filter(|c| !c.stays())
         .cloned()
         .collect();
-    // Whichever method protects the other numbers, curves are rounded cumulatively.
-    let (base, least) = if rules.is_unprotected() {
-        (1, 0)
+    // Curves and histograms are rounded cumulatively, whichever method protects the rest; no
+    // bin of a histogram shows fewer rows than a cell may.
+    let (base, least, ends) = if rules.is_unprotected() {
+        (1, 0, 0)
     } else {
         (
             rules.survival.rounding_base,
             rules.survival.least_cumulative,
+            rules.min_patients,
         )
     };
-    let batch = super::survival::round_curves(&batch, &columns, base, least)?;
+    let batch = super::survival::round_curves(&batch, &columns, base, least, ends)?;
     Ok(Protected {
         batch,
         columns,

@@ -68,7 +68,8 @@ pub enum Role {
     Sum,
     /// One of the (n, mean, m2) moments of VAR or STDDEV.
     Moment(Moment),
-    /// One state of a survival aggregate (`km_curve`, `survival_at`): interval counts.
+    /// One state of a binned aggregate: a survival aggregate's interval counts (`km_curve`,
+    /// `survival_at`) or a percentile's bin counts (`median`, `percentile_cont`, …).
     Curve(Curve),
     /// Any other state (MIN, MAX).
     Other,
@@ -83,6 +84,8 @@ pub enum Curve {
     Events,
     /// Censorings per interval.
     Censored,
+    /// Rows per bin of a percentile's histogram (whose rows counted are [`Curve::N`]).
+    Bins,
 }
 
 /// The states of DataFusion's variance accumulator.
@@ -217,6 +220,13 @@ impl StateColumn {
                     trustql_survival::STATE_N => Role::Curve(Curve::N),
                     trustql_survival::STATE_EVENTS => Role::Curve(Curve::Events),
                     trustql_survival::STATE_CENSORED => Role::Curve(Curve::Censored),
+                    _ => Role::Other,
+                }
+            }
+            Source::State if trustql_distribution::is_percentile(&self.function) => {
+                match self.state.as_str() {
+                    trustql_distribution::STATE_N => Role::Curve(Curve::N),
+                    trustql_distribution::STATE_BINS => Role::Curve(Curve::Bins),
                     _ => Role::Other,
                 }
             }

@@ -1,4 +1,4 @@
-//! Survival curves at the node: each stratum's cumulative events and censorings rounded to
+//! Survival curves and percentiles' histograms at the node: each stratum's cumulative events and censorings rounded to
 //! the midpoint of their band (OpenSAFELY's `roundmid_any`), never an interval suppressed.
 //!
 //! Rounding the cumulative counts rather than each interval's keeps the released curve
@@ -33,12 +33,16 @@ pub(super) fn check_calls(policy: &Policy, aggregate: &Aggregate, dp: bool) -> R
             continue;
         };
         let name = func.name().to_lowercase();
+        if trustql_distribution::is_percentile(&name) {
+            check_percentile(&name, &params, dp)?;
+            continue;
+        }
         if !trustql_survival::is_survival(&name) {
             continue;
         }
         if dp {
             return refuse(format!(
-                "{name} is released under suppression and rounding so far; this project is in                  differential-privacy mode at this trust, where noisy interval counts are not                  built yet"
+                "{name} is released under suppression and rounding so far; this project is in differential-privacy mode at this trust, where noisy interval counts are not built yet"
             ));
         }
         if params.distinct || params.filter.is_some() {
@@ -54,12 +58,55 @@ pub(super) fn check_calls(policy: &Policy, aggregate: &Aggregate, dp: bool) -> R
         let least = policy.disclosure.survival.min_interval_days;
         if grid.width_days() + 1e-9 < f64::from(least) {
             return refuse(format!(
-                "{name}: its intervals are {:.1} days wide, and this trust allows none narrower                  than {least} days, so that single event times cannot be read off; pass a                  wider interval_days",
+                "{name}: its intervals are {:.1} days wide, and this trust allows none narrower than {least} days, so that single event times cannot be read off; pass a wider interval_days",
                 grid.width_days()
             ));
         }
     }
     Ok(())
+}
+
+/// Refuses a percentile the release cannot protect: DISTINCT or FILTER, a fraction that is
+/// not a constant from 0 to 1, or a mode without noisy histograms yet.
+fn check_percentile(
+    name: &str,
+    params: &datafusion::logical_expr::expr::AggregateFunctionParams,
+    dp: bool,
+) -> Result<(), Refusal> {
+    let refuse = |why: String| Err(Refusal::new(Rule::Percentile, why));
+    if dp {
+        return refuse(format!(
+            "{name} is released from a histogram under suppression and rounding so far; this \
+             project is in differential-privacy mode at this trust, where noisy histograms are \
+             not built yet"
+        ));
+    }
+    if params.distinct || params.filter.is_some() {
+        return refuse(format!(
+            "{name} takes no DISTINCT or FILTER; put conditions in WHERE or group by them"
+        ));
+    }
+    let fraction = params.args.get(1).map(constant_fraction);
+    if matches!(fraction, Some(None)) {
+        return refuse(format!(
+            "{name}: the percentile must be a constant from 0 to 1 (0.5 is the median)"
+        ));
+    }
+    Ok(())
+}
+
+/// A constant from 0 to 1.
+fn constant_fraction(expr: &Expr) -> Option<f64> {
+    match expr {
+        Expr::Literal(value, _) => match value.cast_to(&arrow::datatypes::DataType::Float64) {
+            Ok(ScalarValue::Float64(Some(p))) if (0.0..=1.0).contains(&p) => Some(p),
+            _ => None,
+        },
+        Expr::Cast(c) => constant_fraction(&c.expr),
+        Expr::TryCast(c) => constant_fraction(&c.expr),
+        Expr::Alias(a) => constant_fraction(&a.expr),
+        _ => None,
+    }
 }
 
 /// A constant whole number of days (a literal, perhaps cast by type coercion).
@@ -120,77 +167,178 @@ pub(super) fn round_stratum(
     (round_mid(n, base).max(left), events, censored)
 }
 
-/// The released batch with every survival aggregate's states rounded (`columns` describes
-/// `batch`).
+/// A percentile's histogram as released: sparse bins are pooled with their neighbours, so
+/// every bin that shows rows shows at least `least` (a cell's minimum) and no lowest or highest
+/// patient stands alone; then the cumulative counts are rounded as a stratum's are. With bins
+/// at least as wide as a CASE band may be, this shows no more than a table of band counts.
+pub(super) fn round_histogram(n: u64, bins: &[u64], base: u64, least: u64) -> (u64, Vec<u64>) {
+    let bins = if least > 1 {
+        pool_sparse(bins, least)
+    } else {
+        bins.to_vec()
+    };
+    let (n, bins, _) = round_stratum(n, &bins, &[], base, 0);
+    (n, bins)
+}
+
+/// Runs of adjacent bins, from the bottom, each closed once it holds `least` rows (a short
+/// last run joins the one before); each run's rows are counted in the bin of its middle row,
+/// which keeps the percentiles between runs where they were.
+fn pool_sparse(bins: &[u64], least: u64) -> Vec<u64> {
+    let mut runs: Vec<(usize, usize, u64)> = Vec::new();
+    let (mut start, mut rows) = (0usize, 0u64);
+    for (b, &c) in bins.iter().enumerate() {
+        rows += c;
+        if rows >= least {
+            runs.push((start, b, rows));
+            (start, rows) = (b + 1, 0);
+        }
+    }
+    if rows > 0 {
+        match runs.last_mut() {
+            Some(last) => {
+                last.1 = bins.len() - 1;
+                last.2 += rows;
+            }
+            None => runs.push((start, bins.len() - 1, rows)),
+        }
+    }
+    let mut pooled = vec![0u64; bins.len()];
+    for (start, end, rows) in runs {
+        let middle = rows.div_ceil(2);
+        let mut seen = 0u64;
+        for b in start..=end {
+            seen += bins[b];
+            if seen >= middle {
+                pooled[b] += rows;
+                break;
+            }
+        }
+    }
+    pooled
+}
+
+/// One binned aggregate's state columns in the answer.
+enum Binned {
+    Curve {
+        n: usize,
+        events: usize,
+        censored: usize,
+    },
+    Histogram {
+        n: usize,
+        bins: usize,
+    },
+}
+
+/// The released batch with every survival aggregate's states rounded cumulatively and every
+/// percentile's histogram coded at its ends and rounded (`columns` describes `batch`).
 pub(super) fn round_curves(
     batch: &RecordBatch,
     columns: &[StateColumn],
     base: u64,
     least: u64,
+    ends: u64,
 ) -> Result<RecordBatch, ReleaseError> {
     let find = |aggregate: usize, curve: Curve| {
         columns
             .iter()
             .position(|c| c.aggregate == Some(aggregate) && c.role() == Role::Curve(curve))
     };
-    let aggregates: Vec<usize> = columns
+    let mut binned = Vec::new();
+    for a in columns
         .iter()
         .filter(|c| c.role() == Role::Curve(Curve::N))
         .filter_map(|c| c.aggregate)
-        .collect();
-    if aggregates.is_empty() || (base <= 1 && least <= 1) {
+    {
+        let Some(n) = find(a, Curve::N) else {
+            continue;
+        };
+        binned.push(
+            match (
+                find(a, Curve::Events),
+                find(a, Curve::Censored),
+                find(a, Curve::Bins),
+            ) {
+                (Some(events), Some(censored), None) => Binned::Curve {
+                    n,
+                    events,
+                    censored,
+                },
+                (None, None, Some(bins)) => Binned::Histogram { n, bins },
+                _ => return Err(internal("a binned aggregate without its states")),
+            },
+        );
+    }
+    if binned.is_empty() || (base <= 1 && least <= 1 && ends <= 1) {
         return Ok(batch.clone());
     }
-    let mut arrays: Vec<ArrayRef> = batch.columns().to_vec();
-    for a in aggregates {
-        let (Some(n_at), Some(events_at), Some(censored_at)) = (
-            find(a, Curve::N),
-            find(a, Curve::Events),
-            find(a, Curve::Censored),
-        ) else {
-            return Err(internal("a survival aggregate without its three states"));
-        };
-        let n = batch
-            .column(n_at)
+    let counts = |at: usize| {
+        batch
+            .column(at)
             .as_primitive_opt::<UInt64Type>()
-            .ok_or(internal("a survival count is not UInt64"))?;
-        let lists = |at: usize| {
-            batch
-                .column(at)
-                .as_list_opt::<i32>()
-                .ok_or(internal("survival counts are not a list"))
-        };
-        let (events, censored) = (lists(events_at)?, lists(censored_at)?);
-        let mut rounded_n = Vec::with_capacity(batch.num_rows());
-        let mut rounded_events = Vec::with_capacity(batch.num_rows());
-        let mut rounded_censored = Vec::with_capacity(batch.num_rows());
-        for row in 0..batch.num_rows() {
-            let values = |list: &ListArray| -> Result<Vec<u64>, ReleaseError> {
-                if list.is_null(row) {
-                    return Ok(Vec::new());
-                }
-                let v = list.value(row);
-                let v = v
-                    .as_primitive_opt::<UInt64Type>()
-                    .ok_or(internal("survival counts are not UInt64"))?;
-                Ok(v.iter().map(|x| x.unwrap_or(0)).collect())
-            };
-            let (e, c) = (values(events)?, values(censored)?);
-            let (rn, re, rc) = round_stratum(n.value(row), &e, &c, base, least);
-            rounded_n.push(rn);
-            rounded_events.push(Some(re.into_iter().map(Some)));
-            rounded_censored.push(Some(rc.into_iter().map(Some)));
+            .ok_or(internal("a binned count is not UInt64"))
+    };
+    let lists = |at: usize| {
+        batch
+            .column(at)
+            .as_list_opt::<i32>()
+            .ok_or(internal("binned counts are not a list"))
+    };
+    let values = |list: &ListArray, row: usize| -> Result<Vec<u64>, ReleaseError> {
+        if list.is_null(row) {
+            return Ok(Vec::new());
         }
-        arrays[n_at] = Arc::new(UInt64Array::from(rounded_n));
-        arrays[events_at] = Arc::new(ListArray::from_iter_primitive::<UInt64Type, _, _>(
-            rounded_events,
-        ));
-        arrays[censored_at] = Arc::new(ListArray::from_iter_primitive::<UInt64Type, _, _>(
-            rounded_censored,
-        ));
+        let v = list.value(row);
+        let v = v
+            .as_primitive_opt::<UInt64Type>()
+            .ok_or(internal("binned counts are not UInt64"))?;
+        Ok(v.iter().map(|x| x.unwrap_or(0)).collect())
+    };
+    let list_array = |rows: Vec<Vec<u64>>| -> ArrayRef {
+        Arc::new(ListArray::from_iter_primitive::<UInt64Type, _, _>(
+            rows.into_iter().map(|r| Some(r.into_iter().map(Some))),
+        ))
+    };
+    let mut arrays: Vec<ArrayRef> = batch.columns().to_vec();
+    for aggregate in binned {
+        match aggregate {
+            Binned::Curve {
+                n: n_at,
+                events: events_at,
+                censored: censored_at,
+            } => {
+                let (n, events, censored) = (counts(n_at)?, lists(events_at)?, lists(censored_at)?);
+                let (mut ns, mut es, mut cs) = (Vec::new(), Vec::new(), Vec::new());
+                for row in 0..batch.num_rows() {
+                    let (e, c) = (values(events, row)?, values(censored, row)?);
+                    let (rn, re, rc) = round_stratum(n.value(row), &e, &c, base, least);
+                    ns.push(rn);
+                    es.push(re);
+                    cs.push(rc);
+                }
+                arrays[n_at] = Arc::new(UInt64Array::from(ns));
+                arrays[events_at] = list_array(es);
+                arrays[censored_at] = list_array(cs);
+            }
+            Binned::Histogram {
+                n: n_at,
+                bins: bins_at,
+            } => {
+                let (n, bins) = (counts(n_at)?, lists(bins_at)?);
+                let (mut ns, mut bs) = (Vec::new(), Vec::new());
+                for row in 0..batch.num_rows() {
+                    let (rn, rb) = round_histogram(n.value(row), &values(bins, row)?, base, ends);
+                    ns.push(rn);
+                    bs.push(rb);
+                }
+                arrays[n_at] = Arc::new(UInt64Array::from(ns));
+                arrays[bins_at] = list_array(bs);
+            }
+        }
     }
     RecordBatch::try_new(batch.schema(), arrays)
-        .map_err(|_| internal("could not rebuild the answer with its curves"))
+        .map_err(|_| internal("could not rebuild the answer with its binned counts"))
 }
 
 #[cfg(test)]
@@ -219,5 +367,27 @@ mod tests {
         let (_, e, c) = round_stratum(500, &[0, 1, 1, 12], &[0, 0, 4, 0], 5, 3);
         assert_eq!(e, vec![0, 0, 0, 13]);
         assert_eq!(c, vec![0, 0, 3, 0]);
+    }
+
+    #[test]
+    fn sparse_bins_are_pooled_then_rounded() {
+        // Runs of at least 4 rows: [1, 2, 0, 6] (its middle row, the 5th of 9, in bin 3) and
+        // [3, 0, 3], which the last 1 joins (the 4th of 7, in bin 6).
+        let (n, bins) = round_histogram(16, &[1, 2, 0, 6, 3, 0, 3, 1], 1, 4);
+        assert_eq!(bins, vec![0, 0, 0, 9, 0, 0, 7, 0]);
+        assert_eq!(n, 16);
+        // Then cumulative 9, 16 → 8, 18.
+        let (n, bins) = round_histogram(16, &[1, 2, 0, 6, 3, 0, 3, 1], 5, 4);
+        assert_eq!(bins, vec![0, 0, 0, 8, 0, 0, 10, 0]);
+        assert_eq!(n, 18);
+        // Dense bins are left as they are; unprotected, nothing changes.
+        assert_eq!(
+            round_histogram(27, &[0, 12, 15, 0], 1, 10),
+            (27, vec![0, 12, 15, 0])
+        );
+        assert_eq!(round_histogram(3, &[1, 0, 2], 1, 0), (3, vec![1, 0, 2]));
+        // Fewer rows than the least (a group the minimum withholds): all in one bin.
+        let (_, bins) = round_histogram(2, &[1, 1, 0], 1, 10);
+        assert_eq!(bins, vec![2, 0, 0]);
     }
 }

@@ -18,7 +18,11 @@ pub(crate) fn schema() -> TrustSchema {
 
 /// A locked session over empty tables of the shared schema (vetting needs no data).
 pub(crate) fn session() -> SessionContext {
-    let ctx = locked_session(SessionConfig::new(), Arc::new(RuntimeEnv::default()));
+    let ctx = locked_session(
+        SessionConfig::new(),
+        Arc::new(RuntimeEnv::default()),
+        &schema(),
+    );
     for table in schema().tables() {
         let provider = MemTable::try_new(table.arrow_schema(), vec![vec![]]).expect("table");
         ctx.register_table(table.name.as_str(), Arc::new(provider))

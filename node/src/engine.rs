@@ -8,6 +8,7 @@
 //! row per record). States that hold values (COUNT(DISTINCT) sets) are finished here into
 //! counts; disclosure control then runs on the per-group states before anything leaves.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -298,13 +299,15 @@ impl SiteEngine {
         }
 
         let executing = tokio::time::Instant::now();
-        let (run, cap) = to_run(aggregate, needs);
+        let (run, cap) = to_run(aggregate, needs)?;
         let execute = !matches!(needs, Needs::Dp(dp) if dp.preview);
-        let mut partial = self.run_partial(run, needs, cap, deadline, execute).await?;
+        let mut partial = self
+            .run_partial(&run, needs, cap, deadline, execute)
+            .await?;
         if let Needs::Sdc(sdc) = needs
             && !sdc.contributions.is_empty()
         {
-            partial.contributions = Some(self.contributions(deadline, aggregate, sdc).await?);
+            partial.contributions = Some(self.contributions(deadline, &run, sdc).await?);
         }
         let execution = executing.elapsed();
 
@@ -663,8 +666,8 @@ impl SiteEngine {
     /// show. Nothing runs and nothing is charged.
     pub async fn explain(&self, request: &SiteRequest, today: i32) -> Result<String, NodeError> {
         let planned = self.plan_release(request, today).await?;
-        let (run, cap) = to_run(planned.aggregate()?, &planned.needs);
-        let reduce: Arc<dyn ExecutionPlan> = self.reduced_plan(run, &planned.needs, cap).await?;
+        let (run, cap) = to_run(planned.aggregate()?, &planned.needs)?;
+        let reduce: Arc<dyn ExecutionPlan> = self.reduced_plan(&run, &planned.needs, cap).await?;
         Ok(datafusion::physical_plan::displayable(reduce.as_ref())
             .indent(false)
             .to_string())
@@ -771,11 +774,26 @@ impl Planned {
 /// The aggregate an answer runs and how far it counts patients: as asked, up to the cap the
 /// thresholds need (SDC), or bounded and counted exactly, as the count is released with noise
 /// (DP).
-fn to_run<'a>(aggregate: &'a Aggregate, needs: &'a Needs) -> (&'a Aggregate, Option<u64>) {
-    match needs {
-        Needs::Sdc(sdc) => (aggregate, Some(sdc.patient_cap)),
-        Needs::Dp(dp) => (&dp.bounded.aggregate, None),
-    }
+/// Under SDC, a `logrank`'s arm joins the keys, so each arm is a stratum of its own.
+fn to_run<'a>(
+    aggregate: &'a Aggregate,
+    needs: &'a Needs,
+) -> Result<(Cow<'a, Aggregate>, Option<u64>), NodeError> {
+    Ok(match needs {
+        Needs::Sdc(sdc) if !sdc.arms.is_empty() => {
+            let mut group_expr = aggregate.group_expr.clone();
+            group_expr.extend(sdc.arms.iter().cloned());
+            let split = Aggregate::try_new(
+                Arc::clone(&aggregate.input),
+                group_expr,
+                aggregate.aggr_expr.clone(),
+            )
+            .map_err(fault("could not split a log-rank test into its arms"))?;
+            (Cow::Owned(split), Some(sdc.patient_cap))
+        }
+        Needs::Sdc(sdc) => (Cow::Borrowed(aggregate), Some(sdc.patient_cap)),
+        Needs::Dp(dp) => (Cow::Borrowed(&dp.bounded.aggregate), None),
+    })
 }
 
 /// What each output column of the reduced partial aggregate is.

@@ -52,8 +52,8 @@ pub use policy::{
 };
 pub use refusal::{Refusal, Rule};
 pub use release::{
-    AnswerProtection, Budget, Contributions, Curve, DisclosureReport, DpNeeds, DpReport, Moment,
-    Needs, NoisyColumn, PartialAnswer, PoolNeeds, PoolParameters, PoolRound, PooledColumn,
+    ARM_KEY, AnswerProtection, Budget, Contributions, Curve, DisclosureReport, DpNeeds, DpReport,
+    Moment, Needs, NoisyColumn, PartialAnswer, PoolNeeds, PoolParameters, PoolRound, PooledColumn,
     PooledContribution, PooledLayout, Protected, Release, ReleaseError, ReleaseReport, Role,
     SdcNeeds, Source, StateColumn, Terms, TotalsRules, argument_of, bind_pool, contribute, needs,
     pool_hash, protect, read_filter, release, release_pooled, round, round_count,

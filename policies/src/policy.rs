@@ -13,7 +13,7 @@ use crate::error::PolicyError;
 use crate::text::TextLimits;
 
 /// Aggregates whose partial state is a few numbers per group, so may cross the wire.
-pub const SHIPPABLE_AGGREGATES: [&str; 14] = [
+pub const SHIPPABLE_AGGREGATES: [&str; 15] = [
     "count",
     "sum",
     "avg",
@@ -26,6 +26,7 @@ pub const SHIPPABLE_AGGREGATES: [&str; 14] = [
     // Their states are interval counts over a public grid (trustql-survival).
     "km_curve",
     "survival_at",
+    "logrank",
     // Theirs are bin counts over a column's public grid (trustql-distribution).
     "median",
     "percentile_cont",
@@ -898,11 +899,11 @@ impl Policy {
             let s = d.survival;
             let _ = writeln!(
                 out,
-                "  - survival curves (km_curve, survival_at): a stratum below the minimum is \
+                "  - survival curves (km_curve, survival_at, logrank): a stratum below the minimum is \
                  withheld whole; the rest release each interval's events and censorings with \
                  the cumulative counts rounded to the middle of their band of {} and any below \
                  {} released as 0 (never one interval suppressed); intervals are at least {} \
-                 days wide",
+                 days wide; logrank's arms are strata of their own, each withheld or rounded so",
                 s.rounding_base, s.least_cumulative, s.min_interval_days
             );
         }

@@ -629,10 +629,20 @@ impl Builder<'_> {
         schema: &DFSchema,
         input: &Shapes,
     ) -> Result<(), Refusal> {
-        let [start, end, event, params @ ..] = args else {
+        let [start, end, event, rest @ ..] = args else {
             return Err(refuse(format!(
                 "{upper} takes a start date, an end date and an event"
             )));
+        };
+        // logrank's arm becomes a key at the node: it is held to what a GROUP BY key is.
+        let params = if upper.eq_ignore_ascii_case(trustql_survival::LOGRANK) {
+            let Some((arm, params)) = rest.split_first() else {
+                return Err(refuse(format!("{upper} takes an arm after the event")));
+            };
+            self.value(arm, schema, input, "logrank's arm")?;
+            params
+        } else {
+            rest
         };
         for date in [start, end] {
             if self.plain(date, schema, input).is_none() {

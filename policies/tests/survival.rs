@@ -135,6 +135,102 @@ async fn a_differentially_private_project_is_refused_until_noisy_curves_exist() 
     );
 }
 
+fn logrank_call(arm: &str, rest: &str) -> String {
+    format!(
+        "SELECT t.stage_best{rest}, logrank(t.diagnosisdatebest, p.vitalstatusdate, \
+         p.vitalstatus = 'D', {arm}) AS test {FROM}"
+    )
+}
+
+#[tokio::test]
+async fn logrank_splits_its_groups_by_the_arm_and_counts_each_arms_patients() {
+    let sql = logrank_call("p.gender", "");
+    let Needs::Sdc(sdc) = common::needs_for(POLICY, "sdc", &sql, Terms::default())
+        .await
+        .expect("taken")
+    else {
+        panic!("an SDC project");
+    };
+    // The node groups by the arm too, so each arm is a stratum of its own, with its own
+    // patients (those with a start, an end, an event and an arm).
+    assert_eq!(sdc.arms.len(), 1, "{:?}", sdc.arms);
+    assert!(sdc.arms[0].to_string().contains("gender"), "{:?}", sdc.arms);
+    assert_eq!(sdc.counted, vec![0]);
+    let policy = Policy::from_toml(POLICY).expect("policy");
+    let project = policy.project("sdc").expect("project");
+    let (plan, _, _) = vet_sql(&session(), &schema(), &policy, project, &sql)
+        .await
+        .expect("vetted");
+    let aggregate = aggregate_of(&plan).expect("aggregate");
+    let read = read_filter(&aggregate.aggr_expr[0]).expect("a read filter");
+    assert_eq!(read.to_string().matches("IS NOT NULL").count(), 4, "{read}");
+    // A curve asks for no split.
+    let Needs::Sdc(curve) = needs_for("sdc", &call("")).await.expect("taken") else {
+        panic!("an SDC project");
+    };
+    assert!(curve.arms.is_empty());
+}
+
+#[tokio::test]
+async fn logrank_is_refused_where_its_arms_could_not_be_protected_as_strata() {
+    for (sql, rule, why) in [
+        // Splitting by the arm would split the count too.
+        (
+            logrank_call("p.gender", ", COUNT(*) AS n"),
+            Rule::Survival,
+            "on its own",
+        ),
+        // One arm per group compares nothing.
+        (
+            "SELECT p.gender, logrank(t.diagnosisdatebest, p.vitalstatusdate, \
+             p.vitalstatus = 'D', p.gender) FROM sim_av_tumour t JOIN sim_av_patient p \
+             ON t.patientid = p.patientid GROUP BY p.gender"
+                .to_string(),
+            Rule::Survival,
+            "GROUP BY key",
+        ),
+        // An arm that singles out a patient is no key a table-builder query may have.
+        (
+            logrank_call("t.patientid = 12", ""),
+            Rule::Identifier,
+            "identifier",
+        ),
+        (
+            logrank_call("t.diagnosisdatebest = DATE '2019-03-04'", ""),
+            Rule::TableBuilder,
+            "logrank's arm",
+        ),
+        (logrank_call("t.age", ""), Rule::Survival, ""),
+        (
+            "SELECT logrank(t.diagnosisdatebest, p.vitalstatusdate, p.vitalstatus = 'D', \
+             p.gender, 7) FROM sim_av_tumour t JOIN sim_av_patient p \
+             ON t.patientid = p.patientid"
+                .to_string(),
+            Rule::Survival,
+            "30 days",
+        ),
+    ] {
+        let result = common::needs_for(POLICY, "sdc", &sql, Terms::default()).await;
+        if why.is_empty() {
+            // A plain column of any kind is an arm, as it is a key.
+            result.expect("an arm by age is a split by a plain column");
+            continue;
+        }
+        let refusal = result.expect_err("refused");
+        assert_eq!(refusal.rule, rule, "{sql}: {refusal}");
+        assert!(refusal.to_string().contains(why), "{sql}: {refusal}");
+    }
+    let refusal = common::needs_for(
+        POLICY,
+        "dp",
+        &logrank_call("p.gender", ""),
+        Terms::default(),
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(refusal.rule, Rule::Survival, "{refusal}");
+}
+
 /// Row 0 of list column `c`.
 fn values(batch: &RecordBatch, c: usize) -> Vec<u64> {
     let list = batch.column(c).as_list::<i32>().value(0);

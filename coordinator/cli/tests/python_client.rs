@@ -84,6 +84,7 @@ fn federated_kaplan_meier_equals_lifelines_on_the_trusts_rows() {
     );
     drop(demo);
     assert!(out.contains("survival ok"), "{out}");
+    assert!(out.contains("logrank ok"), "{out}");
 }
 
 #[test]

@@ -3,10 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use arrow::array::{AsArray, RecordBatch};
+use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, UInt64Type};
 use trustql_demo::{DemoOptions, Federation, launch};
-use trustql_testkit::federation::{central, client, floats, one, texts};
+use trustql_testkit::federation::{at_trust, central, client, floats, one, texts};
 use trustql_testkit::oracle;
 
 const CURVE_BY_STAGE: &str = "SELECT t.stage_best, unnest(km_curve(t.diagnosisdatebest, \
@@ -331,4 +331,167 @@ async fn differencing_two_curves_does_not_tell_when_one_patient_died() {
         "first differing interval was the target's {found} times of {}",
         dates.len()
     );
+}
+
+/// Per stage and arm, the rows (duration in days, died) a `logrank` by `arm` reads.
+async fn arm_rows(
+    ctx: &datafusion::prelude::SessionContext,
+    arm: &str,
+) -> BTreeMap<String, BTreeMap<String, Vec<(i64, bool)>>> {
+    let batch = oracle::run(
+        ctx,
+        &format!(
+            "SELECT t.stage_best, CAST({arm} AS VARCHAR), \
+             CAST(p.vitalstatusdate - t.diagnosisdatebest AS BIGINT), p.vitalstatus = 'D' \
+             FROM sim_av_tumour t JOIN sim_av_patient p ON t.patientid = p.patientid \
+             WHERE t.diagnosisdatebest IS NOT NULL AND p.vitalstatusdate IS NOT NULL \
+             AND p.vitalstatus IS NOT NULL AND {arm} IS NOT NULL"
+        ),
+    )
+    .await;
+    let (strata, arms, days) = (texts(&batch, 0), texts(&batch, 1), floats(&batch, 2));
+    let died = batch.column(3).as_boolean().clone();
+    let mut out: BTreeMap<String, BTreeMap<String, Vec<(i64, bool)>>> = BTreeMap::new();
+    for row in 0..batch.num_rows() {
+        out.entry(strata[row].clone())
+            .or_default()
+            .entry(arms[row].clone())
+            .or_default()
+            .push((days[row].expect("a duration") as i64, died.value(row)));
+    }
+    out
+}
+
+/// One arm's exact counts on the default grid (61 intervals of 30 days; a row past the last
+/// is at risk throughout).
+fn exact_counts(rows: &[(i64, bool)]) -> trustql_survival::Counts {
+    let mut c = trustql_survival::Counts {
+        n: rows.len() as u64,
+        events: vec![0; 61],
+        censored: vec![0; 61],
+    };
+    for &(d, died) in rows {
+        let k = if d <= 0 {
+            0
+        } else {
+            (d as usize).div_ceil(30) - 1
+        };
+        if k < 61 {
+            if died {
+                c.events[k] += 1;
+            } else {
+                c.censored[k] += 1;
+            }
+        }
+    }
+    c
+}
+
+/// The released tests of a `SELECT stratum, logrank(…) AS test` answer: (χ², arms) by stratum.
+fn tests_by_stratum(batch: &RecordBatch) -> BTreeMap<String, (Option<f64>, u64)> {
+    let strata = texts(batch, 0);
+    let tests = batch.column(1).as_struct();
+    let chi = tests
+        .column_by_name("chi_square")
+        .expect("chi_square")
+        .as_primitive::<Float64Type>()
+        .clone();
+    let arms = tests
+        .column_by_name("arms")
+        .expect("arms")
+        .as_primitive::<UInt64Type>()
+        .clone();
+    (0..batch.num_rows())
+        .map(|r| {
+            let chi = (!chi.is_null(r)).then(|| chi.value(r));
+            (strata[r].clone(), (chi, arms.value(r)))
+        })
+        .collect()
+}
+
+const LOGRANK_BY: &str = "SELECT t.stage_best, logrank(t.diagnosisdatebest, p.vitalstatusdate, \
+     p.vitalstatus = 'D', ARM) AS test FROM sim_av_tumour t JOIN sim_av_patient p \
+     ON t.patientid = p.patientid GROUP BY t.stage_best";
+
+#[tokio::test]
+async fn protected_logrank_stays_near_the_exact_test_and_leaves_small_arms_out() {
+    // The default demo: every trust protects each arm as a stratum (at least 10 patients,
+    // cumulative counts rounded), and the coordinator runs the test on the sums.
+    let fed = federation(false, 20_000).await;
+    let mut client = client(&fed).await;
+    let ctx = central(&fed).await;
+
+    // Between genders: the statistic on protected counts against the exact one.
+    let got = tests_by_stratum(&one(&client
+        .query(&LOGRANK_BY.replace("ARM", "p.gender"))
+        .await
+        .expect("a log-rank test by gender")));
+    let truth = arm_rows(&ctx, "p.gender").await;
+    let (mut checked, mut worst) = (0, 0.0f64);
+    for (stage, arms) in &truth {
+        if arms.len() < 2 || arms.values().any(|rows| rows.len() < 300) {
+            continue;
+        }
+        let counts: Vec<_> = arms.values().map(|rows| exact_counts(rows)).collect();
+        let want = trustql_survival::logrank(&counts)
+            .expect("deaths in both arms")
+            .chi_square;
+        let (chi, n_arms) = got
+            .get(stage)
+            .unwrap_or_else(|| panic!("stage {stage} withheld"));
+        assert_eq!(*n_arms, arms.len() as u64, "stage {stage}");
+        let chi = chi.expect("a statistic");
+        // On one degree of freedom √χ² is |O − E| in standard errors: rounding each trust's
+        // cumulative counts moves it by well under one.
+        let off = (chi.sqrt() - want.sqrt()).abs();
+        worst = worst.max(off);
+        eprintln!("stage {stage}: χ² {chi:.3} released, {want:.3} exact");
+        assert!(
+            off <= 1.0,
+            "stage {stage}: χ² {chi:.3} released, {want:.3} exact"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 3, "only {checked} stages compared");
+    eprintln!("{checked} stages' log-rank by gender, worst error {worst:.3} standard errors");
+
+    // Between ethnicities, many of them rare: an arm enters the test only where some trust
+    // holds at least 10 of its patients (each trust withholds the rest, as it would the
+    // group of a GROUP BY stage, ethnicity), so no arm of one or two patients is released.
+    let got = tests_by_stratum(&one(&client
+        .query(&LOGRANK_BY.replace("ARM", "p.ethnicity"))
+        .await
+        .expect("a log-rank test by ethnicity")));
+    let mut large: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for trust in &fed.info.trusts {
+        let at = at_trust(&fed, trust).await;
+        let batch = oracle::run(
+            &at,
+            "SELECT t.stage_best, p.ethnicity, COUNT(DISTINCT t.patientid) FROM sim_av_tumour t \
+             JOIN sim_av_patient p ON t.patientid = p.patientid \
+             WHERE t.diagnosisdatebest IS NOT NULL AND p.vitalstatusdate IS NOT NULL \
+             AND p.vitalstatus IS NOT NULL AND p.ethnicity IS NOT NULL GROUP BY 1, 2",
+        )
+        .await;
+        let (strata, arms, patients) = (texts(&batch, 0), texts(&batch, 1), floats(&batch, 2));
+        for row in 0..batch.num_rows() {
+            if patients[row].expect("a count") >= 10.0 {
+                large
+                    .entry(strata[row].clone())
+                    .or_default()
+                    .insert(arms[row].clone());
+            }
+        }
+    }
+    let all = arm_rows(&ctx, "p.ethnicity").await;
+    let mut left_out = 0;
+    for (stage, (_, n_arms)) in &got {
+        let released = large.get(stage).map_or(0, |s| s.len()) as u64;
+        assert_eq!(
+            *n_arms, released,
+            "stage {stage}: the test compares exactly the arms some trust may release"
+        );
+        left_out += all.get(stage).map_or(0, |a| a.len()) as u64 - released;
+    }
+    assert!(left_out > 0, "no arm was small enough to be left out");
 }

@@ -92,7 +92,9 @@ const DISTINCT_NOTE: &str = "COUNT(DISTINCT …) is summed over trusts: a patien
 const SURVIVAL_NOTE: &str = "survival curves: each trust withholds a stratum with too few \
      patients whole and rounds its cumulative events and censorings to the middle of their band \
      (of 5 unless its policy says otherwise), never one interval; at-risk counts follow from the \
-     rounded totals, so survival, its interval and at-risk carry every answering trust's rounding.";
+     rounded totals, so survival, its interval and at-risk carry every answering trust's rounding; \
+     logrank protects each arm as a stratum the same way and compares the arms the trusts \
+     released (an arm with too few patients at a trust is left out of that trust's part).";
 
 /// How close a percentile of `column` is: read from a histogram over its public bins, and
 /// under a trust's own protection from pooled and rounded bins.

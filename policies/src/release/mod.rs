@@ -18,6 +18,7 @@ mod pooled;
 mod sdc;
 mod state;
 mod survival;
+pub use survival::ARM_KEY;
 mod totals;
 
 use arrow::array::RecordBatch;
@@ -77,7 +78,7 @@ pub struct Terms {
 #[derive(Debug, Clone)]
 pub enum Needs {
     /// Statistical disclosure control.
-    Sdc(SdcNeeds),
+    Sdc(Box<SdcNeeds>),
     /// Differential privacy.
     Dp(Box<DpNeeds>),
 }
@@ -108,6 +109,9 @@ pub struct SdcNeeds {
     /// For a pooled project: the answer is not protected here but masked and pooled
     /// ([`contribute`]), and the pool's rules protect the total ([`release_pooled`]).
     pub pool: Option<Box<PoolNeeds>>,
+    /// GROUP BY keys the node adds to the query's own: each `logrank` call's arm, so every
+    /// arm is a stratum with its own patient count, withheld and rounded as a curve is.
+    pub arms: Vec<Expr>,
 }
 
 /// What a differentially private release needs.
@@ -269,10 +273,11 @@ pub fn needs(
         reads,
         cell_keys,
         pool: None,
+        arms: survival::arm_keys(aggregate),
     };
     match &project.pool {
         Some(pool) => pooled_needs(policy, project, pool, schema, aggregate, vetted, sdc),
-        None => Ok(Needs::Sdc(sdc)),
+        None => Ok(Needs::Sdc(Box::new(sdc))),
     }
 }
 
@@ -339,7 +344,7 @@ fn pooled_needs(
         parameters: PoolParameters::new(&project.id, pool, &policy.disclosure, max_cells),
         domain,
     }));
-    Ok(Needs::Sdc(sdc))
+    Ok(Needs::Sdc(Box::new(sdc)))
 }
 
 /// The first argument of an aggregate expression.
@@ -351,13 +356,14 @@ pub fn argument_of(expr: &Expr) -> Option<Expr> {
 }
 
 /// Which rows an aggregate reads, as a condition: those with a value for its argument, or for
-/// a survival aggregate those with a start, an end and an event (the rest are not counted).
+/// a survival aggregate those with a start, an end and an event, and logrank's an arm (the
+/// rest are not counted).
 pub fn read_filter(expr: &Expr) -> Option<Expr> {
     match expr.clone().unalias_nested().data {
         Expr::AggregateFunction(f) => {
             let name = f.func.name().to_lowercase();
             let read = if trustql_survival::is_survival(&name) {
-                3
+                trustql_survival::data_arguments(&name)
             } else {
                 1
             };

@@ -86,6 +86,9 @@ pub enum Curve {
     Censored,
     /// Rows per bin of a percentile's histogram (whose rows counted are [`Curve::N`]).
     Bins,
+    /// The arm a log-rank state counts: the value of a key the node added, released with
+    /// its row as any key is.
+    Arm,
 }
 
 /// The states of DataFusion's variance accumulator.
@@ -220,6 +223,7 @@ impl StateColumn {
                     trustql_survival::STATE_N => Role::Curve(Curve::N),
                     trustql_survival::STATE_EVENTS => Role::Curve(Curve::Events),
                     trustql_survival::STATE_CENSORED => Role::Curve(Curve::Censored),
+                    trustql_survival::STATE_ARM => Role::Curve(Curve::Arm),
                     _ => Role::Other,
                 }
             }

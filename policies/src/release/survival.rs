@@ -50,7 +50,15 @@ pub(super) fn check_calls(policy: &Policy, aggregate: &Aggregate, dp: bool) -> R
                 "{name} takes no DISTINCT or FILTER; put conditions in WHERE or group by them"
             ));
         }
-        let constants: Vec<Option<i64>> = params.args.iter().skip(3).map(constant_days).collect();
+        if name == trustql_survival::LOGRANK {
+            check_logrank(aggregate, &params.args)?;
+        }
+        let constants: Vec<Option<i64>> = params
+            .args
+            .iter()
+            .skip(trustql_survival::data_arguments(&name))
+            .map(constant_days)
+            .collect();
         let grid = match trustql_survival::grid_of(&name, &constants) {
             Ok(grid) => grid,
             Err(e) => return refuse(format!("{name}: {e}")),
@@ -62,6 +70,59 @@ pub(super) fn check_calls(policy: &Policy, aggregate: &Aggregate, dp: bool) -> R
                 grid.width_days()
             ));
         }
+    }
+    Ok(())
+}
+
+/// The name of the key a node groups each `logrank` call's arm by (the n-th call's gets
+/// `n` appended).
+pub const ARM_KEY: &str = "__trustql_logrank_arm";
+
+/// The keys a node adds to `aggregate`'s own for its `logrank` calls: each call's arm, so
+/// each arm is protected as a stratum (and each partial state holds one arm).
+pub(super) fn arm_keys(aggregate: &Aggregate) -> Vec<Expr> {
+    aggregate
+        .aggr_expr
+        .iter()
+        .filter_map(|e| match e.clone().unalias_nested().data {
+            Expr::AggregateFunction(f)
+                if f.func
+                    .name()
+                    .eq_ignore_ascii_case(trustql_survival::LOGRANK) =>
+            {
+                f.params.args.get(3).cloned()
+            }
+            _ => None,
+        })
+        .enumerate()
+        .map(|(i, arm)| arm.alias(format!("{ARM_KEY}{i}")))
+        .collect()
+}
+
+/// Refuses a log-rank test the node cannot split into arms: beside other aggregates (which
+/// the added arm key would split too), with ROLLUP, CUBE or GROUPING SETS, or with an arm
+/// that is already a key (one arm per group compares nothing).
+fn check_logrank(aggregate: &Aggregate, args: &[Expr]) -> Result<(), Refusal> {
+    let refuse = |why: &str| Err(Refusal::new(Rule::Survival, why));
+    if aggregate.aggr_expr.len() > 1 {
+        return refuse(
+            "logrank is asked on its own: each trust splits the query's groups by the arm to              protect every arm as a stratum, which would split any other aggregate too; ask              for counts or curves in a query of their own",
+        );
+    }
+    if aggregate
+        .group_expr
+        .iter()
+        .any(|e| matches!(e, Expr::GroupingSet(_)))
+    {
+        return refuse("logrank does not take ROLLUP, CUBE or GROUPING SETS; group plainly");
+    }
+    let Some(arm) = args.get(3) else {
+        return refuse("logrank takes (start_date, end_date, event, arm)");
+    };
+    if aggregate.group_expr.iter().any(|k| k == arm) {
+        return refuse(
+            "logrank's arm is also a GROUP BY key, so each group has one arm and there is              nothing to compare; drop it from GROUP BY",
+        );
     }
     Ok(())
 }

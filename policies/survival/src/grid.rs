@@ -20,7 +20,7 @@ pub enum GridError {
     NotConstant,
     /// Too few or too many arguments.
     #[error(
-        "km_curve takes (start_date, end_date, event [, interval_days [, horizon_days]]) and survival_at (start_date, end_date, event, days [, interval_days])"
+        "km_curve takes (start_date, end_date, event [, interval_days [, horizon_days]]), survival_at (start_date, end_date, event, days [, interval_days]) and logrank (start_date, end_date, event, arm [, interval_days [, horizon_days]])"
     )]
     Arguments,
     /// More intervals than [`MAX_INTERVALS`].

@@ -13,13 +13,19 @@
 
 mod estimate;
 mod grid;
+mod logrank;
 mod udaf;
 
 pub use estimate::{Counts, Step, curve, survival};
 pub use grid::{DEFAULT_HORIZON_DAYS, DEFAULT_INTERVAL_DAYS, Grid, GridError, MAX_INTERVALS};
-pub use udaf::{KM_CURVE, STATE_CENSORED, STATE_EVENTS, STATE_N, SURVIVAL_AT, functions, grid_of};
+pub use logrank::{LogRank, chi_square_survival, logrank};
+pub use udaf::{
+    KM_CURVE, LOGRANK, STATE_ARM, STATE_CENSORED, STATE_EVENTS, STATE_N, SURVIVAL_AT,
+    data_arguments, functions, grid_of,
+};
 
-/// Whether `name` (lower case) is one of the survival aggregates.
+/// Whether `name` (lower case) is one of the survival aggregates (`logrank` among them: its
+/// states are one arm's interval counts).
 pub fn is_survival(name: &str) -> bool {
-    name == KM_CURVE || name == SURVIVAL_AT
+    name == KM_CURVE || name == SURVIVAL_AT || name == LOGRANK
 }

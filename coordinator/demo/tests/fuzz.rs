@@ -720,6 +720,12 @@ impl Generator {
                 q.keys.retain(|k| k != &piece);
                 q.keys.insert(0, piece);
                 q.ordinals = false;
+                // The aliases shifted by one: keep the ORDER BY total, or a LIMIT cuts
+                // between tied rows differently on the two sides.
+                let last = format!("k{}", q.keys.len() - 1);
+                if let Some(order) = q.order.as_mut().filter(|o| !o.contains(&last)) {
+                    order.push_str(&format!(", {last}"));
+                }
             }
             "a condition on two columns" | "a condition on arithmetic" => {
                 q.filter = Some(match q.filter.take() {

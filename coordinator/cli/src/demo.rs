@@ -147,7 +147,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<bool> {
             println!("\n== {title}\n{sql}\n");
             match client.query(sql).await {
                 Ok(result) => print_result(&result, Format::Table)?,
-                Err(e) => println!("Refused: {e}"),
+                Err(e) => println!("Not answered: {e}"),
             }
         }
 

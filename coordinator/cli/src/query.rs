@@ -78,7 +78,8 @@ pub(crate) fn query(args: &QueryArgs) -> Result<bool> {
                 Ok(true)
             }
             Err(e) => {
-                eprintln!("refused: {e}");
+                // The message says itself whether it is a refusal ("refused (rule): …") or a fault.
+                eprintln!("not answered: {e}");
                 Ok(false)
             }
         }

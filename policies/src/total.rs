@@ -127,7 +127,105 @@ fn total(expr: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
                 Transformed::no(expr)
             })
         }
+        Expr::SimilarTo(like) => standard_similar_to(like, schema),
         other => Ok(Transformed::no(other)),
+    }
+}
+
+/// `e SIMILAR TO p` as the SQL standard (and PostgreSQL) reads it. DataFusion 55 plans it as
+/// `e ~ p`, an unanchored regular expression, so `'C18' SIMILAR TO 'C1'` would be true and
+/// `%` and `_` would be literal: a researcher would get another answer than a central database
+/// gives. A literal pattern becomes the regular expression [`similar_to_regex`] over the same
+/// type. Any other pattern, and one whose expression does not build, is left for vetting to
+/// refuse with its reason (DataFusion's simplifier would fail on it first, as invalid SQL).
+fn standard_similar_to(
+    like: datafusion::logical_expr::Like,
+    schema: &DFSchema,
+) -> Result<Transformed<Expr>> {
+    let text = match &*like.pattern {
+        Expr::Literal(value, _) => match value.cast_to(&DataType::Utf8) {
+            Ok(ScalarValue::Utf8(Some(text))) => Some(text),
+            _ => None,
+        },
+        _ => None,
+    };
+    let Some(regex) = text
+        .map(|t| similar_to_regex(&t))
+        .filter(|r| crate::vet::regex_builds(r, like.case_insensitive).is_ok())
+    else {
+        return Ok(Transformed::no(Expr::SimilarTo(like)));
+    };
+    let ty = like.pattern.get_type(schema)?;
+    let pattern = ScalarValue::Utf8(Some(regex)).cast_to(&ty)?;
+    let op = match (like.negated, like.case_insensitive) {
+        (false, false) => Operator::RegexMatch,
+        (true, false) => Operator::RegexNotMatch,
+        (false, true) => Operator::RegexIMatch,
+        (true, true) => Operator::RegexNotIMatch,
+    };
+    Ok(Transformed::yes(Expr::BinaryExpr(BinaryExpr::new(
+        like.expr,
+        op,
+        Box::new(Expr::Literal(pattern, None)),
+    ))))
+}
+
+/// The regular expression (of the `regex` crate) that matches what the SQL pattern `pattern`
+/// of SIMILAR TO matches, as PostgreSQL translates it: the whole value, `%` any text, `_` one
+/// character, `.`, `^` and `$` themselves, a backslash escaping the next character, bracket
+/// expressions and `| * + ? {m,n} ( )` as in a regular expression.
+pub(crate) fn similar_to_regex(pattern: &str) -> String {
+    // `(?s)`: `%` and `_` match a newline too.
+    let mut out = String::from("(?s)^(?:");
+    let mut chars = pattern.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(next) => out.push_str(&regex_escape(next)),
+                // A trailing backslash is itself (as arrow reads one at the end of a LIKE).
+                None => out.push_str("\\\\"),
+            },
+            '%' => out.push_str(".*"),
+            '_' => out.push('.'),
+            '.' | '^' | '$' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '[' => {
+                // A bracket expression passes through; a `]` first (after an optional `^`)
+                // is a member, not the end.
+                out.push('[');
+                if let Some(caret) = chars.next_if_eq(&'^') {
+                    out.push(caret);
+                }
+                if let Some(bracket) = chars.next_if_eq(&']') {
+                    out.push('\\');
+                    out.push(bracket);
+                }
+                while let Some(c) = chars.next() {
+                    out.push(c);
+                    match c {
+                        '\\' => out.extend(chars.next()),
+                        ']' => break,
+                        _ => {}
+                    }
+                }
+            }
+            _ => out.push(c),
+        }
+    }
+    out.push_str(")$");
+    out
+}
+
+/// One character, matching itself in a regular expression.
+fn regex_escape(c: char) -> String {
+    // The `regex` crate's meta characters (what `regex::escape` escapes); escaping others may
+    // mean something (`\<` is a word boundary).
+    if "\\.+*?()|[]{}^$#&-~".contains(c) {
+        format!("\\{c}")
+    } else {
+        c.to_string()
     }
 }
 

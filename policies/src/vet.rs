@@ -470,7 +470,7 @@ impl Vetter<'_> {
                 binary_total(left, *op, right, schema)
             }
             Expr::Like(like) => pattern_total(like, Pattern::Like),
-            Expr::SimilarTo(like) => pattern_total(like, Pattern::Regex),
+            Expr::SimilarTo(like) => pattern_total(like, Pattern::Similar),
             Expr::Cast(Cast { field, .. }) | Expr::TryCast(TryCast { field, .. })
                 if matches!(
                     field.data_type(),
@@ -1165,32 +1165,35 @@ fn binary_total(left: &Expr, op: Operator, right: &Expr, schema: &DFSchema) -> O
     })
 }
 
-/// How DataFusion 55 reads a pattern: as a LIKE pattern (`%`, `_`, a backslash escapes), or as a
-/// regular expression of the `regex` crate (SIMILAR TO is planned as `~`).
+/// How a pattern is read: as a LIKE pattern (`%`, `_`, a backslash escapes), as a regular
+/// expression of the `regex` crate, or as SIMILAR TO's standard pattern (which the session
+/// turns into a regular expression, [`crate::total::similar_to_regex`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pattern {
     Like,
     Regex,
+    Similar,
 }
 
 /// LIKE, ILIKE, SIMILAR TO and their negations: the escape character and the pattern.
 fn pattern_total(like: &Like, kind: Pattern) -> Option<Refusal> {
     let what = match (kind, like.case_insensitive) {
-        (Pattern::Regex, _) => "SIMILAR TO",
+        (Pattern::Similar, _) => "SIMILAR TO",
+        (Pattern::Regex, _) => "~",
         (Pattern::Like, true) => "ILIKE",
         (Pattern::Like, false) => "LIKE",
     };
     // DataFusion refuses any other escape while planning: say so plainly, before that.
     let escape_ok = match kind {
         Pattern::Like => like.escape_char.is_none_or(|c| c == '\\'),
-        Pattern::Regex => like.escape_char.is_none(),
+        Pattern::Regex | Pattern::Similar => like.escape_char.is_none(),
     };
     if !escape_ok {
         return Some(Refusal::new(
             Rule::Unsupported,
             match kind {
                 Pattern::Like => format!("{what} ... ESCAPE supports only the backslash (\\)"),
-                Pattern::Regex => format!("{what} ... ESCAPE is not supported"),
+                Pattern::Regex | Pattern::Similar => format!("{what} ... ESCAPE is not supported"),
             },
         ));
     }
@@ -1236,6 +1239,7 @@ fn pattern_refused(
     let built = match kind {
         Pattern::Like => like_builds(&text, case_insensitive),
         Pattern::Regex => regex_builds(&text, case_insensitive),
+        Pattern::Similar => regex_builds(&crate::total::similar_to_regex(&text), case_insensitive),
     };
     built.err().map(|e| {
         let reason = if e.to_string().contains("size limit") {
@@ -1266,7 +1270,7 @@ fn like_builds(pattern: &str, case_insensitive: bool) -> Result<(), ArrowError> 
 }
 
 /// Arrow's regular-expression match of `pattern`, as DataFusion's `~` (`~*`) calls it.
-fn regex_builds(pattern: &str, case_insensitive: bool) -> Result<(), ArrowError> {
+pub(crate) fn regex_builds(pattern: &str, case_insensitive: bool) -> Result<(), ArrowError> {
     let value = StringArray::from(vec!["\u{e9}"]);
     comparison::regexp_is_match_scalar(&value, pattern, case_insensitive.then_some("i")).map(|_| ())
 }

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use arrow::array::{ArrayRef, Float64Array, RecordBatch};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::array::{ArrayRef, AsArray, Float64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Float64Type, Schema};
 use clap::{Args, ValueEnum};
 use trustql_client::{Client, QueryResult};
 use trustql_coordinator::{CoordinatorConfig, start};
@@ -93,10 +93,21 @@ pub(crate) fn print_result(result: &QueryResult, format: Format) -> Result<()> {
             let mut offset = 0;
             let mut batches = Vec::with_capacity(result.batches.len());
             for batch in &result.batches {
-                batches.push(with_noise_columns(batch, offset, result.coverage.as_ref())?);
+                let batch = with_noise_columns(batch, offset, result.coverage.as_ref())?;
+                batches.push(readable_floats(&batch)?);
                 offset += batch.num_rows();
             }
-            let table = arrow::util::pretty::pretty_format_batches(&batches)
+            // An empty result still shows its columns.
+            let schema = match batches.first() {
+                Some(b) => b.schema(),
+                None => readable_floats(&with_noise_columns(
+                    &RecordBatch::new_empty(Arc::clone(&result.schema)),
+                    0,
+                    result.coverage.as_ref(),
+                )?)?
+                .schema(),
+            };
+            let table = arrow::util::pretty::pretty_format_batches_with_schema(schema, &batches)
                 .context("cannot format the result")?;
             println!("{table}");
             if let Some(coverage) = &result.coverage {
@@ -172,6 +183,52 @@ fn with_noise_columns(
         .context("cannot prepare the result")
 }
 
+/// The batch with each float column as text to six significant digits (the table is for
+/// reading; CSV and JSON keep every digit).
+fn readable_floats(batch: &RecordBatch) -> Result<RecordBatch> {
+    let mut fields = Vec::new();
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        if !matches!(
+            field.data_type(),
+            DataType::Float16 | DataType::Float32 | DataType::Float64
+        ) {
+            fields.push(field.as_ref().clone());
+            columns.push(Arc::clone(column));
+            continue;
+        }
+        let floats = arrow::compute::cast(column, &DataType::Float64)
+            .context("cannot prepare the result")?;
+        let text: StringArray = floats
+            .as_primitive::<Float64Type>()
+            .iter()
+            .map(|v| v.map(significant))
+            .collect();
+        fields.push(Field::new(field.name(), DataType::Utf8, true));
+        columns.push(Arc::new(text));
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .context("cannot prepare the result")
+}
+
+/// `v` to six significant digits, without trailing zeros (`67.8462`, `0.5`, `1234568`).
+fn significant(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let magnitude = v.abs().log10().floor() as i32;
+    if !(-5..15).contains(&magnitude) {
+        return format!("{v:.5e}");
+    }
+    let decimals = (5 - magnitude).max(0) as usize;
+    let text = format!("{v:.decimals$}");
+    if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        text
+    }
+}
+
 fn without_metadata(batch: &RecordBatch) -> Result<RecordBatch> {
     let schema = batch
         .schema()
@@ -203,4 +260,22 @@ pub(crate) fn coordinator(config_path: &Path) -> Result<bool> {
         }
         Ok(true)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::significant;
+
+    #[test]
+    fn floats_read_to_six_significant_digits() {
+        assert_eq!(significant(67.846_153_846_153_84), "67.8462");
+        assert_eq!(significant(0.5), "0.5");
+        assert_eq!(significant(-1_072.417_9), "-1072.42");
+        assert_eq!(significant(1_234_567.8), "1234568");
+        assert_eq!(significant(0.000_123_456_78), "0.000123457");
+        assert_eq!(significant(20.0), "20");
+        assert_eq!(significant(0.0), "0");
+        assert_eq!(significant(f64::NAN), "NaN");
+        assert_eq!(significant(1.5e-9), "1.50000e-9");
+    }
 }

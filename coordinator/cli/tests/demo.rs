@@ -113,6 +113,36 @@ fn a_served_demo_answers_trustql_query_in_every_format() {
         text(&table)
     );
 
+    // An empty result shows its columns.
+    let empty = demo.query(&[
+        "SELECT gender, COUNT(*) AS n FROM sim_av_patient WHERE gender = 'zz' GROUP BY gender",
+    ]);
+    assert!(empty.status.success(), "{}", text(&empty));
+    assert!(text(&empty).contains("| gender | n |"), "{}", text(&empty));
+    // A mean reads to six significant digits in the table, and keeps every digit in JSON.
+    let mean = "SELECT AVG(age) AS mean_age FROM sim_av_tumour";
+    let table = text(&demo.query(&[mean]));
+    let cell = table
+        .lines()
+        .nth(3)
+        .and_then(|l| l.trim_matches(|c| c == '|' || c == ' ').parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("one mean: {table}"));
+    let json: serde_json::Value =
+        serde_json::from_slice(&demo.query(&["--format", "json", mean]).stdout).expect("JSON");
+    let exact = json["rows"][0]["mean_age"].as_f64().expect("mean in JSON");
+    assert!(
+        exact.fract() != 0.0 && (cell - exact).abs() < 1e-3,
+        "{table} vs {exact}"
+    );
+    let digits = table
+        .lines()
+        .nth(3)
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .count();
+    assert!(digits <= 6, "{table}");
+
     let refused = demo.query(&["SELECT linknumber FROM sim_av_patient"]);
     assert!(!refused.status.success());
     let said = text(&refused);
